@@ -1,0 +1,59 @@
+"""The pieces every service's `create_app` puts together: logging, metrics, errors, health."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+
+from services.common.errors import install_error_handlers
+from services.common.metrics import HttpMetrics, ObservabilityMiddleware, metrics_endpoint
+
+ReadyCheck = Callable[[], Awaitable[None]]
+"""Raises when a dependency is unreachable; its message goes into `/ready`'s body."""
+
+
+def build_app(
+    service: str,
+    *,
+    lifespan: Any = None,
+    ready_checks: Iterable[tuple[str, ReadyCheck]] = (),
+    check_timeout: float = 2.0,
+    **fastapi_kwargs: Any,
+) -> FastAPI:
+    registry = CollectorRegistry()
+    app = FastAPI(title=f"crucible-{service}", lifespan=lifespan, **fastapi_kwargs)
+    app.state.registry = registry
+    app.state.http_metrics = HttpMetrics(service, registry)
+    install_error_handlers(app)
+    checks = list(ready_checks)
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", include_in_schema=False)
+    async def ready() -> JSONResponse:
+        results = await asyncio.gather(*(_run_check(c, check_timeout) for _, c in checks))
+        status = {name: result for (name, _), result in zip(checks, results, strict=True)}
+        ok = all(r == "ok" for r in results)
+        body = {"status": "ready" if ok else "not_ready", "checks": status}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    app.add_route("/metrics", metrics_endpoint(registry), include_in_schema=False)
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.http_metrics, router_app=app)
+    return app
+
+
+async def _run_check(check: ReadyCheck, limit: float) -> str:
+    try:
+        await asyncio.wait_for(check(), limit)
+    except TimeoutError:
+        return f"timed out after {limit:g}s"
+    except Exception as exc:  # a failing dependency is a readiness answer, not a crash
+        return f"{type(exc).__name__}: {exc}"[:200]
+    return "ok"

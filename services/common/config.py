@@ -1,0 +1,32 @@
+"""Settings base: one pydantic-settings class per service, each with its own env prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Repository root: the dev defaults (var/, models) are relative to it.
+ROOT = Path(__file__).resolve().parents[2]
+VAR = ROOT / "var"
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has. Subclasses set `model_config` with their own `env_prefix`."""
+
+    model_config = SettingsConfigDict(env_prefix="CRUCIBLE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    log_level: str = "INFO"
+    # Shared secret between the gateway and the services behind it (DESIGN.md, Auth).
+    internal_token: SecretStr = Field(
+        default=SecretStr("dev-internal-token"), validation_alias="CRUCIBLE_INTERNAL_TOKEN"
+    )
+    var_dir: Path = Field(default=VAR, validation_alias="CRUCIBLE_VAR_DIR")
+    max_body_bytes: int = 1 << 20
+
+    def sqlite_url(self, name: str) -> str:
+        """The embedded default database of a service, under var/."""
+        return f"sqlite:///{self.var_dir / f'{name}.db'}"
