@@ -1,0 +1,40 @@
+# Crucible: two commands. `make up` starts the platform; `make test` proves it.
+# Both run `make setup` first, which installs what is missing and skips what is there.
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup up down logs status test check format bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+up: setup
+	@$(PY) -m services.stack up
+
+down:
+	@if [ -x $(PY) ]; then $(PY) -m services.stack down; fi
+
+logs:
+	@$(PY) -m services.stack logs
+
+status:
+	@$(PY) -m services.stack status
+
+test: setup check
+	@bash scripts/test-services.sh
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+check: setup
+	@.venv/bin/ruff format --check services tests bench
+	@.venv/bin/ruff check services tests bench
+	@.venv/bin/mypy
+
+format: setup
+	@.venv/bin/ruff format services tests bench
+	@.venv/bin/ruff check --fix services tests bench
+
+bench: setup
+	@$(PY) bench/inference.py
+
+clean: down
+	rm -rf var/run var/log

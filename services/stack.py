@@ -1,0 +1,269 @@
+"""The native stack: every service as a local background process (`make up/down/logs/status`).
+
+The list of services, their commands and their environment lives here once; the tests start the
+same list on free ports, and the compose test checks that compose runs the same commands.
+
+    python -m services.stack up|down|status|logs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.inference import profiles, readiness
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+@dataclass(frozen=True)
+class Ports:
+    inference: int = 8000
+    gateway: int = 8080
+    retrieval: int = 8001
+    finetune: int = 8002
+    agent: int = 8003
+
+    @classmethod
+    def free(cls) -> Ports:
+        """Free ports for a test stack, so it never collides with a developer's `make up`."""
+        return cls(*(_free_port() for _ in range(5)))
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    url: str
+    ready: Callable[[], bool] = field(compare=False)
+    ready_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    var_dir: Path = ROOT / "var"
+    ports: Ports = Ports()
+    profile: str = "cpu-dev"
+    models_dir: Path = ROOT / "var" / "models"
+
+    def services(self) -> list[Service]:
+        """Every service of the stack, in start order."""
+        profile = profiles.load(self.profile)
+        inference_url = f"http://127.0.0.1:{self.ports.inference}"
+        return [
+            Service(
+                name="inference",
+                argv=[PYTHON, "-m", "services.inference.launch"],
+                env={
+                    "CRUCIBLE_INFERENCE_PROFILE": self.profile,
+                    "CRUCIBLE_INFERENCE_HOST": "127.0.0.1",
+                    "CRUCIBLE_INFERENCE_PORT": str(self.ports.inference),
+                    "CRUCIBLE_INFERENCE_MODELS_DIR": str(self.models_dir),
+                },
+                url=inference_url,
+                ready=lambda: readiness.is_ready(inference_url, profile.served_model_name),
+                ready_timeout=600,
+            ),
+        ]
+
+
+class StackError(RuntimeError):
+    pass
+
+
+class Stack:
+    def __init__(self, config: StackConfig | None = None) -> None:
+        self.config = config or StackConfig()
+        self.run_dir = self.config.var_dir / "run"
+        self.log_dir = self.config.var_dir / "log"
+
+    def _pidfile(self, name: str) -> Path:
+        return self.run_dir / f"{name}.pid"
+
+    def pid(self, name: str) -> int | None:
+        try:
+            pid = int(self._pidfile(name).read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def up(self, only: list[str] | None = None, echo: Callable[[str], None] = print) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for svc in self.config.services():
+            if only and svc.name not in only:
+                continue
+            if self.pid(svc.name) is None:
+                self.down_one(svc.name)  # leftovers of a crashed run, if any
+                self._start(svc)
+            self._wait_ready(svc)
+            echo(f"{svc.name:<10} ready  {svc.url}")
+
+    def _start(self, svc: Service) -> None:
+        port = int(svc.url.rsplit(":", 1)[1])
+        if _port_busy(port):
+            raise StackError(
+                f"{svc.name}: port {port} is taken by a process `make up` did not start"
+            )
+        env = {**os.environ, **svc.env, "CRUCIBLE_VAR_DIR": str(self.config.var_dir)}
+        with open(self.log_path(svc.name), "ab") as log:
+            # A session of its own: `down` stops the service with everything it spawned.
+            proc = subprocess.Popen(
+                svc.argv,
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self._pidfile(svc.name).write_text(str(proc.pid))
+
+    def _wait_ready(self, svc: Service) -> None:
+        deadline = time.monotonic() + svc.ready_timeout
+        while time.monotonic() < deadline:
+            if self.pid(svc.name) is None:
+                raise StackError(f"{svc.name} exited during start:\n{self.tail(svc.name)}")
+            if svc.ready():
+                return
+            time.sleep(1)
+        raise StackError(
+            f"{svc.name} not ready after {svc.ready_timeout:g}s:\n{self.tail(svc.name)}"
+        )
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def down(self, grace: float = 20.0) -> list[str]:
+        """Stop every service started here, newest first; returns the names stopped."""
+        return [s.name for s in reversed(self.config.services()) if self.down_one(s.name, grace)]
+
+    def down_one(self, name: str, grace: float = 20.0) -> bool:
+        try:
+            pgid = int(self._pidfile(name).read_text())
+        except (OSError, ValueError):
+            return False
+        # The whole group, even when its leader is gone: helpers it spawned may outlive it.
+        alive = _group_alive(pgid)
+        if alive:
+            _stop_group(pgid, grace)
+        self._pidfile(name).unlink(missing_ok=True)
+        return alive
+
+    def status(self) -> dict[str, str]:
+        out = {}
+        for svc in self.config.services():
+            if self.pid(svc.name) is None:
+                out[svc.name] = "stopped"
+            else:
+                out[svc.name] = "ready" if svc.ready() else "starting or unhealthy"
+        return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
+
+
+def _stop_group(pgid: int, grace: float) -> None:
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any live (non-zombie) process left in the group? Zombies linger until their parent reaps."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run Crucible's services as local processes.")
+    parser.add_argument("command", choices=["up", "down", "status", "logs"])
+    parser.add_argument(
+        "--profile", default=os.environ.get("CRUCIBLE_INFERENCE_PROFILE", "cpu-dev")
+    )
+    parser.add_argument("services", nargs="*", help="only these (default: all)")
+    args = parser.parse_args(argv)
+    stack = Stack(StackConfig(profile=args.profile))
+    if args.command == "up":
+        try:
+            stack.up(args.services or None)
+        except StackError as exc:
+            print(f"make up failed: {exc}", file=sys.stderr)
+            stack.down()
+            return 1
+        print(f"logs: {stack.log_dir}/ (make logs); stop with `make down`")
+    elif args.command == "down":
+        stopped = stack.down()
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    elif args.command == "status":
+        for name, state in stack.status().items():
+            print(f"{name:<10} {state}")
+    else:
+        logs = sorted(str(p) for p in stack.log_dir.glob("*.log"))
+        if not logs:
+            print("no logs yet: run `make up`")
+            return 0
+        os.execvp("tail", ["tail", "-n", "50", "-F", *logs])  # noqa: S606
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The cpu-dev profile's real vLLM server, called with the official openai client."""
+
+import json
+
+import jsonschema
+import openai
+from openai.types.chat import ChatCompletionMessageParam
+from openai.types.shared_params import ResponseFormatJSONSchema
+
+from tests.conftest import DENSE
+
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the molecular weight of water?"}
+]
+
+
+def test_models_list_has_the_dev_model(vllm_client: openai.OpenAI) -> None:
+    assert DENSE in [m.id for m in vllm_client.models.list()]
+
+
+def test_chat_completion_returns_text_and_usage(vllm_client: openai.OpenAI) -> None:
+    r = vllm_client.chat.completions.create(model=DENSE, messages=MESSAGES, max_tokens=8)
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage is not None and r.usage.completion_tokens == 8
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_streamed_chat_reports_usage_in_a_final_chunk(vllm_client: openai.OpenAI) -> None:
+    stream = vllm_client.chat.completions.create(
+        model=DENSE,
+        messages=MESSAGES,
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    deltas = [c for c in chunks if c.choices]
+    assert len(deltas) >= 2
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_completion_is_deterministic_with_greedy_decoding(vllm_client: openai.OpenAI) -> None:
+    a = vllm_client.completions.create(
+        model=DENSE, prompt="Benzene is", max_tokens=8, temperature=0
+    )
+    b = vllm_client.completions.create(
+        model=DENSE, prompt="Benzene is", max_tokens=8, temperature=0
+    )
+    assert a.choices[0].text == b.choices[0].text and a.usage and a.usage.completion_tokens == 8
+
+
+def test_json_schema_output_parses_and_validates(vllm_client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            # A pattern bounds the string: unbounded strings let a random model babble past any
+            # token budget, and xgrammar 0.2.8 lets raw control characters through at a
+            # `maxLength` boundary (seen here), which breaks JSON parsing.
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9 ]{1,16}$"},
+            "atoms": {"type": "integer", "minimum": 0, "maximum": 500},
+            "aromatic": {"type": "boolean"},
+        },
+        "required": ["name", "atoms", "aromatic"],
+        "additionalProperties": False,
+    }
+    fmt: ResponseFormatJSONSchema = {
+        "type": "json_schema",
+        "json_schema": {"name": "molecule", "schema": schema, "strict": True},
+    }
+    for _ in range(5):
+        r = vllm_client.chat.completions.create(
+            model=DENSE, messages=MESSAGES, max_tokens=200, temperature=1.0, response_format=fmt
+        )
+        content = r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop" and content is not None
+        jsonschema.validate(json.loads(content), schema)

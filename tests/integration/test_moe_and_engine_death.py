@@ -1,0 +1,70 @@
+"""The cpu-dev-moe profile serves; a dead engine is noticed; `down` leaves no process behind."""
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+
+from services.inference import readiness
+from services.stack import Ports, Stack, StackConfig
+from tests.conftest import MODELS, MOE
+
+
+@pytest.fixture(scope="module")
+def moe_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    config = StackConfig(
+        var_dir=tmp_path_factory.mktemp("moe-var"),
+        ports=Ports.free(),
+        profile="cpu-dev-moe",
+        models_dir=MODELS,
+    )
+    stack = Stack(config)
+    try:
+        stack.up(["inference"], echo=lambda _: None)
+        yield stack
+    finally:
+        stack.down()
+
+
+def _url(stack: Stack) -> str:
+    return f"http://127.0.0.1:{stack.config.ports.inference}"
+
+
+def test_moe_profile_serves_chat(moe_stack: Stack) -> None:
+    client = openai.OpenAI(base_url=f"{_url(moe_stack)}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [MOE]
+    r = client.chat.completions.create(
+        model=MOE, messages=[{"role": "user", "content": "Name a solvent."}], max_tokens=5
+    )
+    assert r.usage is not None and r.usage.completion_tokens == 5
+
+
+def _engine_core(launcher_pid: int) -> psutil.Process:
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        if any("EngineCore" in part for part in child.cmdline()[:1]) or "EngineCor" in child.name():
+            return child
+    raise AssertionError("no EngineCore process under the launcher")
+
+
+def test_killing_the_engine_fails_readiness_and_down_leaves_nothing(moe_stack: Stack) -> None:
+    launcher = moe_stack.pid("inference")
+    assert launcher is not None and readiness.is_ready(_url(moe_stack), MOE)
+    group = {p.pid for p in psutil.Process(launcher).children(recursive=True)} | {launcher}
+    os.kill(_engine_core(launcher).pid, signal.SIGKILL)
+    start = time.monotonic()
+    while readiness.is_ready(_url(moe_stack), MOE, timeout=3):
+        assert time.monotonic() - start < 15, "still ready 15 s after the engine died"
+        time.sleep(0.5)
+    # The launcher notices too: it exits with vLLM instead of lingering as a zombie service.
+    deadline = time.monotonic() + 30
+    while moe_stack.pid("inference") is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert moe_stack.status() == {"inference": "stopped"}
+    moe_stack.down()
+    assert not [p for p in group if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not Path(moe_stack.run_dir / "inference.pid").exists()
