@@ -9,12 +9,14 @@ same list on free ports, and the compose test checks that compose runs the same 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +34,12 @@ class Ports:
     retrieval: int = 8001
     finetune: int = 8002
     agent: int = 8003
+    redis: int = 6379
 
     @classmethod
     def free(cls) -> Ports:
         """Free ports for a test stack, so it never collides with a developer's `make up`."""
-        return cls(*(_free_port() for _ in range(5)))
+        return cls(*(_free_port() for _ in range(6)))
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class Service:
     url: str
     ready: Callable[[], bool] = field(compare=False)
     ready_timeout: float = 60.0
+    # A server already answering on the port is used as it is (Redis on a developer's machine).
+    adopt_existing: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,30 @@ class StackConfig:
         """Every service of the stack, in start order."""
         profile = profiles.load(self.profile)
         inference_url = f"http://127.0.0.1:{self.ports.inference}"
+        gateway_url = f"http://127.0.0.1:{self.ports.gateway}"
+        redis_dir = self.var_dir / "redis"
         return [
+            Service(
+                name="redis",
+                argv=[
+                    "redis-server",
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.ports.redis),
+                    "--dir",
+                    str(redis_dir),
+                    "--appendonly",
+                    "yes",
+                    "--save",
+                    "",
+                ],
+                env={},
+                url=f"redis://127.0.0.1:{self.ports.redis}",
+                ready=lambda: _redis_ping(self.ports.redis),
+                ready_timeout=20,
+                adopt_existing=True,
+            ),
             Service(
                 name="inference",
                 argv=[PYTHON, "-m", "services.inference.launch"],
@@ -73,6 +101,19 @@ class StackConfig:
                 url=inference_url,
                 ready=lambda: readiness.is_ready(inference_url, profile.served_model_name),
                 ready_timeout=600,
+            ),
+            Service(
+                name="gateway",
+                argv=[PYTHON, "-m", "services.gateway"],
+                env={
+                    "CRUCIBLE_GATEWAY_HOST": "127.0.0.1",
+                    "CRUCIBLE_GATEWAY_PORT": str(self.ports.gateway),
+                    "CRUCIBLE_GATEWAY_INFERENCE_URLS": json.dumps([inference_url]),
+                    "CRUCIBLE_GATEWAY_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/0",
+                },
+                url=gateway_url,
+                ready=lambda: _http_ok(f"{gateway_url}/ready"),
+                ready_timeout=60,
             ),
         ]
 
@@ -106,6 +147,9 @@ class Stack:
         for svc in self.config.services():
             if only and svc.name not in only:
                 continue
+            if svc.adopt_existing and self.pid(svc.name) is None and svc.ready():
+                echo(f"{svc.name:<10} ready  {svc.url} (already running, not managed)")
+                continue
             if self.pid(svc.name) is None:
                 self.down_one(svc.name)  # leftovers of a crashed run, if any
                 self._start(svc)
@@ -119,6 +163,7 @@ class Stack:
                 f"{svc.name}: port {port} is taken by a process `make up` did not start"
             )
         env = {**os.environ, **svc.env, "CRUCIBLE_VAR_DIR": str(self.config.var_dir)}
+        (self.config.var_dir / "redis").mkdir(parents=True, exist_ok=True)
         with open(self.log_path(svc.name), "ab") as log:
             # A session of its own: `down` stops the service with everything it spawned.
             proc = subprocess.Popen(
@@ -222,6 +267,23 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:  # noqa: S310 (our own URL)
+            return bool(resp.status == 200)
+    except (OSError, ValueError):
+        return False
+
+
 def _port_busy(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -231,6 +293,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def dev_key(var_dir: Path) -> str:
+    """The developer's admin key, created on the first `make up` and kept in var/ (mode 0600)."""
+    from services.gateway.config import GatewaySettings
+    from services.gateway.keys import KeyStore
+
+    path = var_dir / "dev-api-key"
+    store = KeyStore(GatewaySettings(var_dir=var_dir).db_url())
+    try:
+        if path.exists() and store.lookup(path.read_text().strip()) is not None:
+            return path.read_text().strip()
+        secret, _ = store.create("dev", name="make up", admin=True)
+    finally:
+        store.engine.dispose()
+    path.touch(mode=0o600)
+    path.write_text(secret + "\n")
+    return secret
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"make up failed: {exc}", file=sys.stderr)
             stack.down()
             return 1
+        if not args.services or "gateway" in args.services:
+            print(f"API key:   {dev_key(stack.config.var_dir)}")
+            print("           export OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=<key>")
         print(f"logs: {stack.log_dir}/ (make logs); stop with `make down`")
     elif args.command == "down":
         stopped = stack.down()

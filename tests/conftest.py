@@ -8,7 +8,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from services.stack import Ports, Stack, StackConfig
+from services.gateway.keys import KeyStore
+from services.stack import Ports, Stack, StackConfig, dev_key
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "var" / "models"
@@ -18,7 +19,8 @@ MOE = "crucible-dev-moe"
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The native stack on free ports with its own var dir, so it never meets a `make up` stack."""
+    """The native stack on free ports with its own var dir (and its own Redis), so it never
+    meets a developer's `make up` stack."""
     config = StackConfig(
         var_dir=tmp_path_factory.mktemp("stack-var"), ports=Ports.free(), models_dir=MODELS
     )
@@ -30,8 +32,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="session")
+def redis_url(stack: Stack) -> str:
+    stack.up(["redis"], echo=lambda _: None)
+    return f"redis://127.0.0.1:{stack.config.ports.redis}/0"
+
+
+@pytest.fixture(scope="session")
 def inference_url(stack: Stack) -> str:
-    stack.up(["inference"], echo=lambda _: None)
+    stack.up(["redis", "inference"], echo=lambda _: None)
     return f"http://127.0.0.1:{stack.config.ports.inference}"
 
 
@@ -41,3 +49,30 @@ def vllm_client(inference_url: str) -> Iterator[openai.OpenAI]:
     client = openai.OpenAI(base_url=f"{inference_url}/v1", api_key="unused", max_retries=0)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def gateway_url(stack: Stack, inference_url: str) -> str:
+    stack.up(echo=lambda _: None)
+    return f"http://127.0.0.1:{stack.config.ports.gateway}"
+
+
+@pytest.fixture(scope="session")
+def admin_key(stack: Stack, gateway_url: str) -> str:
+    return dev_key(stack.config.var_dir)
+
+
+@pytest.fixture(scope="session")
+def keys(stack: Stack, gateway_url: str) -> Iterator[KeyStore]:
+    """Direct access to the stack gateway's key database (as `crucible keys` has)."""
+    store = KeyStore(f"sqlite:///{stack.config.var_dir / 'gateway.db'}")
+    yield store
+    store.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def client(gateway_url: str, admin_key: str) -> Iterator[openai.OpenAI]:
+    """The official SDK through the gateway, as a researcher uses it."""
+    c = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=admin_key, max_retries=0)
+    yield c
+    c.close()

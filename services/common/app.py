@@ -26,7 +26,8 @@ def build_app(
     **fastapi_kwargs: Any,
 ) -> FastAPI:
     registry = CollectorRegistry()
-    app = FastAPI(title=f"crucible-{service}", lifespan=lifespan, **fastapi_kwargs)
+    fastapi_kwargs.setdefault("title", f"crucible-{service}")
+    app = FastAPI(lifespan=lifespan, **fastapi_kwargs)
     app.state.registry = registry
     app.state.http_metrics = HttpMetrics(service, registry)
     install_error_handlers(app)

@@ -15,7 +15,7 @@ VAR = ROOT / "var"
 class ServiceSettings(BaseSettings):
     """Fields every service has. Subclasses set `model_config` with their own `env_prefix`."""
 
-    model_config = SettingsConfigDict(env_prefix="CRUCIBLE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CRUCIBLE_", extra="ignore", populate_by_name=True)
 
     host: str = "127.0.0.1"
     port: int = 0

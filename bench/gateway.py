@@ -1,0 +1,283 @@
+"""The gateway's cost, measured side by side with its baseline in one run.
+
+A. Against a fast fake upstream (tests/fakes/openai_server.py): latency added at a fixed rate
+   (requests alternate between direct and through the gateway), and the saturation throughput
+   of one gateway process.
+B. Against the real dev vLLM: output tokens/s at concurrency 32 and streaming time to first
+   token, direct versus through the gateway, runs interleaved.
+
+    python bench/gateway.py [--rate 200] [--seconds 10] [--rounds 3] [--smoke]
+
+It starts what it needs (fake upstream, gateways, the dev stack) on free ports and stops them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import orjson
+
+from bench._load import closed_loop, median, write_result
+from services.gateway.upstream import Pool
+from services.stack import Ports, Stack, StackConfig, _free_port, _http_ok, dev_key
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else 0.0
+
+
+async def _one(pool: Pool, body: bytes, headers: list[tuple[bytes, bytes]]) -> float:
+    t0 = time.perf_counter()
+    resp = await pool.request(b"POST", b"/v1/chat/completions", body, headers, connect_timeout=1)
+    await resp.read()
+    if resp.status != 200:
+        raise RuntimeError(f"status {resp.status}")
+    return time.perf_counter() - t0
+
+
+async def added_latency(
+    direct: str, gateway: str, key: str, rate: float, seconds: float
+) -> dict[str, Any]:
+    """Open loop at `rate` requests/s per target, alternating targets request by request."""
+    body = orjson.dumps(CHAT)
+    pools = {"direct": Pool(direct), "gateway": Pool(gateway)}
+    hdrs = {
+        "direct": [(b"content-type", b"application/json")],
+        "gateway": [
+            (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {key}".encode()),
+        ],
+    }
+    lat: dict[str, list[float]] = {"direct": [], "gateway": []}
+    n = int(rate * seconds)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tasks = []
+    for i in range(2 * n):
+        target = "direct" if i % 2 == 0 else "gateway"
+        await asyncio.sleep(max(0.0, start + i / (2 * rate) - loop.time()))
+
+        async def go(t: str = target) -> None:
+            lat[t].append(await _one(pools[t], body, hdrs[t]))
+
+        tasks.append(asyncio.create_task(go()))
+    await asyncio.gather(*tasks)
+    for p in pools.values():
+        await p.aclose()
+    out: dict[str, Any] = {}
+    for t, values in lat.items():
+        out[t] = {
+            "p50_ms": round(pct(values, 0.5) * 1000, 3),
+            "p99_ms": round(pct(values, 0.99) * 1000, 3),
+            "n": len(values),
+        }
+    out["added_p50_ms"] = round(out["gateway"]["p50_ms"] - out["direct"]["p50_ms"], 3)
+    out["added_p99_ms"] = round(out["gateway"]["p99_ms"] - out["direct"]["p99_ms"], 3)
+    return out
+
+
+async def saturation(url: str, key: str | None, seconds: float, concurrency: int = 64) -> float:
+    body = orjson.dumps(CHAT)
+    headers = [(b"content-type", b"application/json")]
+    if key:
+        headers.append((b"authorization", f"Bearer {key}".encode()))
+    pool = Pool(url)
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            await _one(pool, body, headers)
+            done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    rps = done / (time.perf_counter() - t0)
+    await pool.aclose()
+    return rps
+
+
+async def ttft(url: str, key: str, model: str) -> float:
+    body = orjson.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+            "stream": True,
+        }
+    )
+    pool = Pool(url)
+    headers = [(b"content-type", b"application/json"), (b"authorization", f"Bearer {key}".encode())]
+    t0 = time.perf_counter()
+    resp = await pool.request(b"POST", b"/v1/chat/completions", body, headers, connect_timeout=1)
+    chunks = resp.iter_chunks()
+    await anext(chunks)
+    first = time.perf_counter() - t0
+    async for _ in chunks:
+        pass
+    await pool.aclose()
+    return first
+
+
+def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as f:
+        return subprocess.Popen(
+            argv,
+            env={**os.environ, **env},
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _wait(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not _http_ok(url):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not ready")
+        time.sleep(0.2)
+
+
+def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any]:
+    fake_port, gw_port = _free_port(), _free_port()
+    procs = [
+        _spawn(
+            [sys.executable, "-m", "tests.fakes.openai_server", "--port", str(fake_port)],
+            {},
+            tmp / "fake.log",
+        ),
+        _spawn(
+            [sys.executable, "-m", "services.gateway"],
+            {
+                "CRUCIBLE_VAR_DIR": str(tmp),
+                "CRUCIBLE_GATEWAY_PORT": str(gw_port),
+                "CRUCIBLE_GATEWAY_INFERENCE_URLS": f'["http://127.0.0.1:{fake_port}"]',
+                "CRUCIBLE_GATEWAY_REDIS_URL": redis_url,
+                "CRUCIBLE_GATEWAY_LOG_LEVEL": "WARNING",
+            },
+            tmp / "gateway.log",
+        ),
+    ]
+    try:
+        _wait(f"http://127.0.0.1:{gw_port}/ready")
+        # The bench key has no per-minute limit: the saturation run would hit any default.
+        from services.gateway.keys import KeyStore
+
+        store = KeyStore(f"sqlite:///{tmp / 'gateway.db'}")
+        key, _ = store.create("bench", rpm=0, max_concurrency=10_000)
+        store.engine.dispose()
+        direct, gw = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{gw_port}"
+        asyncio.run(added_latency(direct, gw, key, args.rate, 1.0))  # warm up both paths
+        rounds = [
+            asyncio.run(added_latency(direct, gw, key, args.rate, args.seconds))
+            for _ in range(args.rounds)
+        ]
+        sat_gw = [asyncio.run(saturation(gw, key, args.seconds / 2)) for _ in range(args.rounds)]
+        sat_direct = [
+            asyncio.run(saturation(direct, None, args.seconds / 2)) for _ in range(args.rounds)
+        ]
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+    return {
+        "rate_per_target": args.rate,
+        "seconds_per_round": args.seconds,
+        "rounds": rounds,
+        "median_added_p50_ms": median([r["added_p50_ms"] for r in rounds]),
+        "median_added_p99_ms": median([r["added_p99_ms"] for r in rounds]),
+        "saturation_rps_gateway": [round(x) for x in sat_gw],
+        "saturation_rps_direct_fake": [round(x) for x in sat_direct],
+        "median_saturation_rps_gateway": round(median(sat_gw)),
+    }
+
+
+def part_b(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
+    direct = f"http://127.0.0.1:{stack.config.ports.inference}"
+    gw = f"http://127.0.0.1:{stack.config.ports.gateway}"
+    key = dev_key(stack.config.var_dir)
+    payload = {
+        "model": "crucible-dev",
+        "prompt": "The molecular weight of caffeine is",
+        "max_tokens": args.max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    c = args.concurrency
+    hdr = {"authorization": f"Bearer {key}"}
+    runs: dict[str, list[float]] = {"direct": [], "gateway": []}
+    for _ in range(args.rounds):  # interleaved, so drift on the machine hits both alike
+        for name, url in (("direct", direct), ("gateway", gw)):
+            r = asyncio.run(closed_loop(url, "/v1/completions", payload, c, c * 4, headers=hdr))
+            if r.errors:
+                raise RuntimeError(f"{name}: {r.errors} failed requests")
+            runs[name].append(round(r.tokens_per_s, 1))
+    ttfts: dict[str, list[float]] = {"direct": [], "gateway": []}
+    for _ in range(args.ttft_samples):
+        for name, url in (("direct", direct), ("gateway", gw)):
+            ttfts[name].append(asyncio.run(ttft(url, key, "crucible-dev")))
+    ratios = [g / d for g, d in zip(runs["gateway"], runs["direct"], strict=True)]
+    return {
+        "concurrency": c,
+        "max_tokens": args.max_tokens,
+        "tokens_per_s": runs,
+        "median_ratio_gateway_over_direct": round(statistics.median(ratios), 3),
+        "ttft_p50_ms": {k: round(pct(v, 0.5) * 1000, 2) for k, v in ttfts.items()},
+        "ttft_added_p50_ms": round(
+            (pct(ttfts["gateway"], 0.5) - pct(ttfts["direct"], 0.5)) * 1000, 2
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rate", type=float, default=200)
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--ttft-samples", type=int, default=30)
+    p.add_argument("--skip-vllm", action="store_true", help="part A only")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.rate, args.seconds, args.rounds, args.concurrency = 50, 0.5, 1, 4
+        args.max_tokens, args.ttft_samples = 4, 2
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as d:
+        result["fake_upstream"] = part_a(args, Path(d), args.redis_url)
+        print(orjson.dumps(result["fake_upstream"], option=orjson.OPT_INDENT_2).decode())
+    if not args.skip_vllm:
+        with tempfile.TemporaryDirectory() as d:
+            stack = Stack(StackConfig(var_dir=Path(d), ports=Ports.free()))
+            try:
+                stack.up(echo=lambda _: None)
+                result["vllm"] = part_b(args, stack)
+            finally:
+                stack.down()
+        print(orjson.dumps(result["vllm"], option=orjson.OPT_INDENT_2).decode())
+    print(f"wrote {write_result('gateway', result, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The gateway: the one front door (OpenAI-compatible API, keys, limits, routing, streaming).
+
+The two hot routes (chat and completions) go straight from a thin ASGI front to the proxy; every
+other route is an ordinary FastAPI route. Only the allow-list below is ever forwarded upstream:
+vLLM's admin routes (LoRA loading, sleep, /invocations, ...) are unreachable through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import Receive, Scope, Send
+
+from services.common.app import build_app
+from services.common.errors import AuthenticationFailed, NotFound, PermissionDenied
+from services.common.logging import configure_logging
+from services.gateway.config import GatewaySettings
+from services.gateway.keys import ApiKey, KeyStore
+from services.gateway.limits import RateLimiter
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.proxy import Proxy
+from services.gateway.routing import Router
+
+FORWARDED = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+class Gateway:
+    """The ASGI app uvicorn runs: hot routes to the proxy, the rest to FastAPI."""
+
+    def __init__(self, api: FastAPI) -> None:
+        self.api = api
+        self.proxy: Proxy | None = None  # set by the lifespan
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in FORWARDED and self.proxy is not None:
+            await self.proxy(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+
+def create_app(settings: GatewaySettings | None = None) -> Gateway:
+    s = settings or GatewaySettings()
+    gateway: Gateway
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        keys = KeyStore(
+            s.db_url(),
+            default_rpm=s.default_rpm,
+            default_max_concurrency=s.default_max_concurrency,
+            cache_ttl=s.key_cache_ttl_s,
+        )
+        metrics = GatewayMetrics(app.state.registry)
+        router = Router(
+            s.inference_urls,
+            refresh_interval=s.routing_refresh_s,
+            on_probe=lambda b: metrics.backend_up.labels(b.url).set(int(b.healthy)),
+        )
+        limiter = RateLimiter(s.redis_url, on_error=s.rate_limit_on_redis_error)
+        await router.start()
+        app.state.keys, app.state.router, app.state.limiter = keys, router, limiter
+        gateway.proxy = Proxy(s, router, keys, limiter, metrics)
+        try:
+            yield
+        finally:
+            gateway.proxy = None
+            await router.stop()
+            await limiter.aclose()
+            keys.engine.dispose()
+
+    async def redis_ready() -> None:
+        await api.state.limiter.ping()
+
+    async def backend_ready() -> None:
+        if not any(b.healthy for b in api.state.router.backends):
+            raise ConnectionError("no inference backend is up")
+
+    api = build_app(
+        "gateway",
+        lifespan=lifespan,
+        ready_checks=[("inference", backend_ready), ("redis", redis_ready)],
+        title="Crucible gateway",
+        version="0.1.0",
+    )
+    api.include_router(_routes())
+    gateway = Gateway(api)
+    return gateway
+
+
+# --- the cold routes ---------------------------------------------------------------------------
+
+
+async def _key(request: Request) -> ApiKey:
+    auth = request.headers.get("authorization", "")
+    if not auth.lower().startswith("bearer "):
+        raise AuthenticationFailed("Missing API key: send `Authorization: Bearer <key>`.")
+    keys: KeyStore = request.app.state.keys
+    key = await keys.alookup(auth[7:].strip())
+    if key is None:
+        raise AuthenticationFailed("Incorrect API key provided.")
+    return key
+
+
+async def _admin(key: Annotated[ApiKey, Depends(_key)]) -> ApiKey:
+    if not key.is_admin:
+        raise PermissionDenied("this route needs an admin key")
+    return key
+
+
+KeyDep = Annotated[ApiKey, Depends(_key)]
+AdminDep = Annotated[ApiKey, Depends(_admin)]
+
+
+class KeyCreateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo must not silently drop a limit
+
+    owner: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@-]+$")
+    name: str = Field(default="", max_length=128)
+    models: list[str] | None = None
+    rpm: int | None = Field(default=None, ge=0, le=1_000_000)
+    max_concurrency: int | None = Field(default=None, ge=1, le=10_000)
+    admin: bool = False
+
+
+def _routes() -> Any:
+    from fastapi import APIRouter
+
+    r = APIRouter()
+
+    @r.get("/v1/models")
+    async def list_models(request: Request, key: KeyDep) -> dict[str, Any]:
+        cards = [c for c in request.app.state.router.models() if key.may_use(c["id"])]
+        return {"object": "list", "data": cards}
+
+    @r.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request, key: KeyDep) -> dict[str, Any]:
+        for card in request.app.state.router.models():
+            if card["id"] == model_id and key.may_use(model_id):
+                return dict(card)
+        raise NotFound(
+            f"The model `{model_id}` does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+
+    @r.post("/admin/keys", status_code=201)
+    async def create_key(body: KeyCreateRequest, request: Request, _: AdminDep) -> dict[str, Any]:
+        secret, info = request.app.state.keys.create(**body.model_dump())
+        return {**info, "key": secret}
+
+    @r.get("/admin/keys")
+    async def list_keys(request: Request, _: AdminDep) -> dict[str, Any]:
+        return {"object": "list", "data": request.app.state.keys.list()}
+
+    @r.delete("/admin/keys/{key_id}")
+    async def revoke_key(key_id: str, request: Request, _: AdminDep) -> dict[str, Any]:
+        if not request.app.state.keys.revoke(key_id):
+            raise NotFound(f"no active key {key_id!r}", param="key_id")
+        return {"id": key_id, "object": "api_key", "deleted": True}
+
+    return r
+
+
+def main() -> None:
+    import uvicorn
+
+    s = GatewaySettings()
+    configure_logging("gateway", s.log_level)
+    uvicorn.run(
+        create_app(s),
+        host=s.host,
+        port=s.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+if __name__ == "__main__":
+    main()

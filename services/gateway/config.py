@@ -1,0 +1,47 @@
+"""Gateway settings (env prefix CRUCIBLE_GATEWAY_). Defaults are the dev defaults."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from services.common.config import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="CRUCIBLE_GATEWAY_", extra="ignore")
+
+    port: int = 8080
+    database_url: str | None = None  # default: SQLite under var/
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Inference backends (vLLM servers). Several may serve one model: requests go to the one with
+    # the fewest outstanding requests, and fail over before the first byte.
+    inference_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])
+    routing_refresh_s: float = 5.0
+    # Sent to the backends if they were started with --api-key (never the client's key).
+    inference_api_key: SecretStr | None = None
+
+    # Bounded everything: a body, a request's cost, and how long anything may take.
+    max_body_bytes: int = 4 << 20
+    max_tokens_cap: int = 8192
+    max_n: int = 8
+    max_top_logprobs: int = 20
+    max_schema_bytes: int = 64 << 10
+    connect_timeout_s: float = 1.0
+    # One total deadline per request (streams included), spent across failover attempts.
+    request_timeout_s: float = 600.0
+
+    # Defaults for keys created without their own limits.
+    default_rpm: int = 600
+    default_max_concurrency: int = 32
+    # Across all keys, per gateway process: beyond it, 429 at once instead of a queue.
+    max_concurrency: int = 512
+    # A Redis outage: "open" admits requests without the per-minute limit (concurrency caps, which
+    # are local and exact, still bound the load); "closed" answers 503 until Redis is back.
+    rate_limit_on_redis_error: Literal["open", "closed"] = "open"
+    key_cache_ttl_s: float = 5.0
+
+    def db_url(self) -> str:
+        return self.database_url or self.sqlite_url("gateway")

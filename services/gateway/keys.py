@@ -1,0 +1,177 @@
+"""API keys: random secrets shown once, stored as SHA-256 hashes, each with an owner and limits."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Engine, Integer, String, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from services.common.db import make_engine, make_sessionmaker
+
+KEY_PREFIX = "sk-cru-"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # SHA-256 is right for a 256-bit random secret (no dictionary to guess from); it keeps the
+    # lookup on the hot path a hash and a dict access.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    hint: Mapped[str] = mapped_column(String(16))  # the last 4 characters, to tell keys apart
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """What the hot path needs to know about a key (never the secret)."""
+
+    id: str
+    owner: str
+    models: frozenset[str] | None
+    rpm: int
+    max_concurrency: int
+    is_admin: bool
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def describe(row: ApiKeyRow) -> dict[str, Any]:
+    """A key as listed: everything but the secret and its hash."""
+    return {
+        "id": row.id,
+        "object": "api_key",
+        "owner": row.owner,
+        "name": row.name,
+        "hint": f"{KEY_PREFIX}...{row.hint}",
+        "models": row.models,
+        "rpm": row.rpm,
+        "max_concurrency": row.max_concurrency,
+        "admin": row.is_admin,
+        "created_at": int(row.created_at.timestamp()),
+        "revoked_at": int(row.revoked_at.timestamp()) if row.revoked_at else None,
+    }
+
+
+class KeyStore:
+    """Keys in SQL (SQLite or PostgreSQL) with a short-lived in-memory cache for the hot path."""
+
+    def __init__(
+        self,
+        url_or_engine: str | Engine,
+        *,
+        default_rpm: int = 600,
+        default_max_concurrency: int = 32,
+        cache_ttl: float = 5.0,
+    ) -> None:
+        self.engine = (
+            make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+        )
+        Base.metadata.create_all(self.engine)
+        self.sessions = make_sessionmaker(self.engine)
+        self.default_rpm = default_rpm
+        self.default_max_concurrency = default_max_concurrency
+        self.cache_ttl = cache_ttl
+        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+
+    def create(
+        self,
+        owner: str,
+        *,
+        name: str = "",
+        models: list[str] | None = None,
+        rpm: int | None = None,
+        max_concurrency: int | None = None,
+        admin: bool = False,
+    ) -> tuple[str, dict[str, Any]]:
+        """A new key: returns the secret (shown this once) and its description."""
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        row = ApiKeyRow(
+            id="key_" + secrets.token_hex(12),
+            key_hash=hash_key(secret),
+            hint=secret[-4:],
+            owner=owner,
+            name=name,
+            models=models,
+            rpm=rpm,
+            max_concurrency=max_concurrency,
+            is_admin=admin,
+            created_at=datetime.now(UTC),
+        )
+        with self.sessions.begin() as s:
+            s.add(row)
+        return secret, describe(row)
+
+    def list(self, owner: str | None = None) -> list[dict[str, Any]]:
+        stmt = select(ApiKeyRow).order_by(ApiKeyRow.created_at)
+        if owner is not None:
+            stmt = stmt.where(ApiKeyRow.owner == owner)
+        with self.sessions() as s:
+            return [describe(row) for row in s.scalars(stmt)]
+
+    def revoke(self, key_id: str) -> bool:
+        with self.sessions.begin() as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is None or row.revoked_at is not None:
+                return False
+            row.revoked_at = datetime.now(UTC)
+        self._cache.clear()  # this process stops honouring it at once; others within the TTL
+        return True
+
+    def lookup(self, secret: str) -> ApiKey | None:
+        """The live key for a secret, from the cache when fresh (misses are cached too)."""
+        digest = hash_key(secret)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and now - hit[0] < self.cache_ttl:
+            return hit[1]
+        key = self._load(digest)
+        if len(self._cache) > 10_000:  # bound the memory a flood of bad keys can take
+            self._cache.clear()
+        self._cache[digest] = (now, key)
+        return key
+
+    async def alookup(self, secret: str) -> ApiKey | None:
+        """`lookup` for async code: a cache hit costs a hash; a miss goes to a thread."""
+        hit = self._cache.get(hash_key(secret))
+        if hit is not None and time.monotonic() - hit[0] < self.cache_ttl:
+            return hit[1]
+        return await asyncio.to_thread(self.lookup, secret)
+
+    def _load(self, digest: str) -> ApiKey | None:
+        stmt = select(ApiKeyRow).where(ApiKeyRow.key_hash == digest, ApiKeyRow.revoked_at.is_(None))
+        with self.sessions() as s:
+            row = s.scalars(stmt).first()
+        if row is None:
+            return None
+        return ApiKey(
+            id=row.id,
+            owner=row.owner,
+            models=frozenset(row.models) if row.models is not None else None,
+            rpm=row.rpm if row.rpm is not None else self.default_rpm,
+            max_concurrency=row.max_concurrency or self.default_max_concurrency,
+            is_admin=row.is_admin,
+        )

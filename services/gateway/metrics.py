@@ -1,0 +1,78 @@
+"""The gateway's own metrics (bounded labels: route template, model, status class, kind)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.metrics import LATENCY_BUCKETS
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "crucible_gateway_requests_total",
+            "Forwarded requests by route, model and outcome (a stream that broke counts as 5xx).",
+            ["route", "model", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "crucible_gateway_request_duration_seconds",
+            "Request time, to the last byte of the response.",
+            ["route", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "crucible_gateway_time_to_first_token_seconds",
+            "Time from request start to the first streamed chunk.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "crucible_gateway_tokens_total",
+            "Tokens by model and kind, from `usage`.",
+            ["model", "kind"],
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "crucible_gateway_upstream_errors_total",
+            "Upstream failures by kind (connect, protocol, timeout, status_5xx, stream_broken...).",
+            ["kind"],
+            registry=registry,
+        )
+        self.rejections = Counter(
+            "crucible_gateway_rejections_total",
+            "Requests refused before forwarding, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.backend_up = Gauge(
+            "crucible_gateway_backend_up",
+            "1 if the backend answered its last probe.",
+            ["backend"],
+            registry=registry,
+        )
+
+    def observe(
+        self,
+        route: str,
+        model: str,
+        status: int,
+        seconds: float,
+        ttft: float | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        failed_midstream: bool,
+    ) -> None:
+        status_class = "5xx" if failed_midstream else f"{status // 100}xx"
+        self.requests.labels(route, model, status_class).inc()
+        self.duration.labels(route, model).observe(seconds)
+        if ttft is not None:
+            self.ttft.labels(model).observe(ttft)
+        if prompt_tokens:
+            self.tokens.labels(model, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels(model, "completion").inc(completion_tokens)

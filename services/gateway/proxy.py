@@ -1,0 +1,395 @@
+"""The forwarding hot path for chat and completions, as plain ASGI (no framework per request).
+
+Order of work: body (bounded) → key → cheap checks of the cost-bearing fields → routing →
+limits → upstream with failover before the first byte → relay. One deadline covers it all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.types import Message, Receive, Scope, Send
+
+from services.common.errors import (
+    AuthenticationFailed,
+    CrucibleError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+    error_for_status,
+)
+from services.common.logging import request_id
+from services.common.metrics import _incoming_request_id
+from services.gateway.config import GatewaySettings
+from services.gateway.keys import ApiKey, KeyStore
+from services.gateway.limits import Concurrency, RateLimiter, RedisUnavailable
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.routing import Backend, Router, choose
+from services.gateway.upstream import (
+    Response,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+)
+from services.gateway.validation import check_request
+
+log = logging.getLogger("crucible.gateway")
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+class ClientGone(Exception):
+    """The client disconnected before we answered."""
+
+
+@dataclass
+class Outcome:
+    status: int = 500
+    model: str = "unknown"
+    key: ApiKey | None = None
+    ttft: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    failed_midstream: bool = False
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        router: Router,
+        keys: KeyStore,
+        limiter: RateLimiter,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.s = settings
+        self.router = router
+        self.keys = keys
+        self.limiter = limiter
+        self.metrics = metrics
+        self.concurrency = Concurrency(settings.max_concurrency)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rid = _incoming_request_id(scope) or uuid.uuid4().hex
+        token = request_id.set(rid)
+        start = time.perf_counter()
+        out = Outcome()
+        route: str = scope["path"]
+        try:
+            await self._handle(scope, receive, send, rid, out, start)
+        except CrucibleError as exc:
+            out.status = exc.status
+            await _send_error(send, exc, rid)
+        except ClientGone:
+            out.status = 499
+        finally:
+            elapsed = time.perf_counter() - start
+            self.metrics.observe(
+                route,
+                out.model,
+                out.status,
+                elapsed,
+                out.ttft,
+                out.prompt_tokens,
+                out.completion_tokens,
+                out.failed_midstream,
+            )
+            log.info(
+                "request",
+                extra={
+                    "route": route,
+                    "model": out.model,
+                    "status": out.status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "key_id": out.key.id if out.key else None,
+                    "owner": out.key.owner if out.key else None,
+                    **({"stream_failed": True} if out.failed_midstream else {}),
+                },
+            )
+            request_id.reset(token)
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, rid: str, out: Outcome, start: float
+    ) -> None:
+        if scope["method"] != "POST":
+            raise error_for_status(405, f"method {scope['method']} not allowed")
+        headers = dict(scope["headers"])
+        key = await self._authenticate(headers)
+        out.key = key
+        body = await _read_body(receive, headers, self.s.max_body_bytes)
+        payload = _parse(body)
+        model, stream = check_request(scope["path"], payload, self.s)
+        out.model = model
+        if not key.may_use(model) or not (backends := await self._backends(model)):
+            out.model = "unknown"
+            raise NotFound(
+                f"The model `{model}` does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+        hit = self.concurrency.try_acquire(key.id, key.max_concurrency)
+        if hit is not None:
+            self.metrics.rejections.labels(f"concurrency_{hit}").inc()
+            raise RateLimited(f"too many concurrent requests ({hit} limit)", retry_after=1)
+        try:
+            await self._reserve(key)
+            await self._forward(scope, receive, send, body, backends, stream, rid, out, start)
+        finally:
+            self.concurrency.release(key.id)
+
+    async def _authenticate(self, headers: dict[bytes, bytes]) -> ApiKey:
+        auth = headers.get(b"authorization", b"")
+        if not auth.lower().startswith(b"bearer "):
+            self.metrics.rejections.labels("auth").inc()
+            raise AuthenticationFailed("Missing API key: send `Authorization: Bearer <key>`.")
+        secret = auth[7:].strip().decode("latin-1")
+        key = await self.keys.alookup(secret)
+        if key is None:
+            self.metrics.rejections.labels("auth").inc()
+            raise AuthenticationFailed("Incorrect API key provided.")
+        return key
+
+    async def _backends(self, model: str) -> list[Backend]:
+        backends = self.router.backends_for(model)
+        if not backends:
+            await self.router.refresh_soon()  # a model (an adapter) may have just appeared
+            backends = self.router.backends_for(model)
+        return backends
+
+    async def _reserve(self, key: ApiKey) -> None:
+        try:
+            wait = await self.limiter.reserve(key.id, key.rpm)
+        except RedisUnavailable:
+            raise Unavailable("rate limiter unavailable; try again shortly") from None
+        if wait:
+            self.metrics.rejections.labels("rate_limit").inc()
+            raise RateLimited(
+                f"rate limit of {key.rpm} requests per minute reached", retry_after=wait
+            )
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        body: bytes,
+        backends: list[Backend],
+        stream: bool,
+        rid: str,
+        out: Outcome,
+        start: float,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.s.request_timeout_s
+        task = asyncio.current_task()
+        assert task is not None
+        state = {"done": False, "disconnected": False}
+
+        async def watch_disconnect() -> None:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not state["done"]:
+                state["disconnected"] = True
+                task.cancel()
+
+        watcher = asyncio.create_task(watch_disconnect())
+        try:
+            async with asyncio.timeout_at(deadline):
+                resp = await self._open(scope["path"].encode(), body, backends, rid)
+                try:
+                    await self._relay(resp, send, stream, rid, out, start)
+                finally:
+                    resp.release()
+        except asyncio.CancelledError:
+            if not state["disconnected"]:
+                raise
+            out.status = 499  # client closed the request; upstream was cancelled by closing
+            self.metrics.upstream_errors.labels("client_disconnected").inc()
+        except TimeoutError:
+            self.metrics.upstream_errors.labels("timeout").inc()
+            if out.status == 200:  # mid-stream: the status is already sent
+                await _stream_error(send, UpstreamTimeout("upstream timed out mid-stream"), out)
+            else:
+                raise UpstreamTimeout(
+                    f"upstream did not answer within {self.s.request_timeout_s:g}s"
+                ) from None
+        finally:
+            state["done"] = True
+            watcher.cancel()
+
+    async def _open(self, path: bytes, body: bytes, backends: list[Backend], rid: str) -> Response:
+        """Send to the best backend; on a connect failure, mark it down and try the next."""
+        headers = [(b"content-type", b"application/json"), (b"x-request-id", rid.encode())]
+        if self.s.inference_api_key:
+            headers.append(
+                (
+                    b"authorization",
+                    b"Bearer " + self.s.inference_api_key.get_secret_value().encode(),
+                )
+            )
+        tried: list[Backend] = []
+        while (backend := choose(backends, tried)) is not None:
+            backend.outstanding += 1
+            try:
+                resp = await backend.pool.request(
+                    b"POST", path, body, headers, connect_timeout=self.s.connect_timeout_s
+                )
+            except (UpstreamConnectError, UpstreamProtocolError) as exc:
+                # Nothing reached the client yet: mark the backend down and try the next one.
+                # (A protocol error means it took the request and broke: it may be dying.)
+                backend.outstanding -= 1
+                kind = "connect" if isinstance(exc, UpstreamConnectError) else "protocol"
+                self.metrics.upstream_errors.labels(kind).inc()
+                backend.mark_down()
+                tried.append(backend)
+                continue
+            except BaseException:
+                backend.outstanding -= 1
+                raise
+            resp.on_release = backend.request_done
+            return resp
+        raise Unavailable("no inference backend is reachable for this model; try again shortly")
+
+    async def _relay(
+        self, resp: Response, send: Send, stream: bool, rid: str, out: Outcome, start: float
+    ) -> None:
+        if resp.status != 200:
+            raw = await resp.read()
+            self.metrics.upstream_errors.labels(f"status_{resp.status // 100}xx").inc()
+            raise _upstream_error(resp.status, raw)
+        ctype = next((v for k, v in resp.headers if k == b"content-type"), b"")
+        if stream and ctype.startswith(b"text/event-stream"):
+            await self._relay_stream(resp, send, rid, out, start)
+            return
+        raw = await resp.read()
+        try:
+            usage = orjson.loads(raw).get("usage") or {}
+        except (orjson.JSONDecodeError, AttributeError):
+            self.metrics.upstream_errors.labels("bad_body").inc()
+            raise UpstreamError("the inference backend sent a malformed response") from None
+        out.prompt_tokens = usage.get("prompt_tokens") or 0
+        out.completion_tokens = usage.get("completion_tokens") or 0
+        out.status = 200
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [*JSON_HEADERS, (b"x-request-id", rid.encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": raw, "more_body": False})
+
+    async def _relay_stream(
+        self, resp: Response, send: Send, rid: str, out: Outcome, start: float
+    ) -> None:
+        chunks = resp.iter_chunks()
+        try:
+            # Peek: until the first byte is sent, a failure is still an honest status code.
+            first = await anext(chunks)
+        except (StopAsyncIteration, UpstreamProtocolError):
+            self.metrics.upstream_errors.labels("protocol").inc()
+            raise UpstreamError("the inference backend closed the stream before sending") from None
+        out.ttft = time.perf_counter() - start
+        out.status = 200
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [*SSE_HEADERS, (b"x-request-id", rid.encode())],
+            }
+        )
+        chunk = first
+        try:
+            while True:
+                if b'"completion_tokens"' in chunk:
+                    _count_usage(chunk, out)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except UpstreamProtocolError:
+            self.metrics.upstream_errors.labels("stream_broken").inc()
+            await _stream_error(send, UpstreamError("the inference backend broke the stream"), out)
+
+
+def _count_usage(chunk: bytes, out: Outcome) -> None:
+    for line in chunk.split(b"\n"):
+        if line.startswith(b"data: {") and b'"completion_tokens"' in line:
+            try:
+                usage = orjson.loads(line[6:]).get("usage") or {}
+            except orjson.JSONDecodeError:
+                return
+            out.prompt_tokens = usage.get("prompt_tokens") or 0
+            out.completion_tokens = usage.get("completion_tokens") or 0
+
+
+async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body over {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes")
+        parts.append(chunk)
+        if not message.get("more_body"):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _parse(body: bytes) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    return payload
+
+
+def _upstream_error(status: int, raw: bytes) -> CrucibleError:
+    """The upstream's status and message, in our envelope (vLLM has sent two shapes)."""
+    message, param, code = f"inference backend answered {status}", None, None
+    try:
+        data = orjson.loads(raw)
+        err = data.get("error", data) if isinstance(data, dict) else {}
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            message = err["message"][:2000]
+            param = err.get("param") if isinstance(err.get("param"), str) else None
+            code = err.get("code") if isinstance(err.get("code"), str) else None
+    except orjson.JSONDecodeError:
+        pass
+    exc = error_for_status(status, message)
+    exc.param, exc.code = param, code or exc.code
+    return exc
+
+
+async def _send_error(send: Send, exc: CrucibleError, rid: str) -> None:
+    headers = [*JSON_HEADERS, (b"x-request-id", rid.encode())]
+    headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+    try:
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": orjson.dumps(exc.body())})
+    except RuntimeError:
+        pass  # the response had already started; nothing honest left to send
+
+
+async def _stream_error(send: Send, exc: CrucibleError, out: Outcome) -> None:
+    """After the first byte the status is fixed: end the stream with an error event instead."""
+    out.failed_midstream = True
+    event = b"data: " + orjson.dumps(exc.body()) + b"\n\n"
+    await send({"type": "http.response.body", "body": event, "more_body": False})

@@ -1,0 +1,262 @@
+"""A lean HTTP/1.1 client for the gateway's hot path: asyncio protocol + httptools' C parser.
+
+httpx costs a few hundred microseconds a request in pure Python; the gateway's budget for all its
+work is one millisecond. This client does only what forwarding needs: one request per pooled
+keep-alive connection, the body relayed chunk by chunk as it arrives (chunked or content-length),
+and clean failure: a connection that saw an error is closed, never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+# Uvicorn (vLLM's server) closes idle keep-alive connections after 5 s: retire ours sooner, so a
+# request never races the server's close.
+IDLE_TTL = 4.0
+# Pause reading from the upstream when this much body is buffered and the client is slow.
+HIGH_WATER = 1 << 20
+
+
+class UpstreamConnectError(Exception):
+    """Could not connect: the backend is down (safe to fail over: nothing was sent)."""
+
+
+class UpstreamProtocolError(Exception):
+    """The connection broke or the upstream sent something that is not HTTP."""
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.idle_since = time.monotonic()
+        self.reused = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.headers_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.data_event = asyncio.Event()
+        self.complete = False
+        self.keep_alive = False
+        self.error: Exception | None = None
+        self.got_bytes = False
+        self.paused = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamProtocolError(f"malformed response from upstream: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.discard(self)
+        if not self.complete:
+            self._fail(UpstreamProtocolError("upstream closed the connection"))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if not self.headers_done.done():
+            self.headers_done.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        self.data_event.set()
+        if self.buffered > HIGH_WATER and self.transport and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        # Only valid inside the parser's callbacks: after this the parser resets for the next
+        # message and reports False.
+        self.keep_alive = self.parser.should_keep_alive()
+        self.complete = True
+        self.data_event.set()
+
+    def _fail(self, exc: Exception) -> None:
+        if self.error is None:
+            self.error = exc
+        if not self.headers_done.done():
+            self.headers_done.set_exception(exc)
+            self.headers_done.exception()  # mark retrieved: the caller may already be gone
+        self.data_event.set()
+        if self.transport:
+            self.transport.close()
+
+    def close(self) -> None:
+        if self.transport:
+            self.transport.close()
+
+
+class Response:
+    """An upstream response whose headers have arrived; the body is read or streamed after."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self.status = conn.status
+        self.headers = conn.headers
+        self._released = False
+        self.on_release: Callable[[], None] | None = None
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        while True:
+            while conn.chunks:
+                chunk = conn.chunks.popleft()
+                conn.buffered -= len(chunk)
+                if conn.paused and conn.buffered < HIGH_WATER // 2 and conn.transport:
+                    conn.paused = False
+                    conn.transport.resume_reading()
+                yield chunk
+            if conn.complete:
+                self.release()
+                return
+            if conn.error is not None:
+                raise conn.error
+            conn.data_event.clear()
+            await conn.data_event.wait()
+
+    async def read(self) -> bytes:
+        return b"".join([c async for c in self.iter_chunks()])
+
+    def release(self) -> None:
+        """Back to the pool if the exchange completed cleanly, else closed."""
+        if self._released:
+            return
+        self._released = True
+        if self.on_release is not None:
+            self.on_release()
+        conn = self._conn
+        if conn.complete and conn.error is None and conn.keep_alive:
+            self._conn.pool.put_back(conn)
+        else:
+            conn.close()
+
+
+class Pool:
+    """Keep-alive connections to one backend (scheme http, host, port)."""
+
+    def __init__(self, base_url: str, *, max_idle: int = 128) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"backend URL must be http://host:port, got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.host_header = f"{self.host}:{self.port}".encode()
+        self.idle: collections.deque[_Connection] = collections.deque()
+        self.max_idle = max_idle
+        self.open: set[_Connection] = set()
+
+    async def _connect(self, limit: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(limit):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self), self.host, self.port
+                )
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamConnectError(f"cannot connect to {self.base_url}: {exc}") from None
+        self.open.add(conn)
+        return conn
+
+    def _take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()  # most recent first: least likely to be closed by the server
+            if (
+                now - conn.idle_since < IDLE_TTL
+                and conn.transport
+                and not conn.transport.is_closing()
+            ):
+                conn.reused = True
+                return conn
+            conn.close()
+        return None
+
+    def put_back(self, conn: _Connection) -> None:
+        if len(self.idle) >= self.max_idle or conn.transport is None or conn.transport.is_closing():
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def discard(self, conn: _Connection) -> None:
+        self.open.discard(conn)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+    async def request(
+        self,
+        method: bytes,
+        path: bytes,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        connect_timeout: float,
+    ) -> Response:
+        """Send one request and wait for the response headers. Raises UpstreamConnectError when
+        nothing could be sent, UpstreamProtocolError when the exchange broke."""
+        head = [
+            method,
+            b" ",
+            path,
+            b" HTTP/1.1\r\nhost: ",
+            self.host_header,
+            b"\r\ncontent-length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+        ]
+        for name, value in headers:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"\r\n")
+        payload = b"".join(head) + body
+        conn = self._take_idle()
+        if conn is not None:
+            try:
+                return await self._exchange(conn, payload)
+            except UpstreamProtocolError:
+                # A reused connection the server had already closed, before any byte of a
+                # response: the request was not processed, so one retry on a new one is safe.
+                if conn.got_bytes:
+                    raise
+        return await self._exchange(await self._connect(connect_timeout), payload)
+
+    async def _exchange(self, conn: _Connection, payload: bytes) -> Response:
+        conn._reset()
+        assert conn.transport is not None
+        conn.transport.write(payload)
+        try:
+            await conn.headers_done
+        except BaseException:
+            conn.close()
+            raise
+        return Response(conn)
+
+    async def aclose(self) -> None:
+        for conn in list(self.open):
+            conn.close()
+        self.idle.clear()

@@ -1,0 +1,73 @@
+"""Checks of the fields that cost the engine (caps from RELIABILITY.md), on the parsed body.
+
+Only what the gateway must bound or needs for routing is checked here; every other field passes
+through untouched and vLLM validates it (its 400s are relayed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from services.common.errors import InvalidRequest
+from services.gateway.config import GatewaySettings
+
+
+def _int(payload: dict[str, Any], name: str, low: int, high: int) -> None:
+    value = payload.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{name} must be an integer", param=name, code="invalid_type")
+    if not low <= value <= high:
+        raise InvalidRequest(
+            f"{name} must be between {low} and {high}, got {value}",
+            param=name,
+            code="invalid_value",
+        )
+
+
+def check_request(path: str, payload: dict[str, Any], s: GatewaySettings) -> tuple[str, bool]:
+    """Raise InvalidRequest naming the param, else return (model, stream)."""
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest(
+            "model is required and must be a string",
+            param="model",
+            code="invalid_type" if model is not None else "missing_required",
+        )
+    stream = payload.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("stream must be a boolean", param="stream", code="invalid_type")
+    if path.endswith("/chat/completions"):
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest(
+                "messages must be a non-empty array",
+                param="messages",
+                code="invalid_type" if messages is not None else "missing_required",
+            )
+        _int(payload, "max_completion_tokens", 1, s.max_tokens_cap)
+        _int(payload, "top_logprobs", 0, s.max_top_logprobs)
+    else:
+        prompt = payload.get("prompt")
+        if prompt is None or prompt == "" or prompt == []:
+            raise InvalidRequest("prompt is required", param="prompt", code="missing_required")
+        _int(payload, "logprobs", 0, s.max_top_logprobs)
+    _int(payload, "max_tokens", 1, s.max_tokens_cap)
+    _int(payload, "n", 1, s.max_n)
+    _int(payload, "best_of", 1, s.max_n)
+    _int(payload, "prompt_logprobs", 0, s.max_top_logprobs)
+    fmt = payload.get("response_format")
+    if (
+        isinstance(fmt, dict)
+        and fmt.get("type") == "json_schema"
+        and len(orjson.dumps(fmt.get("json_schema"))) > s.max_schema_bytes
+    ):
+        raise InvalidRequest(
+            f"response_format schema over {s.max_schema_bytes} bytes",
+            param="response_format",
+            code="invalid_value",
+        )
+    return model, bool(stream)

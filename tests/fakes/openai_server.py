@@ -1,0 +1,154 @@
+"""An OpenAI-compatible fake upstream, reached over HTTP, for fault injection and overhead
+measurement. The model name scripts the behaviour:
+
+| model          | behaviour                                                        |
+|----------------|------------------------------------------------------------------|
+| fake           | answers at once (chat, completions, streams with usage)          |
+| fake-slow      | waits `--slow-s` seconds before answering                        |
+| fake-500       | answers 500 with an error body                                   |
+| fake-400       | answers 400 with vLLM's error shape, naming a param              |
+| fake-garbage   | answers 200 with a body that is not JSON                         |
+| fake-drop      | streams two chunks, then drops the connection                    |
+
+    python -m tests.fakes.openai_server --port 9100 [--slow-s 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+MODELS = ["fake", "fake-slow", "fake-500", "fake-400", "fake-garbage", "fake-drop"]
+JSON = [(b"content-type", b"application/json")]
+
+
+def _completion(chat: bool, model: str) -> bytes:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": "ok"}
+    else:
+        choice["text"] = "ok"
+    return orjson.dumps(
+        {
+            "id": "fake-1",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+    )
+
+
+def _chunk(model: str, delta: dict[str, Any] | None, usage: bool = False) -> bytes:
+    body: dict[str, Any] = {
+        "id": "fake-1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+        "choices": [],
+    }
+    if delta is not None:
+        body["choices"] = [{"index": 0, "delta": delta, "finish_reason": None}]
+    if usage:
+        body["usage"] = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+class FakeUpstream:
+    def __init__(self, slow_s: float = 5.0) -> None:
+        self.slow_s = slow_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        path = scope["path"]
+        if path == "/v1/models":
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in MODELS]
+            await _respond(send, 200, orjson.dumps({"object": "list", "data": data}))
+            return
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        req = orjson.loads(body or b"{}")
+        model = req.get("model", "fake")
+        chat = path.endswith("/chat/completions")
+        if model == "fake-slow":
+            await asyncio.sleep(self.slow_s)
+        if model == "fake-500":
+            await _respond(send, 500, b'{"error": {"message": "engine exploded", "type": "x"}}')
+        elif model == "fake-400":
+            await _respond(
+                send,
+                400,
+                b'{"object": "error", "message": "bad temperature", '
+                b'"type": "BadRequestError", "param": "temperature", '
+                b'"code": 400}',
+            )
+        elif model == "fake-garbage":
+            await _respond(send, 200, b"<html>definitely not json")
+        elif req.get("stream"):
+            await self._stream(send, model, drop=model == "fake-drop")
+        else:
+            await _respond(send, 200, _completion(chat, model))
+
+    async def _stream(self, send: Send, model: str, drop: bool) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        for part in ({"role": "assistant", "content": ""}, {"content": "ok"}):
+            await send(
+                {"type": "http.response.body", "body": _chunk(model, part), "more_body": True}
+            )
+        if drop:
+            raise ConnectionAbortedError("scripted drop mid-stream")  # uvicorn cuts the socket
+        await send(
+            {
+                "type": "http.response.body",
+                "body": _chunk(model, None, usage=True),
+                "more_body": True,
+            }
+        )
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+async def _respond(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": JSON})
+    await send({"type": "http.response.body", "body": body})
+
+
+def main() -> None:
+    import uvicorn
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--slow-s", type=float, default=5.0)
+    args = p.parse_args()
+    uvicorn.run(
+        FakeUpstream(args.slow_s),
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

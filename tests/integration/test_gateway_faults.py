@@ -1,0 +1,286 @@
+"""Upstream faults, limits and key handling, against a scripted fake upstream over HTTP."""
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from services.stack import _free_port
+from tests.processes import Proc, fake_upstream, gateway, make_key
+
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    with fake_upstream(tmp_path_factory.mktemp("fake")) as f:
+        yield f
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, fake: Proc, redis_url: str) -> Iterator[Proc]:
+    with gateway(
+        tmp_path_factory.mktemp("gw"),
+        [fake.url],
+        redis_url,
+        request_timeout_s=1.5,
+        max_body_bytes=65536,
+        routing_refresh_s=0.5,
+    ) as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def key(gw: Proc) -> str:
+    return make_key(gw.log.parent, rpm=0)
+
+
+def sdk(gw: Proc, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=10)
+
+
+def test_upstream_500_keeps_its_status_and_message(gw: Proc, key: str) -> None:
+    with pytest.raises(openai.InternalServerError) as exc:
+        sdk(gw, key).chat.completions.create(model="fake-500", messages=HI)
+    assert exc.value.status_code == 500 and "engine exploded" in exc.value.message
+
+
+def test_upstream_400_is_relayed_with_its_param(gw: Proc, key: str) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        sdk(gw, key).chat.completions.create(model="fake-400", messages=HI)
+    assert exc.value.param == "temperature" and "bad temperature" in exc.value.message
+
+
+def test_garbage_upstream_body_is_502(gw: Proc, key: str) -> None:
+    r = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "fake-garbage", "messages": HI},
+    )
+    assert r.status_code == 502 and r.json()["error"]["type"] == "upstream_error"
+
+
+def test_slow_upstream_is_504_at_the_deadline(gw: Proc, key: str) -> None:
+    start = time.monotonic()
+    r = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "fake-slow", "messages": HI},
+        timeout=10,
+    )
+    took = time.monotonic() - start
+    assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+    assert 1.4 <= took < 2.5
+
+
+def test_stream_dropped_mid_way_ends_with_an_error_event_and_counts_as_failed(
+    gw: Proc, key: str
+) -> None:
+    stream = sdk(gw, key).chat.completions.create(
+        model="fake-drop",
+        messages=HI,
+        stream=True,
+    )
+    got = []
+    with pytest.raises(openai.APIError, match="broke the stream"):
+        for chunk in stream:
+            got.append(chunk)
+    assert len(got) == 2  # what arrived before the break was relayed, chunk by chunk
+    metrics = httpx.get(f"{gw.url}/metrics").text
+    failed = 'model="fake-drop",route="/v1/chat/completions",status="5xx"} 1.0'
+    assert "crucible_gateway_requests_total{" + failed in metrics
+    assert 'crucible_gateway_upstream_errors_total{kind="stream_broken"} 1.0' in metrics
+
+
+def test_body_over_the_limit_is_413(gw: Proc, key: str) -> None:
+    big = [{"role": "user", "content": "x" * 100_000}]
+    r = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "fake", "messages": big},
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": HI}, "model"),
+        ({"model": 7, "messages": HI}, "model"),
+        ({"model": "fake", "messages": []}, "messages"),
+        ({"model": "fake", "messages": HI, "n": 1000}, "n"),
+        ({"model": "fake", "messages": HI, "max_tokens": "many"}, "max_tokens"),
+        ({"model": "fake", "messages": HI, "max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"model": "fake", "messages": HI, "top_logprobs": 99}, "top_logprobs"),
+        ({"model": "fake", "messages": HI, "stream": "yes"}, "stream"),
+    ],
+)
+def test_bad_fields_are_400_naming_the_param(gw: Proc, key: str, body: dict, param: str) -> None:
+    r = httpx.post(
+        f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, json=body
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_malformed_json_is_400(gw: Proc, key: str) -> None:
+    r = httpx.post(
+        f"{gw.url}/v1/completions",
+        content=b"{not json",
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+def test_concurrency_beyond_the_key_limit_is_429_at_once(gw: Proc) -> None:
+    narrow = make_key(gw.log.parent, rpm=0, max_concurrency=2)
+
+    async def go() -> list[tuple[int, float]]:
+        async with httpx.AsyncClient(timeout=10) as c:
+
+            async def one(delay: float) -> tuple[int, float]:
+                await asyncio.sleep(delay)
+                t = time.monotonic()
+                r = await c.post(
+                    f"{gw.url}/v1/chat/completions",
+                    headers={"authorization": f"Bearer {narrow}"},
+                    json={"model": "fake-slow", "messages": HI},
+                )
+                return r.status_code, time.monotonic() - t
+
+            return list(await asyncio.gather(one(0), one(0), one(0.3)))
+
+    results = asyncio.run(go())
+    assert sorted(s for s, _ in results) == [429, 504, 504]
+    rejected = next(t for s, t in results if s == 429)
+    assert rejected < 0.5
+
+
+def test_rpm_is_exact_across_two_gateway_processes(gw: Proc, fake: Proc, redis_url: str) -> None:
+    shared_key = make_key(gw.log.parent, rpm=10)
+    with gateway(gw.log.parent, [fake.url], redis_url) as second:
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(timeout=10) as c:
+
+                async def one(i: int) -> int:
+                    url = (gw if i % 2 else second).url
+                    r = await c.post(
+                        f"{url}/v1/chat/completions",
+                        headers={"authorization": f"Bearer {shared_key}"},
+                        json={"model": "fake", "messages": HI},
+                    )
+                    if r.status_code == 429:
+                        assert int(r.headers["retry-after"]) >= 1
+                    return r.status_code
+
+                return await asyncio.gather(*(one(i) for i in range(30)))
+
+        statuses = asyncio.run(burst())
+    admitted = statuses.count(200)
+    # A bucket of 10 refills at 10/min: a burst of under 6 s can add at most one more.
+    assert 10 <= admitted <= 11 and statuses.count(429) == 30 - admitted
+
+
+def test_keys_admin_api_creates_lists_and_revokes(gw: Proc) -> None:
+    admin = make_key(gw.log.parent, "ops", admin=True)
+    user = make_key(gw.log.parent, "someone")
+    h = {"authorization": f"Bearer {admin}"}
+    assert (
+        httpx.get(f"{gw.url}/admin/keys", headers={"authorization": f"Bearer {user}"}).status_code
+        == 403
+    )
+    r = httpx.post(f"{gw.url}/admin/keys", headers=h, json={"owner": "carol", "rpm": 5})
+    assert r.status_code == 201
+    created = r.json()
+    assert created["key"].startswith("sk-cru-") and created["owner"] == "carol"
+    assert (
+        httpx.post(f"{gw.url}/admin/keys", headers=h, json={"owner": "carol", "rmp": 5}).status_code
+        == 400
+    )  # typo refused
+    listed = httpx.get(f"{gw.url}/admin/keys", headers=h).json()["data"]
+    assert created["id"] in [k["id"] for k in listed]
+    assert created["key"] not in str(listed)  # secrets are never listed
+    carol = {"authorization": f"Bearer {created['key']}"}
+    assert httpx.get(f"{gw.url}/v1/models", headers=carol).status_code == 200
+    assert httpx.delete(f"{gw.url}/admin/keys/{created['id']}", headers=h).status_code == 200
+    assert httpx.get(f"{gw.url}/v1/models", headers=carol).status_code == 401
+    assert httpx.delete(f"{gw.url}/admin/keys/key_nope", headers=h).status_code == 404
+
+
+def test_no_key_or_body_in_logs(gw: Proc) -> None:
+    canary = make_key(gw.log.parent, "canary-owner")
+    secret_text = "canary-body-7f3a9"
+    httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {canary}"},
+        json={"model": "fake", "messages": [{"role": "user", "content": secret_text}]},
+    )
+    httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {canary}x"},
+        json={"model": "fake", "messages": [{"role": "user", "content": secret_text}]},
+    )
+    time.sleep(0.3)
+    log = gw.log.read_text()
+    assert "canary-owner" in log  # the request lines are there ...
+    assert (
+        canary not in log and canary[-12:] not in log and secret_text not in log
+    )  # ... secrets not
+
+
+def test_upstream_down_is_503_within_a_second(tmp_path: Path, redis_url: str) -> None:
+    with fake_upstream(tmp_path) as lone, gateway(tmp_path / "gw", [lone.url], redis_url) as g:
+        k = make_key(tmp_path / "gw", rpm=0)
+        h = {"authorization": f"Bearer {k}"}
+        body = {"model": "fake", "messages": HI}
+        assert httpx.post(f"{g.url}/v1/chat/completions", headers=h, json=body).status_code == 200
+        lone.stop()
+        start = time.monotonic()
+        r = httpx.post(f"{g.url}/v1/chat/completions", headers=h, json=body)
+        assert r.status_code == 503 and time.monotonic() - start < 1.0
+        assert httpx.get(f"{g.url}/ready").status_code == 503
+
+
+def test_failover_to_a_second_backend_and_probe_back(tmp_path: Path, redis_url: str) -> None:
+    port_a = _free_port()
+    with (
+        fake_upstream(tmp_path, port_a) as a,
+        fake_upstream(tmp_path) as b,
+        gateway(tmp_path / "gw", [a.url, b.url], redis_url, routing_refresh_s=0.3) as g,
+    ):
+        k = make_key(tmp_path / "gw", rpm=0)
+        h = {"authorization": f"Bearer {k}"}
+        body = {"model": "fake", "messages": HI}
+        a.stop()
+        codes = [
+            httpx.post(f"{g.url}/v1/chat/completions", headers=h, json=body).status_code
+            for _ in range(10)
+        ]
+        assert codes == [200] * 10
+        up = f'crucible_gateway_backend_up{{backend="{a.url}"}}'
+        assert f"{up} 0.0" in httpx.get(f"{g.url}/metrics").text
+        with fake_upstream(tmp_path, port_a):
+            deadline = time.monotonic() + 5
+            while f"{up} 1.0" not in httpx.get(f"{g.url}/metrics").text:
+                assert time.monotonic() < deadline, "backend A was not probed back up"
+                time.sleep(0.1)
+
+
+@pytest.mark.parametrize(("mode", "status"), [("open", 200), ("closed", 503)])
+def test_redis_outage_follows_the_configured_policy(
+    tmp_path: Path, fake: Proc, mode: str, status: int
+) -> None:
+    dead_redis = f"redis://127.0.0.1:{_free_port()}/0"
+    with gateway(tmp_path, [fake.url], dead_redis, rate_limit_on_redis_error=mode) as g:
+        k = make_key(tmp_path, rpm=100)
+        r = httpx.post(
+            f"{g.url}/v1/chat/completions",
+            headers={"authorization": f"Bearer {k}"},
+            json={"model": "fake", "messages": HI},
+        )
+        assert r.status_code == status

@@ -1,0 +1,112 @@
+"""Extra gateway and fake-upstream processes for the tests that need their own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.gateway.keys import KeyStore
+from services.stack import ROOT, _free_port, _http_ok, _port_busy
+
+
+@dataclass
+class Proc:
+    url: str
+    port: int
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+
+
+def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as f:
+        return subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _wait(check: object, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.1)
+
+
+@contextmanager
+def fake_upstream(tmp: Path, port: int | None = None, slow_s: float = 5.0) -> Iterator[Proc]:
+    port = port or _free_port()
+    popen = _spawn(
+        [
+            sys.executable,
+            "-m",
+            "tests.fakes.openai_server",
+            "--port",
+            str(port),
+            "--slow-s",
+            str(slow_s),
+        ],
+        {},
+        tmp / f"fake-{port}.log",
+    )
+    proc = Proc(f"http://127.0.0.1:{port}", port, popen, tmp / f"fake-{port}.log")
+    try:
+        _wait(lambda: _port_busy(port), "fake upstream")
+        yield proc
+    finally:
+        proc.stop()
+
+
+@contextmanager
+def gateway(
+    var_dir: Path, backends: list[str], redis_url: str, **settings: object
+) -> Iterator[Proc]:
+    """A gateway process; `settings` are GatewaySettings fields (as CRUCIBLE_GATEWAY_* env)."""
+    import json
+
+    var_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = {
+        "CRUCIBLE_VAR_DIR": str(var_dir),
+        "CRUCIBLE_GATEWAY_PORT": str(port),
+        "CRUCIBLE_GATEWAY_INFERENCE_URLS": json.dumps(backends),
+        "CRUCIBLE_GATEWAY_REDIS_URL": redis_url,
+    }
+    env |= {f"CRUCIBLE_GATEWAY_{k.upper()}": str(v) for k, v in settings.items()}
+    log = var_dir / f"gateway-{port}.log"
+    proc = Proc(
+        f"http://127.0.0.1:{port}",
+        port,
+        _spawn([sys.executable, "-m", "services.gateway"], env, log),
+        log,
+    )
+    try:
+        _wait(lambda: _http_ok(f"{proc.url}/health"), "gateway")
+        yield proc
+    finally:
+        proc.stop()
+
+
+def make_key(var_dir: Path, owner: str = "tester", **kw: object) -> str:
+    store = KeyStore(f"sqlite:///{var_dir / 'gateway.db'}")
+    try:
+        secret, _ = store.create(owner, **kw)  # type: ignore[arg-type]
+    finally:
+        store.engine.dispose()
+    return secret
