@@ -11,11 +11,29 @@ from tests.conftest import ROOT
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
+# Variables only compose sets: secrets and the PostgreSQL URL (natively, SQLite is the default).
+COMPOSE_ONLY = {"HF_TOKEN", "CRUCIBLE_INTERNAL_TOKEN", "CRUCIBLE_GATEWAY_DATABASE_URL"}
+
+
 def test_each_native_service_runs_the_same_module_with_the_same_variables_in_compose() -> None:
     for svc in StackConfig().services():
         spec = COMPOSE["services"][svc.name]
+        if svc.argv[0] == "redis-server":
+            assert spec["command"][0] == "redis-server"
+            assert "--appendonly" in spec["command"] and "--appendonly" in svc.argv
+            continue
         assert spec["command"][1:] == svc.argv[1:], svc.name  # argv[0] is the local python
-        assert set(spec["environment"]) - {"HF_TOKEN"} == set(svc.env), svc.name
+        assert set(spec["environment"]) - COMPOSE_ONLY == set(svc.env), svc.name
+
+
+def test_only_the_gateway_publishes_a_port() -> None:
+    published = [name for name, spec in COMPOSE["services"].items() if spec.get("ports")]
+    assert published == ["gateway"]
+
+
+def test_stateful_services_keep_their_data_in_volumes() -> None:
+    for name in ("redis", "postgres"):
+        assert any(v.split(":")[0] in COMPOSE["volumes"] for v in COMPOSE["services"][name]["volumes"])
 
 
 def test_every_service_has_a_healthcheck_and_a_restart_policy() -> None:
@@ -24,11 +42,14 @@ def test_every_service_has_a_healthcheck_and_a_restart_policy() -> None:
         assert spec.get("restart") == "unless-stopped", name
 
 
-def test_base_images_are_pinned_to_a_version() -> None:
+def test_images_are_pinned_to_a_version() -> None:
+    images = [s["image"] for s in COMPOSE["services"].values() if "build" not in s]
     for dockerfile in (ROOT / "services").glob("*/Dockerfile"):
-        for line in dockerfile.read_text().splitlines():
-            if line.startswith("FROM "):
-                assert re.search(r":v?\d+\.\d+", line) and ":latest" not in line, dockerfile
+        images += [line.split()[1] for line in dockerfile.read_text().splitlines()
+                   if line.startswith("FROM ")]
+    assert len(images) >= 4
+    for image in images:
+        assert re.search(r":v?\d+\.\d+", image) and ":latest" not in image, image
 
 
 def test_inference_reserves_gpus_and_stays_on_the_internal_network() -> None:
