@@ -127,6 +127,20 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+def _allowed_methods(request: Request) -> set[str]:
+    from starlette.routing import Match
+
+    # Ask the routes themselves, method by method: included routers nest, so no flat list.
+    return {
+        method
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+        if any(
+            r.matches({**request.scope, "method": method})[0] == Match.FULL
+            for r in request.app.routes
+        )
+    }
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CrucibleError)
     async def _crucible(_: Request, exc: CrucibleError) -> JSONResponse:
@@ -142,9 +156,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = error_for_status(exc.status_code, str(exc.detail))
-        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+        headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
+        if exc.status_code == 405:
+            # Starlette names only the first matching route's methods; list every one.
+            headers["allow"] = ", ".join(sorted(_allowed_methods(request)))
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from starlette.types import Receive, Scope, Send
 
 from services.common.app import build_app
@@ -22,6 +22,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.keys import ApiKey, KeyStore
 from services.gateway.limits import RateLimiter
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.openapi import build_openapi
 from services.gateway.proxy import Proxy
 from services.gateway.routing import Router
 
@@ -87,8 +88,14 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
         version="0.1.0",
     )
     api.include_router(_routes())
+    api.openapi = lambda: api.openapi_schema or _cache_openapi(api, s)  # type: ignore[method-assign]
     gateway = Gateway(api)
     return gateway
+
+
+def _cache_openapi(api: FastAPI, s: GatewaySettings) -> dict[str, Any]:
+    api.openapi_schema = build_openapi(api, s)
+    return api.openapi_schema
 
 
 # --- the cold routes ---------------------------------------------------------------------------
@@ -115,15 +122,25 @@ KeyDep = Annotated[ApiKey, Depends(_key)]
 AdminDep = Annotated[ApiKey, Depends(_admin)]
 
 
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not a boolean")  # false must not mean "unlimited"
+    return value
+
+
+Rpm = Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_not_bool)]
+Concurrency = Annotated[int, Field(ge=1, le=10_000), BeforeValidator(_not_bool)]
+
+
 class KeyCreateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo must not silently drop a limit
 
     owner: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@-]+$")
     name: str = Field(default="", max_length=128)
     models: list[str] | None = None
-    rpm: int | None = Field(default=None, ge=0, le=1_000_000)
-    max_concurrency: int | None = Field(default=None, ge=1, le=10_000)
-    admin: bool = False
+    rpm: Rpm | None = None
+    max_concurrency: Concurrency | None = None
+    admin: StrictBool = False  # "admin": "no" or 1 must never be read as a grant
 
 
 def _routes() -> Any:

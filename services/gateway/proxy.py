@@ -122,7 +122,9 @@ class Proxy:
         self, scope: Scope, receive: Receive, send: Send, rid: str, out: Outcome, start: float
     ) -> None:
         if scope["method"] != "POST":
-            raise error_for_status(405, f"method {scope['method']} not allowed")
+            exc = error_for_status(405, f"method {scope['method']} not allowed")
+            exc.headers["allow"] = "POST"
+            raise exc
         headers = dict(scope["headers"])
         key = await self._authenticate(headers)
         out.key = key

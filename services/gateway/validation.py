@@ -18,6 +18,8 @@ def _int(payload: dict[str, Any], name: str, low: int, high: int) -> None:
     value = payload.get(name)
     if value is None:
         return
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 5.0 is an integer in JSON Schema, and vLLM accepts it too
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"{name} must be an integer", param=name, code="invalid_type")
     if not low <= value <= high:

@@ -33,7 +33,9 @@ def test_only_the_gateway_publishes_a_port() -> None:
 
 def test_stateful_services_keep_their_data_in_volumes() -> None:
     for name in ("redis", "postgres"):
-        assert any(v.split(":")[0] in COMPOSE["volumes"] for v in COMPOSE["services"][name]["volumes"])
+        assert any(
+            v.split(":")[0] in COMPOSE["volumes"] for v in COMPOSE["services"][name]["volumes"]
+        )
 
 
 def test_every_service_has_a_healthcheck_and_a_restart_policy() -> None:
@@ -45,8 +47,11 @@ def test_every_service_has_a_healthcheck_and_a_restart_policy() -> None:
 def test_images_are_pinned_to_a_version() -> None:
     images = [s["image"] for s in COMPOSE["services"].values() if "build" not in s]
     for dockerfile in (ROOT / "services").glob("*/Dockerfile"):
-        images += [line.split()[1] for line in dockerfile.read_text().splitlines()
-                   if line.startswith("FROM ")]
+        images += [
+            line.split()[1]
+            for line in dockerfile.read_text().splitlines()
+            if line.startswith("FROM ")
+        ]
     assert len(images) >= 4
     for image in images:
         assert re.search(r":v?\d+\.\d+", image) and ":latest" not in image, image
