@@ -33,8 +33,9 @@ format: setup
 	@.venv/bin/ruff format services tests bench
 	@.venv/bin/ruff check --fix services tests bench
 
-bench: setup
+bench: up
 	@$(PY) bench/inference.py
+	@$(PY) bench/gateway.py --stack-var-dir var --stack-ports 8000 8080
 
 clean: down
 	rm -rf var/run var/log

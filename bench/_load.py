@@ -26,6 +26,7 @@ class LoadResult:
     output_tokens: int
     errors: int
     latencies: list[float] = field(default_factory=list)
+    error_kinds: list[str] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -46,6 +47,7 @@ async def closed_loop(
         queue.put_nowait(i)
     tokens = errors = 0
     latencies: list[float] = []
+    error_kinds: list[str] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(
         base_url=base_url, timeout=300, limits=limits, headers=headers
@@ -56,17 +58,24 @@ async def closed_loop(
             while not queue.empty():
                 queue.get_nowait()
                 t0 = time.perf_counter()
-                r = await client.post(path, json=payload)
+                try:
+                    r = await client.post(path, json=payload)
+                except httpx.TransportError as exc:
+                    # Counted, not fatal: a benchmark reports failures rather than dying on one.
+                    errors += 1
+                    error_kinds.append(type(exc).__name__)
+                    continue
                 latencies.append(time.perf_counter() - t0)
                 if r.status_code != 200:
                     errors += 1
+                    error_kinds.append(f"status {r.status_code}")
                     continue
                 tokens += r.json()["usage"]["completion_tokens"]
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
-    return LoadResult(concurrency, requests, seconds, tokens, errors, latencies)
+    return LoadResult(concurrency, requests, seconds, tokens, errors, latencies, error_kinds)
 
 
 def median(values: list[float]) -> float:

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from bench import inference
+from services.stack import Stack
 
 
 def test_inference_bench_smoke_writes_positive_throughput(
@@ -14,3 +15,29 @@ def test_inference_bench_smoke_writes_positive_throughput(
     data = json.loads(out.read_text())
     assert [lvl["concurrency"] for lvl in data["levels"]] == [1, 4]
     assert all(lvl["median_tokens_per_s"] > 0 for lvl in data["levels"])
+
+
+def test_gateway_bench_smoke_measures_both_parts(
+    stack: Stack, gateway_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    from bench import gateway
+
+    out = tmp_path / "gateway.json"
+    ports = [str(stack.config.ports.inference), str(stack.config.ports.gateway)]
+    argv = [
+        "--smoke",
+        "--out",
+        str(out),
+        "--redis-url",
+        redis_url,
+        "--stack-var-dir",
+        str(stack.config.var_dir),
+        "--stack-ports",
+        *ports,
+    ]
+    assert gateway.main(argv) == 0
+    data = json.loads(out.read_text())
+    fake = data["fake_upstream"]
+    assert fake["rounds"][0]["gateway"]["n"] > 0 and fake["median_saturation_rps_gateway"] > 0
+    assert data["vllm"]["median_ratio_gateway_over_direct"] > 0
+    assert data["vllm"]["failed_requests"] == {"direct": [], "gateway": []}

@@ -64,7 +64,7 @@ def test_killing_the_engine_fails_readiness_and_down_leaves_nothing(moe_stack: S
     deadline = time.monotonic() + 30
     while moe_stack.pid("inference") is not None and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert moe_stack.status() == {"inference": "stopped"}
+    assert moe_stack.status()["inference"] == "stopped"
     moe_stack.down()
     assert not [p for p in group if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert not Path(moe_stack.run_dir / "inference.pid").exists()
