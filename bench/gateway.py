@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,12 +151,12 @@ def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
         )
 
 
-def _wait(url: str, timeout: float = 30) -> None:
+def _until(ready: Callable[[], bool], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while not _http_ok(url):
+    while not ready():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} not ready")
-        time.sleep(0.2)
+            raise RuntimeError(f"{what} not ready")
+        time.sleep(0.1)
 
 
 def _bench_key(var_dir: Path) -> str:
@@ -166,14 +167,6 @@ def _bench_key(var_dir: Path) -> str:
         return store.create("bench", rpm=1_000_000_000, max_concurrency=10_000)[0]
     finally:
         store.engine.dispose()
-
-
-def _wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not _port_busy(port):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"nothing listens on {port}")
-        time.sleep(0.1)
 
 
 def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any]:
@@ -208,11 +201,11 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
         ),
     ]
     try:
-        _wait(f"http://127.0.0.1:{gw_port}/ready")
+        _until(lambda: _http_ok(f"http://127.0.0.1:{gw_port}/ready"), "gateway")
         key = _bench_key(tmp)
         direct, gw = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{gw_port}"
         naive = f"http://127.0.0.1:{naive_port}"
-        _wait_port(naive_port)
+        _until(lambda: _port_busy(naive_port), "naive proxy")
         asyncio.run(added_latency(direct, gw, naive, key, args.rate, 1.0))  # warm every path
         rounds = [
             asyncio.run(added_latency(direct, gw, naive, key, args.rate, args.seconds))
