@@ -16,6 +16,7 @@ from tests.processes import gateway, make_key
 def test_schemathesis_finds_no_failure(tmp_path: Path, inference_url: str, redis_url: str) -> None:
     with gateway(tmp_path, [inference_url], redis_url, max_tokens_cap=16) as g:
         key = make_key(tmp_path, "fuzzer", rpm=0, admin=True)
+        (tmp_path / "st").mkdir()
         run = subprocess.run(
             [
                 str(ROOT / ".venv" / "bin" / "schemathesis"),
@@ -35,6 +36,7 @@ def test_schemathesis_finds_no_failure(tmp_path: Path, inference_url: str, redis
             text=True,
             timeout=600,
             check=False,
+            cwd=tmp_path / "st",  # it keeps a cache folder in its working directory
         )
         log = g.log.read_text()
     summary = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
