@@ -195,6 +195,8 @@ def main() -> None:
         http="httptools",
         log_config=None,
         access_log=False,
+        # The gateway is the edge: nothing in front of it rewrites client addresses.
+        proxy_headers=False,
         timeout_graceful_shutdown=10,
     )
 

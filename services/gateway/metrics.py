@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.metrics import LATENCY_BUCKETS
@@ -55,6 +57,20 @@ class GatewayMetrics:
             ["backend"],
             registry=registry,
         )
+        # Bounded like the labels: routes x models x status classes.
+        self._cache: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def _children(self, route: str, model: str, status_class: str) -> tuple[Any, Any]:
+        """The labelled series of a request, cached: `labels()` is a lock and a dict build."""
+        key = (route, model, status_class)
+        pair = self._cache.get(key)
+        if pair is None:
+            pair = (
+                self.requests.labels(route, model, status_class),
+                self.duration.labels(route, model),
+            )
+            self._cache[key] = pair
+        return pair
 
     def observe(
         self,
@@ -68,8 +84,9 @@ class GatewayMetrics:
         failed_midstream: bool,
     ) -> None:
         status_class = "5xx" if failed_midstream else f"{status // 100}xx"
-        self.requests.labels(route, model, status_class).inc()
-        self.duration.labels(route, model).observe(seconds)
+        counter, histogram = self._children(route, model, status_class)
+        counter.inc()
+        histogram.observe(seconds)
         if ttft is not None:
             self.ttft.labels(model).observe(ttft)
         if prompt_tokens:
