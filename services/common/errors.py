@@ -54,6 +54,10 @@ class NotFound(CrucibleError):
     status, type, code = 404, "invalid_request_error", "not_found"
 
 
+class RequestTimeout(CrucibleError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
 class Conflict(CrucibleError):
     status, type, code = 409, "invalid_request_error", "conflict"
 
@@ -102,6 +106,7 @@ _STATUS_TYPES = {
     403: PermissionDenied,
     404: NotFound,
     405: InvalidRequest,
+    408: RequestTimeout,
     409: Conflict,
     413: PayloadTooLarge,
     415: UnsupportedMediaType,

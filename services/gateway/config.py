@@ -30,6 +30,9 @@ class GatewaySettings(ServiceSettings):
     max_top_logprobs: int = 20
     max_schema_bytes: int = 64 << 10
     connect_timeout_s: float = 1.0
+    # A client must deliver its whole body within this, or get 408: slow uploads cannot hold
+    # connections open indefinitely.
+    body_timeout_s: float = 30.0
     # One total deadline per request (streams included), spent across failover attempts.
     request_timeout_s: float = 600.0
 

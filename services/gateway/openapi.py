@@ -21,6 +21,7 @@ ERROR_STATUSES = {
     "403": "Not allowed for this key",
     "404": "Unknown or foreign id, or model",
     "405": "Method not allowed",
+    "408": "Body not received in time",
     "413": "Body too large",
     "429": "Limited (see retry-after)",
     "502": "The backend broke",
@@ -124,7 +125,7 @@ def _proxied(request: str, summary: str) -> dict[str, Any]:
             },
             "responses": {
                 "200": {"description": "OK (a stream when `stream` is true)", "content": ok},
-                **_errors("400", "401", "404", "405", "413", "429", "502", "503", "504"),
+                **_errors("400", "401", "404", "405", "408", "413", "429", "502", "503", "504"),
             },
         }
     }

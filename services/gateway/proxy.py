@@ -23,6 +23,7 @@ from services.common.errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     Unavailable,
     UpstreamError,
     UpstreamTimeout,
@@ -128,7 +129,13 @@ class Proxy:
         headers = dict(scope["headers"])
         key = await self._authenticate(headers)
         out.key = key
-        body = await _read_body(receive, headers, self.s.max_body_bytes)
+        try:
+            async with asyncio.timeout(self.s.body_timeout_s):
+                body = await _read_body(receive, headers, self.s.max_body_bytes)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"request body not received within {self.s.body_timeout_s:g}s"
+            ) from None
         payload = _parse(body)
         model, stream = check_request(scope["path"], payload, self.s)
         out.model = model

@@ -1,6 +1,7 @@
 """Upstream faults, limits and key handling, against a scripted fake upstream over HTTP."""
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,6 +126,23 @@ def test_bad_fields_are_400_naming_the_param(gw: Proc, key: str, body: dict, par
         f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, json=body
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_a_body_that_never_arrives_is_408_at_its_deadline(
+    tmp_path: Path, fake: Proc, redis_url: str
+) -> None:
+    with gateway(tmp_path, [fake.url], redis_url, body_timeout_s=1) as g:
+        k = make_key(tmp_path, rpm=0)
+        with socket.create_connection(("127.0.0.1", g.port), timeout=5) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                b"authorization: Bearer " + k.encode() + b"\r\n"
+                b'content-type: application/json\r\ncontent-length: 100\r\n\r\n{"model"'
+            )
+            start = time.monotonic()
+            reply = sock.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+        assert 0.9 <= time.monotonic() - start < 3
 
 
 def test_malformed_json_is_400(gw: Proc, key: str) -> None:
