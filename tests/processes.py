@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +41,9 @@ def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
         )
 
 
-def _wait(check: object, what: str, timeout: float = 30) -> None:
+def _wait(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} did not start")
         time.sleep(0.1)

@@ -46,7 +46,7 @@ def build_app(
         return JSONResponse(body, status_code=200 if ok else 503)
 
     app.add_route("/metrics", metrics_endpoint(registry), include_in_schema=False)
-    app.add_middleware(ObservabilityMiddleware, metrics=app.state.http_metrics, router_app=app)
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.http_metrics)
     return app
 
 

@@ -15,7 +15,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client import generate_latest as _generate
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.logging import request_id
@@ -42,21 +41,18 @@ class HttpMetrics:
         )
 
 
-def _route_template(app: Any, scope: Scope) -> str:
-    for route in getattr(app, "routes", ()):
-        match, _ = route.matches(scope)
-        if match == Match.FULL:
-            return str(getattr(route, "path", "other"))
-    return "unmatched"
+def _route_template(scope: Scope) -> str:
+    # The router records the route it matched in the scope it was given (nested routers too).
+    route = scope.get("route")
+    return str(getattr(route, "path", "unmatched")) if route is not None else "unmatched"
 
 
 class ObservabilityMiddleware:
     """Request id in, request id out, one log line and two metric updates per request."""
 
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics, router_app: Any = None) -> None:
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
         self.app = app
         self.metrics = metrics
-        self.router_app = router_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,7 +74,7 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             elapsed = time.perf_counter() - start
-            route = _route_template(self.router_app, scope)
+            route = _route_template(scope)
             method = scope["method"]
             self.metrics.requests.labels(route, method, f"{status // 100}xx").inc()
             self.metrics.duration.labels(route, method).observe(elapsed)

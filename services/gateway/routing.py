@@ -99,11 +99,14 @@ class Router:
 
     async def refresh_soon(self, min_age: float = 1.0) -> None:
         """Refresh now unless one ran within `min_age` s (an unknown model may be brand new)."""
-        if time.monotonic() - self._last_refresh >= min_age:
-            await self.refresh()
+        await self.refresh(min_age)
 
-    async def refresh(self) -> None:
+    async def refresh(self, min_age: float = 0.0) -> None:
         async with self._refresh_lock:
+            # Checked under the lock: a burst of requests for an unknown model that queued here
+            # behind one refresh must not each run another.
+            if min_age and time.monotonic() - self._last_refresh < min_age:
+                return
             await asyncio.gather(*(self._probe(b) for b in self.backends))
             if self.on_probe:
                 for b in self.backends:

@@ -37,6 +37,16 @@ def make_app(ready_ok: bool = True):
     async def create(item: Item) -> Item:
         return item
 
+    from fastapi import APIRouter
+
+    included = APIRouter()
+
+    @included.get("/v1/nested/{item_id}")
+    async def nested(item_id: str) -> dict[str, str]:
+        return {"id": item_id}
+
+    app.include_router(included)
+
     @app.get("/limited")
     async def limited() -> None:
         raise RateLimited("slow down", retry_after=2.4)
@@ -111,6 +121,7 @@ def test_metrics_label_route_templates_not_ids() -> None:
     app = make_app()
     call(app, "GET", "/v1/things/t1")
     call(app, "GET", "/v1/things/secret-id-42")
+    call(app, "GET", "/v1/nested/other-secret-7")
     text = call(app, "GET", "/metrics").text
     line = (
         "crucible_demo_http_requests_total"
@@ -118,6 +129,8 @@ def test_metrics_label_route_templates_not_ids() -> None:
     )
     assert line in text
     assert 'status="4xx"' in text and "secret-id-42" not in text
+    # Routes from an included router (how services mount theirs) get their template too.
+    assert 'route="/v1/nested/{item_id}"' in text and "other-secret-7" not in text
     assert "crucible_demo_http_request_duration_seconds_bucket" in text
 
 

@@ -39,3 +39,25 @@ def test_choice_does_not_change_the_fleet(spec) -> None:
     before = [(b.outstanding, b.healthy) for b in backends]
     choose(backends)
     assert [(b.outstanding, b.healthy) for b in backends] == before
+
+
+def test_a_burst_of_unknown_models_triggers_one_refresh() -> None:
+    import asyncio
+
+    from services.gateway.routing import Router
+
+    router = Router(["http://127.0.0.1:9"])
+    probes = 0
+
+    async def probe(_: Backend) -> None:
+        nonlocal probes
+        probes += 1
+        await asyncio.sleep(0.01)
+
+    router._probe = probe  # type: ignore[assignment]  # count probes instead of sending them
+
+    async def burst() -> None:
+        await asyncio.gather(*(router.refresh_soon() for _ in range(20)))
+
+    asyncio.run(burst())
+    assert probes == 1
