@@ -151,7 +151,15 @@ def _running(inference_url: str) -> float:
 def test_client_disconnect_cancels_the_engine_request(
     gateway_url: str, inference_url: str, admin_key: str
 ) -> None:
-    body = {"model": DENSE, "prompt": "x", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    # 8 × 2000 tokens: far longer than the few seconds this test watches for.
+    body = {
+        "model": DENSE,
+        "prompt": "x",
+        "max_tokens": 2000,
+        "n": 8,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.stream(
         "POST",
         f"{gateway_url}/v1/completions",
