@@ -110,3 +110,25 @@ def make_key(var_dir: Path, owner: str = "tester", **kw: object) -> str:
     finally:
         store.engine.dispose()
     return secret
+
+
+@contextmanager
+def retrieval(var_dir: Path, **settings: object) -> Iterator[Proc]:
+    """A retrieval service process on its own var dir (own SQLite, Milvus Lite and files);
+    `settings` are RetrievalSettings fields (as CRUCIBLE_RETRIEVAL_* env)."""
+    var_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = {"CRUCIBLE_VAR_DIR": str(var_dir), "CRUCIBLE_RETRIEVAL_PORT": str(port)}
+    env |= {f"CRUCIBLE_RETRIEVAL_{k.upper()}": str(v) for k, v in settings.items()}
+    log = var_dir / f"retrieval-{port}.log"
+    proc = Proc(
+        f"http://127.0.0.1:{port}",
+        port,
+        _spawn([sys.executable, "-m", "services.retrieval"], env, log),
+        log,
+    )
+    try:
+        _wait(lambda: _http_ok(f"{proc.url}/ready"), "retrieval", timeout=120)
+        yield proc
+    finally:
+        proc.stop()

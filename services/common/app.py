@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
+from services.common.bodylimit import BodyLimitMiddleware, LimitFor
 from services.common.errors import install_error_handlers
 from services.common.metrics import HttpMetrics, ObservabilityMiddleware, metrics_endpoint
 
@@ -23,6 +24,7 @@ def build_app(
     lifespan: Any = None,
     ready_checks: Iterable[tuple[str, ReadyCheck]] = (),
     check_timeout: float = 2.0,
+    body_limit: int | LimitFor = 1 << 20,
     **fastapi_kwargs: Any,
 ) -> FastAPI:
     registry = CollectorRegistry()
@@ -46,6 +48,8 @@ def build_app(
         return JSONResponse(body, status_code=200 if ok else 503)
 
     app.add_route("/metrics", metrics_endpoint(registry), include_in_schema=False)
+    limit_for = body_limit if callable(body_limit) else (lambda _, n=body_limit: n)
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.http_metrics)
     return app
 

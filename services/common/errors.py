@@ -127,8 +127,18 @@ def error_for_status(status: int, message: str) -> CrucibleError:
     return err
 
 
+# Pydantic names the union member it tried in an error's location ("input.str",
+# "input.list[int]"): those are types, not fields the client sent.
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [
+        str(p)
+        for p in loc
+        if p not in ("body", "query", "path", "header")
+        and not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p or "-" in p))
+    ]
     return ".".join(parts) or None
 
 

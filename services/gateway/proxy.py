@@ -35,6 +35,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.keys import ApiKey, KeyStore
 from services.gateway.limits import Concurrency, RateLimiter, RedisUnavailable
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.owners import ModelOwners
 from services.gateway.routing import Backend, Router, choose
 from services.gateway.upstream import (
     Response,
@@ -72,8 +73,10 @@ class Proxy:
         keys: KeyStore,
         limiter: RateLimiter,
         metrics: GatewayMetrics,
+        owners: ModelOwners,
     ) -> None:
         self.s = settings
+        self.owners = owners
         self.router = router
         self.keys = keys
         self.limiter = limiter
@@ -90,7 +93,7 @@ class Proxy:
             await self._handle(scope, receive, send, rid, out, start)
         except CrucibleError as exc:
             out.status = exc.status
-            await _send_error(send, exc, rid)
+            await send_error(send, exc, rid)
         except ClientGone:
             out.status = 499
         finally:
@@ -127,11 +130,11 @@ class Proxy:
             exc.headers["allow"] = "POST"
             raise exc
         headers = dict(scope["headers"])
-        key = await self._authenticate(headers)
+        key = await self.authenticate(headers)
         out.key = key
         try:
             async with asyncio.timeout(self.s.body_timeout_s):
-                body = await _read_body(receive, headers, self.s.max_body_bytes)
+                body = await read_body(receive, headers, self.s.max_body_bytes)
         except TimeoutError:
             raise RequestTimeout(
                 f"request body not received within {self.s.body_timeout_s:g}s"
@@ -139,7 +142,9 @@ class Proxy:
         payload = _parse(body)
         model, stream = check_request(scope["path"], payload, self.s)
         out.model = model
-        if not key.may_use(model) or not (backends := await self._backends(model)):
+        if not await self.owners.may_use(key, model) or not (
+            backends := await self._backends(model)
+        ):
             out.model = "unknown"
             raise NotFound(
                 f"The model `{model}` does not exist or you do not have access to it.",
@@ -151,12 +156,12 @@ class Proxy:
             self.metrics.rejections.labels(f"concurrency_{hit}").inc()
             raise RateLimited(f"too many concurrent requests ({hit} limit)", retry_after=1)
         try:
-            await self._reserve(key)
+            await self.reserve(key)
             await self._forward(scope, receive, send, body, backends, stream, rid, out, start)
         finally:
             self.concurrency.release(key.id)
 
-    async def _authenticate(self, headers: dict[bytes, bytes]) -> ApiKey:
+    async def authenticate(self, headers: dict[bytes, bytes]) -> ApiKey:
         auth = headers.get(b"authorization", b"")
         if not auth.lower().startswith(b"bearer "):
             self.metrics.rejections.labels("auth").inc()
@@ -175,7 +180,7 @@ class Proxy:
             backends = self.router.backends_for(model)
         return backends
 
-    async def _reserve(self, key: ApiKey) -> None:
+    async def reserve(self, key: ApiKey) -> None:
         try:
             wait = await self.limiter.reserve(key.id, key.rpm)
         except RedisUnavailable:
@@ -341,7 +346,7 @@ def _count_usage(chunk: bytes, out: Outcome) -> None:
             out.completion_tokens = usage.get("completion_tokens") or 0
 
 
-async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
+async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
     declared = headers.get(b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
@@ -387,12 +392,14 @@ def _upstream_error(status: int, raw: bytes) -> CrucibleError:
     return exc
 
 
-async def _send_error(send: Send, exc: CrucibleError, rid: str) -> None:
+async def send_error(send: Send, exc: CrucibleError, rid: str) -> None:
+    body = orjson.dumps(exc.body())
     headers = [*JSON_HEADERS, (b"x-request-id", rid.encode())]
+    headers += [(b"content-length", str(len(body)).encode())]
     headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
     try:
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-        await send({"type": "http.response.body", "body": orjson.dumps(exc.body())})
+        await send({"type": "http.response.body", "body": body})
     except RuntimeError:
         pass  # the response had already started; nothing honest left to send
 

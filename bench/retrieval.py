@@ -1,0 +1,495 @@
+"""Retrieval, measured side by side with its baselines in one run.
+
+    python bench/retrieval.py [--chunks 100000] [--rounds 3] [--smoke] [--out FILE]
+
+1. search: at N chunks, the service's search (over HTTP, query embedding included) against raw
+   Milvus Lite search on the same collection, dense and hybrid; recall@10 against exact numpy
+   search; FLAT and HNSW both measured, the faster one with recall >= 0.95 used.
+   Raw rounds run before and after the service (Milvus Lite keeps one process per file).
+2. ingestion: end to end (parse, chunk, embed, upsert, reconcile) tokens/s against raw embedding
+   of the same chunks with the same model, alternating; where the service's time goes.
+3. backends: onnx-int8 against torch fp32 tokens/s, alternating; cosine to fp32; hit@5.
+4. quality: hit@5 and MRR on the labelled chemistry queries, dense against hybrid.
+
+Chunks for the search part carry random unit vectors and random corpus words (embedding 100k
+real chunks would take many minutes on CPU); queries are real embeddings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._load import write_result
+from services.retrieval.catalog import Catalog
+from services.retrieval.chunking import chunk_text, resolve
+from services.retrieval.embedder import Embedder
+from services.retrieval.vectors import VectorIndex, _scope
+from services.stack import ROOT, _free_port, _http_ok
+
+DATA = ROOT / "bench" / "data"
+CORPUS = sorted((DATA / "chemistry").glob("*.md"))
+QUERIES = [json.loads(line) for line in (DATA / "chemistry-queries.jsonl").open()]
+OWNER, TOKEN = "bench", "bench-internal-token"
+WINDOW = 256
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def ms(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(pct(values, 50) * 1000, 2),
+        "p95_ms": round(pct(values, 95) * 1000, 2),
+        "n": len(values),
+    }
+
+
+# --- the search collection --------------------------------------------------------------------
+
+
+def chunk_vectors(n: int) -> np.ndarray:
+    """The same random unit vectors in every process that asks (fixed seed)."""
+    vectors = np.random.default_rng(0).standard_normal((n, 384)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def build_collection(var: Path, n: int, index_type: Literal["FLAT", "HNSW"], store_id: str) -> None:
+    rng = np.random.default_rng(1)
+    words = " ".join(p.read_text() for p in CORPUS).split()
+    vectors = chunk_vectors(n)
+    index = VectorIndex(
+        str(var / "milvus.db"), None, f"bench_{index_type.lower()}", 384, index_type
+    )
+    index.ensure()
+    for start in range(0, n, 2000):
+        rows = [
+            {
+                "id": f"{i:032x}",
+                "owner": OWNER,
+                "vector_store_id": store_id,
+                "file_id": f"file-{i % 100:024x}",
+                "position": i,
+                "text": " ".join(rng.choice(words, 40)),
+                "dense": vectors[i].tolist(),
+            }
+            for i in range(start, min(n, start + 2000))
+        ]
+        index.upsert(rows)
+    index.close()
+
+
+def catalog_rows(var: Path) -> str:
+    """The store and its 100 files, completed, as the service's catalog knows them."""
+    catalog = Catalog(f"sqlite:///{var / 'retrieval.db'}")
+    store = catalog.add_store(OWNER, "bench", {}, None)
+    for i in range(100):
+        file_id = f"file-{i:024x}"
+        catalog.add_file(OWNER, file_id, f"doc{i}.md", "assistants", 1, "0" * 64)
+        catalog.add_store_file(OWNER, store.id, file_id, resolve(None, WINDOW), {})
+        catalog.finish(store.id, file_id, chunk_count=1)
+    catalog.engine.dispose()
+    return store.id
+
+
+def raw_search(
+    var: Path, collection: str, store_id: str, qvecs: np.ndarray, texts: list[str], rounds: int
+) -> dict[str, list[float]]:
+    """Plain pymilvus calls, the same scope expression and output fields as the service."""
+    from pymilvus import AnnSearchRequest, MilvusClient, RRFRanker
+
+    client = MilvusClient(str(var / "milvus.db"))
+    client.load_collection(collection)
+    expr = _scope(OWNER, [store_id])
+    fields = ["vector_store_id", "file_id", "position", "text", "dense"]
+    out: dict[str, list[float]] = {"dense": [], "hybrid": []}
+    try:
+        for r in range(rounds + 1):
+            for v, text in zip(qvecs, texts, strict=True):
+                t = time.perf_counter()
+                client.search(
+                    collection,
+                    data=[v.tolist()],
+                    anns_field="dense",
+                    limit=10,
+                    filter=expr,
+                    output_fields=fields,
+                )
+                dense = time.perf_counter() - t
+                t = time.perf_counter()
+                reqs = [
+                    AnnSearchRequest(
+                        data=[v.tolist()], anns_field="dense", param={}, limit=40, expr=expr
+                    ),
+                    AnnSearchRequest(
+                        data=[text], anns_field="sparse", param={}, limit=40, expr=expr
+                    ),
+                ]
+                client.hybrid_search(
+                    collection, reqs, RRFRanker(60), limit=10, output_fields=fields
+                )
+                hybrid = time.perf_counter() - t
+                if r:  # round 0 warms up
+                    out["dense"].append(dense)
+                    out["hybrid"].append(hybrid)
+    finally:
+        client.close()
+    return out
+
+
+def recall_and_latency(var: Path, collection: str, n: int, qvecs: np.ndarray) -> dict[str, Any]:
+    from pymilvus import MilvusClient
+
+    vectors = chunk_vectors(n)
+    client = MilvusClient(str(var / "milvus.db"))
+    client.load_collection(collection)
+    recalls, times = [], []
+    try:
+        for v in qvecs:
+            exact = set(np.argsort(-(vectors @ v))[:10].tolist())
+            t = time.perf_counter()
+            res = client.search(
+                collection,
+                data=[v.tolist()],
+                anns_field="dense",
+                limit=10,
+                search_params={"params": {"ef": 64}},
+            )
+            times.append(time.perf_counter() - t)
+            got = {int(h["id"], 16) for h in res[0]}
+            recalls.append(len(got & exact) / 10)
+    finally:
+        client.close()
+    t = time.perf_counter()
+    for v in qvecs:
+        np.argsort(-(vectors @ v))[:10]
+    numpy_s = (time.perf_counter() - t) / len(qvecs)
+    return {
+        "recall_at_10": round(float(np.mean(recalls)), 4),
+        **ms(times),
+        "numpy_exact_ms": round(numpy_s * 1000, 2),
+    }
+
+
+# --- the service ------------------------------------------------------------------------------
+
+
+@contextmanager
+def service(var: Path, **settings: str) -> Iterator[httpx.Client]:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "CRUCIBLE_VAR_DIR": str(var),
+        "CRUCIBLE_RETRIEVAL_PORT": str(port),
+        "CRUCIBLE_INTERNAL_TOKEN": TOKEN,
+        "CRUCIBLE_RETRIEVAL_LOG_LEVEL": "WARNING",
+        **{f"CRUCIBLE_RETRIEVAL_{k.upper()}": v for k, v in settings.items()},
+    }
+    with open(var / "service.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.retrieval"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while not _http_ok(f"{url}/ready"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = (var / "service.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"retrieval did not start:\n{tail}")
+            time.sleep(0.2)
+        with httpx.Client(
+            base_url=url,
+            timeout=300,
+            headers={"authorization": f"Bearer {TOKEN}", "x-crucible-owner": OWNER},
+        ) as client:
+            yield client
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def service_search(
+    client: httpx.Client, store_id: str, texts: list[str], rounds: int
+) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"dense": [], "hybrid": []}
+    for r in range(rounds + 1):
+        for text in texts:
+            for mode, ranker in (("dense", "none"), ("hybrid", "auto")):
+                t = time.perf_counter()
+                resp = client.post(
+                    f"/v1/vector_stores/{store_id}/search",
+                    json={
+                        "query": text,
+                        "max_num_results": 10,
+                        "ranking_options": {"ranker": ranker},
+                    },
+                )
+                elapsed = time.perf_counter() - t
+                resp.raise_for_status()
+                if r:
+                    out[mode].append(elapsed)
+    return out
+
+
+def phase_seconds(client: httpx.Client) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("crucible_retrieval_ingestion_phase_seconds_total{"):
+            phase = line.split('phase="')[1].split('"')[0]
+            out[phase] = float(line.split()[-1])
+    return out
+
+
+def ingest_once(client: httpx.Client, file_ids: list[str]) -> float:
+    start = time.perf_counter()
+    store = client.post("/v1/vector_stores", json={"file_ids": file_ids}).json()["id"]
+    while client.get(f"/v1/vector_stores/{store}").json()["file_counts"]["in_progress"]:
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - start
+    counts = client.get(f"/v1/vector_stores/{store}").json()["file_counts"]
+    assert counts["completed"] == len(file_ids), counts
+    client.delete(f"/v1/vector_stores/{store}")
+    return elapsed
+
+
+# --- quality ----------------------------------------------------------------------------------
+
+
+def relevant(q: dict[str, str], filename: str, text: str) -> bool:
+    return filename == q["file"] and q["passage"] in text
+
+
+def service_quality(client: httpx.Client, store_id: str) -> dict[str, dict[str, float]]:
+    out = {}
+    for mode, ranker in (("dense", "none"), ("hybrid", "auto")):
+        hits, rr = 0, 0.0
+        for q in QUERIES:
+            data = client.post(
+                f"/v1/vector_stores/{store_id}/search",
+                json={
+                    "query": q["query"],
+                    "max_num_results": 10,
+                    "ranking_options": {"ranker": ranker},
+                },
+            ).json()["data"]
+            ranks = [
+                i
+                for i, d in enumerate(data, 1)
+                if relevant(q, d["filename"], d["content"][0]["text"])
+            ]
+            hits += bool(ranks and ranks[0] <= 5)
+            rr += 1 / ranks[0] if ranks else 0.0
+        out[mode] = {"hit_at_5": round(hits / len(QUERIES), 4), "mrr": round(rr / len(QUERIES), 4)}
+    return out
+
+
+def corpus_chunks(embedder: Embedder) -> list[tuple[str, str]]:
+    return [
+        (p.name, c.text)
+        for p in CORPUS
+        for c in chunk_text(embedder.tokenizer, p.read_text(), resolve(None, WINDOW))
+    ]
+
+
+def hit_at_5(embedder: Embedder, chunks: list[tuple[str, str]]) -> float:
+    vecs = embedder.encode([t for _, t in chunks])
+    qv = embedder.encode([q["query"] for q in QUERIES])
+    hits = 0
+    for q, v in zip(QUERIES, qv, strict=True):
+        top = np.argsort(-(vecs @ v))[:5]
+        hits += any(relevant(q, *chunks[i]) for i in top)
+    return round(hits / len(QUERIES), 4)
+
+
+def alternate(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Run each measurement once per round, in turn, so drift hits all of them alike."""
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            out[name].append(fn())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--chunks", type=int, default=100_000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--copies", type=int, default=6, help="corpus copies for ingestion")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.chunks, args.rounds, args.copies = 2000, 1, 1
+    result: dict[str, Any] = {"chunks": args.chunks, "rounds": args.rounds}
+    with tempfile.TemporaryDirectory(prefix="crucible-bench-") as tmp:
+        var = Path(tmp)
+        torch_embedder = Embedder(backend="torch")
+        texts = [q["query"] for q in QUERIES]
+        qvecs = torch_embedder.encode(texts)
+        print(f"building {args.chunks} chunks (FLAT and HNSW) ...", file=sys.stderr)
+        store_id = catalog_rows(var)
+        # Milvus Lite holds its file until its process ends: the raw side runs in children.
+        for kind in ("FLAT", "HNSW"):
+            in_child(build_collection, var, args.chunks, kind, store_id)
+        indexes = {
+            k: in_child(recall_and_latency, var, f"bench_{k.lower()}", args.chunks, qvecs)
+            for k in ("FLAT", "HNSW")
+        }
+        ok = {k: v for k, v in indexes.items() if v["recall_at_10"] >= 0.95}
+        chosen = min(ok or indexes, key=lambda k: indexes[k]["p95_ms"])
+        collection = f"bench_{chosen.lower()}"
+        result["indexes"] = indexes
+        result["index_chosen"] = chosen
+        print(f"index {chosen}: {indexes}", file=sys.stderr)
+
+        raw = in_child(raw_search, var, collection, store_id, qvecs, texts, args.rounds)
+        with service(var, collection=collection) as client:
+            svc = service_search(client, store_id, texts, args.rounds)
+            file_ids, tokens = [], 0
+            for path in CORPUS:
+                text = "\n\n".join([path.read_text()] * args.copies)
+                tokens += sum(
+                    c.tokens + 2
+                    for c in chunk_text(torch_embedder.tokenizer, text, resolve(None, WINDOW))
+                )
+                file_ids.append(
+                    client.post(
+                        "/v1/files",
+                        files={"file": (path.name, text)},
+                        data={"purpose": "assistants"},
+                    ).json()["id"]
+                )
+            chunk_texts = [
+                c.text
+                for p_ in CORPUS
+                for c in chunk_text(
+                    torch_embedder.tokenizer,
+                    "\n\n".join([p_.read_text()] * args.copies),
+                    resolve(None, WINDOW),
+                )
+            ]
+            before = phase_seconds(client)
+            ingest = alternate(
+                {
+                    "raw_embedding": lambda: _timed(lambda: torch_embedder.encode(chunk_texts)),
+                    "service": lambda: ingest_once(client, file_ids),
+                },
+                args.rounds,
+            )
+            after = phase_seconds(client)
+            quality_store = client.post(
+                "/v1/vector_stores",
+                json={
+                    "file_ids": [
+                        client.post(
+                            "/v1/files",
+                            files={"file": (p_.name, p_.read_bytes())},
+                            data={"purpose": "assistants"},
+                        ).json()["id"]
+                        for p_ in CORPUS
+                    ]
+                },
+            ).json()["id"]
+            while client.get(f"/v1/vector_stores/{quality_store}").json()["file_counts"][
+                "in_progress"
+            ]:
+                time.sleep(0.05)
+            result["quality"] = service_quality(client, quality_store)
+        raw2 = in_child(raw_search, var, collection, store_id, qvecs, texts, args.rounds)
+        for mode in ("dense", "hybrid"):
+            raw_all = raw[mode] + raw2[mode]
+            result.setdefault("search", {})[mode] = {
+                "raw_milvus": ms(raw_all),
+                "service": ms(svc[mode]),
+                "p95_overhead_ms": round((pct(svc[mode], 95) - pct(raw_all, 95)) * 1000, 2),
+            }
+        raw_tps = [tokens / s for s in ingest["raw_embedding"]]
+        svc_tps = [tokens / s for s in ingest["service"]]
+        spent = {k: round(after.get(k, 0) - before.get(k, 0), 3) for k in after}
+        result["ingestion"] = {
+            "tokens": tokens,
+            "chunks": len(chunk_texts),
+            "raw_embedding_tokens_per_s": [round(x) for x in raw_tps],
+            "service_tokens_per_s": [round(x) for x in svc_tps],
+            "median_ratio_service_over_raw": round(
+                statistics.median(svc_tps) / statistics.median(raw_tps), 3
+            ),
+            "service_seconds_by_phase": spent,
+        }
+        result["backends"] = compare_backends(torch_embedder, chunk_texts, var, args.rounds)
+    path = write_result("retrieval", result, args.out)
+    print(
+        json.dumps(
+            {k: result[k] for k in ("index_chosen", "search", "ingestion", "backends", "quality")},
+            indent=1,
+        )
+    )
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def compare_backends(
+    torch_embedder: Embedder, texts: list[str], var: Path, rounds: int
+) -> dict[str, Any]:
+    onnx = Embedder(backend="onnx-int8", onnx_dir=var / "onnx-int8")
+    tokens = sum(torch_embedder.count_tokens(texts))
+    runs = alternate(
+        {
+            "torch_fp32": lambda: _timed(lambda: torch_embedder.encode(texts)),
+            "onnx_int8": lambda: _timed(lambda: onnx.encode(texts)),
+        },
+        rounds,
+    )
+    tps = {k: [round(tokens / s) for s in v] for k, v in runs.items()}
+    cos = (torch_embedder.encode(texts) * onnx.encode(texts)).sum(axis=1)
+    chunks = corpus_chunks(torch_embedder)
+    return {
+        "tokens_per_s": tps,
+        "median_ratio_onnx_int8_over_torch": round(
+            statistics.median(tps["onnx_int8"]) / statistics.median(tps["torch_fp32"]), 3
+        ),
+        "cosine_to_fp32": {"min": round(float(cos.min()), 4), "mean": round(float(cos.mean()), 4)},
+        "hit_at_5": {
+            "torch_fp32": hit_at_5(torch_embedder, chunks),
+            "onnx_int8": hit_at_5(onnx, chunks),
+        },
+    }
+
+
+def in_child(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(*args)` in a fresh process (which releases Milvus Lite's lock when it ends)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    sys.exit(main())

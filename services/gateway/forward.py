@@ -1,0 +1,203 @@
+"""Forwarding to Crucible's own services (retrieval, and later finetune and agent).
+
+The gateway authenticates the key, applies its limits, then forwards the request with the
+internal token and the key's owner (`X-Crucible-Owner`); the client's own credentials never
+travel further. Only the public path prefixes below are forwarded, and the response (status,
+envelope, streamed body) is relayed as the service sent it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from services.common.errors import (
+    CrucibleError,
+    NotFound,
+    RateLimited,
+    RequestTimeout,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from services.common.logging import request_id
+from services.common.metrics import _incoming_request_id
+from services.common.tenancy import OWNER_HEADER
+from services.gateway.config import GatewaySettings
+from services.gateway.proxy import ClientGone, Proxy, read_body, send_error
+from services.gateway.upstream import Pool, UpstreamConnectError, UpstreamProtocolError
+
+log = logging.getLogger("crucible.gateway")
+
+# Public path prefix → the service that owns it (DESIGN.md, Public API).
+SERVICE_ROUTES: dict[str, str] = {
+    "/v1/embeddings": "retrieval",
+    "/v1/files": "retrieval",
+    "/v1/vector_stores": "retrieval",
+    "/v1/fine_tuning": "finetune",
+}
+UPLOAD_PATH = "/v1/files"
+MULTIPART_OVERHEAD = 64 << 10
+# Request headers the services read; everything else (the client's key first) stays here.
+PASSED = (b"content-type", b"accept", b"idempotency-key")
+# Response headers worth relaying; hop-by-hop and server headers stay behind.
+RELAYED = {b"content-type", b"content-disposition", b"retry-after", b"cache-control"}
+
+
+def route_of(path: str) -> str | None:
+    """The forwarded prefix a path belongs to (also the metric label), or None."""
+    for prefix in SERVICE_ROUTES:
+        if path == prefix or path.startswith(prefix + "/"):
+            return prefix
+    return None
+
+
+@dataclass
+class _Outcome:
+    status: int = 500
+    key_id: str | None = None
+    started: bool = False
+
+
+class ServiceForwarder:
+    def __init__(self, settings: GatewaySettings, proxy: Proxy) -> None:
+        self.s = settings
+        self.proxy = proxy
+        urls = {"retrieval": settings.retrieval_url, "finetune": settings.finetune_url}
+        self.pools = {name: Pool(url) for name, url in urls.items()}
+        token = settings.internal_token.get_secret_value()
+        self._auth = b"Bearer " + token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, route: str) -> None:
+        rid = _incoming_request_id(scope) or uuid.uuid4().hex
+        ctx = request_id.set(rid)
+        start = time.perf_counter()
+        out = _Outcome()
+        try:
+            await self._handle(scope, receive, send, route, rid, out)
+        except CrucibleError as exc:
+            out.status = exc.status
+            await send_error(send, exc, rid)
+        except ClientGone:
+            out.status = 499
+        finally:
+            elapsed = time.perf_counter() - start
+            self.proxy.metrics.observe(route, "-", out.status, elapsed, None, 0, 0, False)
+            log.info(
+                "request",
+                extra={
+                    "route": route,
+                    "method": scope["method"],
+                    "status": out.status,
+                    "key_id": out.key_id,
+                    "duration_ms": round(elapsed * 1000, 2),
+                },
+            )
+            request_id.reset(ctx)
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, route: str, rid: str, out: _Outcome
+    ) -> None:
+        headers = dict(scope["headers"])
+        key = await self.proxy.authenticate(headers)
+        out.key_id = key.id
+        upload = route == UPLOAD_PATH and scope["method"] == "POST"
+        limit = self.s.max_upload_bytes + MULTIPART_OVERHEAD if upload else self.s.max_body_bytes
+        wait = self.s.upload_timeout_s if upload else self.s.body_timeout_s
+        try:
+            async with asyncio.timeout(wait):
+                body = await read_body(receive, headers, limit)
+        except TimeoutError:
+            raise RequestTimeout(f"request body not received within {wait:g}s") from None
+        if route == "/v1/embeddings" and key.models is not None:
+            _check_model(body, key.models)
+        hit = self.proxy.concurrency.try_acquire(key.id, key.max_concurrency)
+        if hit is not None:
+            self.proxy.metrics.rejections.labels(f"concurrency_{hit}").inc()
+            raise RateLimited(f"too many concurrent requests ({hit} limit)", retry_after=1)
+        try:
+            await self.proxy.reserve(key)
+            await self._forward(scope, send, body, SERVICE_ROUTES[route], key.owner, rid, out)
+        finally:
+            self.proxy.concurrency.release(key.id)
+
+    async def _forward(
+        self,
+        scope: Scope,
+        send: Send,
+        body: bytes,
+        service: str,
+        owner: str,
+        rid: str,
+        out: _Outcome,
+    ) -> None:
+        path = scope["raw_path"] or scope["path"].encode()
+        if scope["query_string"]:
+            path += b"?" + scope["query_string"]
+        incoming = dict(scope["headers"])
+        headers = [
+            (b"authorization", self._auth),
+            (OWNER_HEADER.encode(), owner.encode()),
+            (b"x-request-id", rid.encode()),
+        ]
+        headers += [(k, incoming[k]) for k in PASSED if k in incoming]
+        try:
+            async with asyncio.timeout(self.s.request_timeout_s):
+                resp = await self.pools[service].request(
+                    scope["method"].encode(),
+                    path,
+                    body,
+                    headers,
+                    connect_timeout=self.s.connect_timeout_s,
+                )
+                try:
+                    relayed = [(k, v) for k, v in resp.headers if k in RELAYED]
+                    relayed.append((b"x-request-id", rid.encode()))
+                    chunks = resp.iter_chunks()
+                    await send(
+                        {"type": "http.response.start", "status": resp.status, "headers": relayed}
+                    )
+                    out.status, out.started = resp.status, True
+                    async for chunk in chunks:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                finally:
+                    resp.release()
+        except UpstreamConnectError:
+            self.proxy.metrics.upstream_errors.labels("connect").inc()
+            raise Unavailable(f"the {service} service is unavailable; try again shortly") from None
+        except (UpstreamProtocolError, TimeoutError) as exc:
+            kind = "timeout" if isinstance(exc, TimeoutError) else "protocol"
+            self.proxy.metrics.upstream_errors.labels(kind).inc()
+            if out.started:
+                # Mid-body the status is sent: leave the response unfinished, so the client
+                # sees a broken transfer rather than a complete-looking truncated body.
+                out.status = 502
+                return
+            if kind == "timeout":
+                raise UpstreamTimeout(f"the {service} service did not answer in time") from None
+            raise UpstreamError(f"the {service} service broke the connection") from None
+
+    async def aclose(self) -> None:
+        for pool in self.pools.values():
+            await pool.aclose()
+
+
+def _check_model(body: bytes, allowed: frozenset[str]) -> None:
+    """A key limited to some models may embed only with those (unparseable: the service says)."""
+    try:
+        model = orjson.loads(body).get("model")
+    except (orjson.JSONDecodeError, AttributeError):
+        return
+    if isinstance(model, str) and model not in allowed:
+        raise NotFound(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )

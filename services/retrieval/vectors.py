@@ -1,0 +1,226 @@
+"""Chunks and their vectors in Milvus (Milvus Lite for a file path, a server for a URL).
+
+Filter expressions are built only from ids this service generated or validated (`_literal`
+refuses anything else), with the owner always in the expression: no user string is ever pasted
+into Milvus's query language. Reads that follow a write use Strong consistency.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pymilvus import (
+    AnnSearchRequest,
+    DataType,
+    Function,
+    FunctionType,
+    MilvusClient,
+    RRFRanker,
+)
+
+log = logging.getLogger("crucible.retrieval.vectors")
+
+_SAFE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
+RRF_K = 60  # the usual reciprocal-rank constant
+# Candidates fetched from each side of a hybrid search per requested result.
+HYBRID_DEPTH = 4
+
+
+def _literal(value: str) -> str:
+    if not _SAFE.fullmatch(value):
+        raise ValueError("refusing to put an unvalidated string into a filter expression")
+    return f'"{value}"'
+
+
+def _scope(owner: str, stores: Sequence[str], files: Sequence[str] | None = None) -> str:
+    expr = f"owner == {_literal(owner)} and vector_store_id in [{', '.join(map(_literal, stores))}]"
+    if files is not None:
+        expr += f" and file_id in [{', '.join(map(_literal, files))}]"
+    return expr
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: str
+    vector_store_id: str
+    file_id: str
+    position: int
+    text: str
+    score: float  # cosine similarity of the query and the chunk, in [-1, 1]
+
+
+class VectorIndex:
+    def __init__(
+        self,
+        uri: str,
+        token: str | None,
+        collection: str,
+        dim: int,
+        dense_index: Literal["FLAT", "HNSW"] = "FLAT",
+    ) -> None:
+        self.client = MilvusClient(uri, token=token or "")
+        self.collection = collection
+        self.dim = dim
+        self.dense_index = dense_index
+        self.hybrid = False
+        self.unflushed = 0
+        # Milvus Lite runs in this process; one caller at a time keeps it out of trouble.
+        self._lock = threading.Lock()
+
+    def ensure(self) -> None:
+        """Create (if needed) and load the collection; learn whether BM25 is available."""
+        with self._lock:
+            if not self.client.has_collection(self.collection):
+                self._create()
+            fields = self.client.describe_collection(self.collection)["fields"]
+            self.hybrid = any(f["name"] == "sparse" for f in fields)
+            self.client.load_collection(self.collection)
+
+    def _create(self) -> None:
+        try:
+            self._create_with(bm25=True)
+        except Exception as exc:  # a Milvus build without full-text search: dense alone
+            log.warning("BM25 unavailable in this Milvus (%s); dense search only", exc)
+            if self.client.has_collection(self.collection):
+                self.client.drop_collection(self.collection)
+            self._create_with(bm25=False)
+
+    def _create_with(self, *, bm25: bool) -> None:
+        schema = self.client.create_schema(auto_id=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=32)
+        schema.add_field("owner", DataType.VARCHAR, max_length=128)
+        schema.add_field("vector_store_id", DataType.VARCHAR, max_length=40)
+        schema.add_field("file_id", DataType.VARCHAR, max_length=40)
+        schema.add_field("position", DataType.INT64)
+        schema.add_field("text", DataType.VARCHAR, max_length=65535, enable_analyzer=bm25)
+        schema.add_field("dense", DataType.FLOAT_VECTOR, dim=self.dim)
+        index = self.client.prepare_index_params()
+        params = {"M": 16, "efConstruction": 200} if self.dense_index == "HNSW" else {}
+        index.add_index("dense", index_type=self.dense_index, metric_type="COSINE", params=params)
+        if bm25:
+            schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(
+                Function(
+                    name="bm25",
+                    function_type=FunctionType.BM25,
+                    input_field_names=["text"],
+                    output_field_names=["sparse"],
+                )
+            )
+            index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+        self.client.create_collection(
+            self.collection, schema=schema, index_params=index, consistency_level="Strong"
+        )
+
+    def upsert(self, rows: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self.client.upsert(self.collection, rows)
+            self.unflushed += len(rows)
+
+    def flush(self, at_least: int = 1) -> None:
+        """Seal what was written once `at_least` rows wait. Milvus Lite scans unsealed rows
+        slowly (a count or search over 20k of them took 0.6 s; after a flush, 35 ms), and a
+        flush costs CPU: ingestion flushes in batches and when it goes idle."""
+        with self._lock:
+            if self.unflushed >= at_least:
+                self.client.flush(self.collection)
+                self.unflushed = 0
+
+    def chunk_ids(self, owner: str, store: str, file: str) -> set[str]:
+        with self._lock:
+            it = self.client.query_iterator(
+                self.collection,
+                batch_size=1000,
+                filter=_scope(owner, [store], [file]),
+                output_fields=["id"],
+            )
+            ids: set[str] = set()
+            try:
+                while batch := it.next():
+                    ids.update(r["id"] for r in batch)
+            finally:
+                it.close()
+        return ids
+
+    def delete_ids(self, ids: Iterable[str]) -> None:
+        batch = [i for i in ids if _SAFE.fullmatch(i)]
+        if batch:
+            with self._lock:
+                self.client.delete(self.collection, ids=batch)
+
+    def delete(self, owner: str, stores: Sequence[str], files: Sequence[str] | None = None) -> None:
+        with self._lock:
+            self.client.delete(self.collection, filter=_scope(owner, stores, files))
+
+    def count(self, owner: str, stores: Sequence[str], files: Sequence[str] | None = None) -> int:
+        with self._lock:
+            res = self.client.query(
+                self.collection,
+                filter=_scope(owner, stores, files),
+                output_fields=["count(*)"],
+                consistency_level="Strong",
+            )
+        return int(res[0]["count(*)"])
+
+    def search(
+        self,
+        vector: np.ndarray,
+        text: str,
+        owner: str,
+        stores: Sequence[str],
+        files: Sequence[str] | None,
+        limit: int,
+        hybrid: bool,
+    ) -> list[Hit]:
+        expr = _scope(owner, stores, files)
+        fields = ["vector_store_id", "file_id", "position", "text", "dense"]
+        with self._lock:
+            if hybrid and self.hybrid and text.strip():
+                depth = limit * HYBRID_DEPTH
+                requests = [
+                    AnnSearchRequest(
+                        data=[vector.tolist()], anns_field="dense", param={}, limit=depth, expr=expr
+                    ),
+                    AnnSearchRequest(
+                        data=[text], anns_field="sparse", param={}, limit=depth, expr=expr
+                    ),
+                ]
+                res = self.client.hybrid_search(
+                    self.collection, requests, RRFRanker(RRF_K), limit=limit, output_fields=fields
+                )
+            else:
+                res = self.client.search(
+                    self.collection,
+                    data=[vector.tolist()],
+                    anns_field="dense",
+                    limit=limit,
+                    filter=expr,
+                    output_fields=fields,
+                )
+        hits = []
+        for r in res[0]:
+            e = r["entity"]
+            # The cosine of query and chunk is the score users threshold on, in both modes
+            # (an RRF value is a rank statistic, not a similarity).
+            score = float(np.dot(vector, np.asarray(e["dense"], dtype=np.float32)))
+            hits.append(
+                Hit(
+                    r["id"],
+                    e["vector_store_id"],
+                    e["file_id"],
+                    int(e["position"]),
+                    e["text"],
+                    score,
+                )
+            )
+        return hits
+
+    def close(self) -> None:
+        with self._lock:
+            self.client.close()

@@ -1,0 +1,362 @@
+"""The retrieval service on its own (real Milvus Lite, real embedder): bad input, tenancy,
+idempotent ingestion and crash consistency. Requests carry the internal token and an owner, as
+the gateway sends them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pymilvus import MilvusClient
+
+from services.retrieval.chunking import chunk_text, resolve
+from services.retrieval.embedder import load_tokenizer, packaged_model_dir
+from tests.conftest import ROOT
+from tests.processes import Proc, retrieval
+
+CORPUS = ROOT / "bench" / "data" / "chemistry"
+TOKEN = "dev-internal-token"
+MODEL = "all-MiniLM-L6-v2"
+
+
+class Client:
+    """HTTP as the gateway speaks to the service: internal token plus the owner."""
+
+    def __init__(self, url: str, owner: str) -> None:
+        self.http = httpx.Client(
+            base_url=url,
+            timeout=60,
+            headers={"authorization": f"Bearer {TOKEN}", "x-crucible-owner": owner},
+        )
+
+    def upload(self, name: str, data: bytes, purpose: str = "assistants") -> httpx.Response:
+        return self.http.post("/v1/files", files={"file": (name, data)}, data={"purpose": purpose})
+
+    def file_id(self, name: str, data: bytes) -> str:
+        r = self.upload(name, data)
+        assert r.status_code == 200, r.text
+        return str(r.json()["id"])
+
+    def store(self, **body: Any) -> str:
+        r = self.http.post("/v1/vector_stores", json=body)
+        assert r.status_code == 200, r.text
+        return str(r.json()["id"])
+
+    def wait(self, store_id: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body: dict[str, Any] = self.http.get(f"/v1/vector_stores/{store_id}").json()
+            if body["file_counts"]["in_progress"] == 0:
+                return body
+            time.sleep(0.1)
+        raise AssertionError("ingestion did not finish")
+
+    def search(self, store_id: str, **body: Any) -> httpx.Response:
+        return self.http.post(f"/v1/vector_stores/{store_id}/search", json=body)
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    with retrieval(
+        tmp_path_factory.mktemp("retrieval"), max_upload_bytes=200_000, max_inputs_per_request=8
+    ) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def alice(svc: Proc) -> Client:
+    return Client(svc.url, "alice")
+
+
+@pytest.fixture(scope="module")
+def bob(svc: Proc) -> Client:
+    return Client(svc.url, "bob")
+
+
+def milvus_rows(var_dir: Path) -> list[dict[str, Any]]:
+    """Every chunk row in the service's Milvus Lite file (read after the service stopped)."""
+    client = MilvusClient(str(var_dir / "milvus.db"))
+    try:
+        client.load_collection("crucible_chunks")
+        it = client.query_iterator(
+            "crucible_chunks",
+            batch_size=1000,
+            filter="",
+            output_fields=["id", "file_id", "vector_store_id"],
+        )
+        rows: list[dict[str, Any]] = []
+        while batch := it.next():
+            rows.extend(batch)
+        it.close()
+        return rows
+    finally:
+        client.close()
+
+
+def expected_chunks(text: str) -> int:
+    return len(chunk_text(load_tokenizer(packaged_model_dir()), text, resolve(None, 256)))
+
+
+def _pdf(text: str) -> bytes:
+    """A minimal one-page PDF with `text` on it (offsets computed, so readers accept it)."""
+    stream = f"BT /F1 12 Tf 72 712 Td ({text}) Tj ET".encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        xref,
+    )
+    return bytes(out)
+
+
+def test_requests_without_the_internal_token_are_refused(svc: Proc) -> None:
+    for headers in (
+        {},
+        {"authorization": "Bearer wrong", "x-crucible-owner": "alice"},
+        {"authorization": f"Bearer {TOKEN}"},  # no owner
+        {"authorization": f"Bearer {TOKEN}", "x-crucible-owner": 'a b"'},
+    ):
+        r = httpx.get(f"{svc.url}/v1/files", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{svc.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": MODEL, "input": []}, 400, "input"),
+        ({"model": MODEL, "input": 5}, 400, "input"),
+        ({"model": MODEL, "input": [[1, 2, 3]]}, 400, "input"),  # token arrays
+        ({"model": MODEL, "input": ["fine", ""]}, 400, "input"),
+        ({"model": MODEL, "input": ["x"] * 9}, 400, "input"),  # over this service's 8
+        ({"model": MODEL, "input": "x", "dimensions": 256}, 400, "dimensions"),
+        ({"model": MODEL, "input": "x", "encodng_format": "float"}, 400, "encodng_format"),
+        ({"model": MODEL, "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+        ({"model": "text-embedding-3-small", "input": "x"}, 404, "model"),
+    ],
+)
+def test_embedding_input_errors(
+    alice: Client, body: dict[str, Any], status: int, param: str
+) -> None:
+    r = alice.http.post("/v1/embeddings", json=body)
+    assert r.status_code == status and r.json()["error"]["param"] == param
+
+
+def test_text_over_the_models_window_is_refused_never_truncated(alice: Client) -> None:
+    ok = alice.http.post("/v1/embeddings", json={"model": MODEL, "input": "water " * 254})
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == 256
+    r = alice.http.post("/v1/embeddings", json={"model": MODEL, "input": ["short", "water " * 255]})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded"
+    assert "input[1] has 257 tokens" in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "purpose", "status", "pattern"),
+    [
+        ("big.txt", b"a" * 300_000, "assistants", 413, "over"),
+        ("tool.exe", b"MZ\x90", "assistants", 415, "unsupported file type"),
+        ("notes.txt", b"caf\xe9 au lait", "assistants", 400, "not UTF-8"),
+        ("paper.pdf", b"this is not a pdf", "assistants", 400, "not a PDF"),
+        ("train.jsonl", b'{"a": 1}\n[1, 2]\n', "fine-tune", 400, "line 2"),
+        ("train.txt", b"hello", "fine-tune", 400, "JSONL"),
+        ("empty.md", b"", "assistants", 400, "empty"),
+        ("notes.md", b"hello", "homework", 400, "purpose"),
+    ],
+)
+def test_bad_uploads_are_refused_and_leave_nothing_behind(
+    svc: Proc, alice: Client, name: str, data: bytes, purpose: str, status: int, pattern: str
+) -> None:
+    before = alice.http.get("/v1/files").json()["data"]
+    r = alice.upload(name, data, purpose)
+    assert r.status_code == status and re.search(pattern, r.json()["error"]["message"])
+    assert alice.http.get("/v1/files").json()["data"] == before
+    files_dir = svc.log.parent / "files"
+    assert sorted(p.name for p in files_dir.iterdir()) == sorted(f["id"] for f in before)
+
+
+def test_a_pdf_is_parsed_and_found(alice: Client) -> None:
+    file_id = alice.file_id("note.pdf", _pdf("Aspirin irreversibly inhibits cyclooxygenase"))
+    store = alice.store(file_ids=[file_id])
+    assert alice.wait(store)["file_counts"]["completed"] == 1
+    hits = alice.search(store, query="what does aspirin inhibit").json()["data"]
+    assert hits[0]["filename"] == "note.pdf"
+    assert "cyclooxygenase" in hits[0]["content"][0]["text"]
+
+
+def test_a_file_with_no_text_fails_with_the_reason(alice: Client) -> None:
+    store = alice.store(file_ids=[alice.file_id("blank.md", b"   \n\n  ")])
+    body = alice.wait(store)
+    assert body["file_counts"]["failed"] == 1
+    vs_file = alice.http.get(f"/v1/vector_stores/{store}/files").json()["data"][0]
+    assert vs_file["status"] == "failed" and "no text" in vs_file["last_error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "pattern"),
+    [
+        (
+            {
+                "type": "static",
+                "static": {"max_chunk_size_tokens": 800, "chunk_overlap_tokens": 400},
+            },
+            "at most 254",
+        ),
+        (
+            {
+                "type": "static",
+                "static": {"max_chunk_size_tokens": 200, "chunk_overlap_tokens": 150},
+            },
+            "half",
+        ),
+        (
+            {"type": "static", "static": {"max_chunk_size_tokens": 50, "chunk_overlap_tokens": 0}},
+            "greater than or equal",
+        ),
+        ({"type": "semantic"}, "chunking_strategy"),
+    ],
+)
+def test_chunking_strategies_the_model_cannot_honour_are_400(
+    alice: Client, strategy: dict[str, Any], pattern: str
+) -> None:
+    store = alice.store()
+    file_id = alice.file_id("a.md", b"benzene ring")
+    r = alice.http.post(
+        f"/v1/vector_stores/{store}/files", json={"file_id": file_id, "chunking_strategy": strategy}
+    )
+    assert r.status_code == 400 and re.search(pattern, r.json()["error"]["message"])
+
+
+def test_filters_unknown_operators_and_fields_are_400(alice: Client) -> None:
+    store = alice.store()
+    for bad in (
+        {"type": "like", "key": "k", "value": "v"},
+        {"type": "eq", "key": "k", "value": "v", "op": "or"},
+        {"type": "and", "filters": [{"type": "eq", "key": "k"}]},
+    ):
+        r = alice.search(store, query="benzene", filters=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("filters")
+
+
+def test_another_owner_cannot_reach_or_inject_into_my_data(alice: Client, bob: Client) -> None:
+    secret = alice.file_id("secret.md", b"The secret formula is C8H10N4O2 caffeine.")
+    mine = alice.store(file_ids=[secret])
+    alice.wait(mine)
+    for path in (
+        f"/v1/files/{secret}",
+        f"/v1/files/{secret}/content",
+        f"/v1/vector_stores/{mine}",
+        f"/v1/vector_stores/{mine}/files",
+        f"/v1/vector_stores/{mine}/files/{secret}",
+    ):
+        r = bob.http.get(path)
+        assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    assert bob.search(mine, query="secret formula").status_code == 404
+    assert bob.http.delete(f"/v1/files/{secret}").status_code == 404
+    theirs = bob.store()
+    r = bob.http.post(f"/v1/vector_stores/{theirs}/files", json={"file_id": secret})
+    assert r.status_code == 404
+    own = bob.file_id("own.md", b"Bob's note about benzene.")
+    r = bob.http.post(
+        f"/v1/vector_stores/{theirs}/files", json={"file_id": own, "attributes": {"k": "v"}}
+    )
+    assert r.status_code == 200
+    bob.wait(theirs)
+    hostile = ['" or owner != "bob', "') or true or ('", "*", "\\", f'{mine}", "{secret}']
+    for value in hostile:
+        for op in ("eq", "ne", "nin"):
+            r = bob.search(
+                theirs,
+                query="secret formula caffeine",
+                filters={"type": op, "key": "k", "value": value},
+            )
+            assert r.status_code == 200
+            assert {h["file_id"] for h in r.json()["data"]} <= {own}
+    # And alice's data is intact.
+    assert alice.search(mine, query="secret formula").json()["data"][0]["file_id"] == secret
+
+
+def test_adding_a_file_twice_and_removing_it_keep_milvus_exact(tmp_path: Path) -> None:
+    var = tmp_path / "var"
+    text = (CORPUS / "benzene.md").read_text()
+    with retrieval(var) as p:
+        c = Client(p.url, "carol")
+        file_id = c.file_id("benzene.md", text.encode())
+        keep = c.file_id("caffeine.md", (CORPUS / "caffeine.md").read_bytes())
+        store = c.store(file_ids=[file_id, keep])
+        c.wait(store)
+        again = c.http.post(f"/v1/vector_stores/{store}/files", json={"file_id": file_id})
+        assert again.status_code == 200 and again.json()["status"] == "completed"
+        c.wait(store)
+        texts = [
+            h["content"][0]["text"]
+            for h in c.search(store, query="benzene", max_num_results=50).json()["data"]
+        ]
+        assert len(texts) == len(set(texts))  # no chunk twice
+        assert c.http.delete(f"/v1/vector_stores/{store}/files/{keep}").json()["deleted"]
+        found = c.search(store, query="caffeine half-life", max_num_results=50).json()["data"]
+        assert keep not in {h["file_id"] for h in found}
+    rows = milvus_rows(var)
+    assert {r["file_id"] for r in rows} == {file_id}
+    assert len(rows) == len({r["id"] for r in rows}) == expected_chunks(text)
+
+
+def test_a_crash_mid_ingestion_then_a_retry_ends_with_exactly_the_right_chunks(
+    tmp_path: Path,
+) -> None:
+    var = tmp_path / "var"
+    names = ["aspirin.md", "benzene.md", "polymers.md", "catalysis.md"]
+    # Long files, so the kill lands while chunks are being written.
+    texts = {n: "\n\n".join([(CORPUS / n).read_text()] * 12) for n in names}
+    with retrieval(var, ingest_concurrency=1) as p:
+        c = Client(p.url, "dave")
+        ids = {n: c.file_id(n, t.encode()) for n, t in texts.items()}
+        store = c.store(file_ids=list(ids.values()))
+        deadline = time.monotonic() + 60
+        while _metric(p.url, "crucible_retrieval_ingested_chunks_total") < 1:
+            assert time.monotonic() < deadline, "ingestion never started"
+            time.sleep(0.02)
+        assert _metric(p.url, "crucible_retrieval_ingesting_files") >= 1
+        os.killpg(p.popen.pid, signal.SIGKILL)  # a crash, not a shutdown
+        p.popen.wait(10)
+    with retrieval(var) as p:  # the restart resumes what was in progress
+        c = Client(p.url, "dave")
+        for file_id in ids.values():  # and the user retries: adding again changes nothing
+            r = c.http.post(f"/v1/vector_stores/{store}/files", json={"file_id": file_id})
+            assert r.status_code == 200
+        body = c.wait(store)
+        assert body["file_counts"]["completed"] == len(names)
+    rows = milvus_rows(var)
+    assert len(rows) == len({r["id"] for r in rows})  # no duplicates
+    for name, file_id in ids.items():
+        held = sum(1 for r in rows if r["file_id"] == file_id)
+        assert held == expected_chunks(texts[name]), name
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
