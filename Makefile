@@ -36,6 +36,7 @@ format: setup
 bench: up
 	@$(PY) bench/inference.py
 	@$(PY) bench/gateway.py --stack-var-dir var --stack-ports 8000 8080
+	@$(PY) bench/retrieval.py
 
 clean: down
 	rm -rf var/run var/log

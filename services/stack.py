@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from services.inference import profiles, readiness
@@ -35,11 +35,12 @@ class Ports:
     finetune: int = 8002
     agent: int = 8003
     redis: int = 6379
+    finetune_worker: int = 8012  # the worker's /metrics
 
     @classmethod
     def free(cls) -> Ports:
         """Free ports for a test stack, so it never collides with a developer's `make up`."""
-        return cls(*(_free_port() for _ in range(6)))
+        return cls(*(_free_port() for _ in fields(cls)))
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,17 @@ class StackConfig:
         profile = profiles.load(self.profile)
         inference_url = f"http://127.0.0.1:{self.ports.inference}"
         gateway_url = f"http://127.0.0.1:{self.ports.gateway}"
+        retrieval_url = f"http://127.0.0.1:{self.ports.retrieval}"
+        finetune_url = f"http://127.0.0.1:{self.ports.finetune}"
+        worker_url = f"http://127.0.0.1:{self.ports.finetune_worker}"
+        # Jobs queue in their own Redis database, apart from the gateway's counters.
+        broker = f"redis://127.0.0.1:{self.ports.redis}/1"
+        finetune_env = {
+            "CRUCIBLE_FINETUNE_REDIS_URL": broker,
+            "CRUCIBLE_FINETUNE_RETRIEVAL_URL": retrieval_url,
+            "CRUCIBLE_FINETUNE_INFERENCE_URLS": json.dumps([inference_url]),
+            "CRUCIBLE_FINETUNE_MODELS_DIR": str(self.models_dir),
+        }
         redis_dir = self.var_dir / "redis"
         return [
             Service(
@@ -103,6 +115,42 @@ class StackConfig:
                 ready_timeout=600,
             ),
             Service(
+                name="retrieval",
+                argv=[PYTHON, "-m", "services.retrieval"],
+                env={
+                    "CRUCIBLE_RETRIEVAL_HOST": "127.0.0.1",
+                    "CRUCIBLE_RETRIEVAL_PORT": str(self.ports.retrieval),
+                },
+                url=retrieval_url,
+                ready=lambda: _http_ok(f"{retrieval_url}/ready"),
+                ready_timeout=120,
+            ),
+            Service(
+                name="finetune",
+                argv=[PYTHON, "-m", "services.finetune"],
+                env={
+                    "CRUCIBLE_FINETUNE_HOST": "127.0.0.1",
+                    "CRUCIBLE_FINETUNE_PORT": str(self.ports.finetune),
+                    **finetune_env,
+                },
+                url=finetune_url,
+                ready=lambda: _http_ok(f"{finetune_url}/ready"),
+                ready_timeout=60,
+            ),
+            Service(
+                name="finetune-worker",
+                argv=[PYTHON, "-m", "services.finetune.worker"],
+                env={
+                    "CRUCIBLE_FINETUNE_HOST": "127.0.0.1",
+                    "CRUCIBLE_FINETUNE_PORT": str(self.ports.finetune),
+                    "CRUCIBLE_FINETUNE_WORKER_METRICS_PORT": str(self.ports.finetune_worker),
+                    **finetune_env,
+                },
+                url=worker_url,
+                ready=lambda: _http_ok(f"{worker_url}/metrics"),
+                ready_timeout=60,
+            ),
+            Service(
                 name="gateway",
                 argv=[PYTHON, "-m", "services.gateway"],
                 env={
@@ -110,6 +158,8 @@ class StackConfig:
                     "CRUCIBLE_GATEWAY_PORT": str(self.ports.gateway),
                     "CRUCIBLE_GATEWAY_INFERENCE_URLS": json.dumps([inference_url]),
                     "CRUCIBLE_GATEWAY_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/0",
+                    "CRUCIBLE_GATEWAY_RETRIEVAL_URL": retrieval_url,
+                    "CRUCIBLE_GATEWAY_FINETUNE_URL": finetune_url,
                 },
                 url=gateway_url,
                 ready=lambda: _http_ok(f"{gateway_url}/ready"),
@@ -142,17 +192,22 @@ class Stack:
         return self.log_dir / f"{name}.log"
 
     def up(self, only: list[str] | None = None, echo: Callable[[str], None] = print) -> None:
+        """Start every service at once (each waits for its own dependencies), then wait for
+        each to be ready in order: the slow engine start overlaps everything else."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for svc in self.config.services():
-            if only and svc.name not in only:
-                continue
+        chosen = [s for s in self.config.services() if not only or s.name in only]
+        adopted = set()
+        for svc in chosen:
             if svc.adopt_existing and self.pid(svc.name) is None and svc.ready():
-                echo(f"{svc.name:<10} ready  {svc.url} (already running, not managed)")
-                continue
-            if self.pid(svc.name) is None:
+                adopted.add(svc.name)
+            elif self.pid(svc.name) is None:
                 self.down_one(svc.name)  # leftovers of a crashed run, if any
                 self._start(svc)
+        for svc in chosen:
+            if svc.name in adopted:
+                echo(f"{svc.name:<10} ready  {svc.url} (already running, not managed)")
+                continue
             self._wait_ready(svc)
             echo(f"{svc.name:<10} ready  {svc.url}")
 

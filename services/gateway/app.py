@@ -1,7 +1,8 @@
 """The gateway: the one front door (OpenAI-compatible API, keys, limits, routing, streaming).
 
-The two hot routes (chat and completions) go straight from a thin ASGI front to the proxy; every
-other route is an ordinary FastAPI route. Only the allow-list below is ever forwarded upstream:
+The two hot routes (chat and completions) go straight from a thin ASGI front to the proxy; the
+public prefixes of Crucible's own services (`forward.SERVICE_ROUTES`) to the service forwarder;
+every other route is an ordinary FastAPI route. Only these allow-lists are ever forwarded:
 vLLM's admin routes (LoRA loading, sleep, /invocations, ...) are unreachable through here.
 """
 
@@ -19,10 +20,12 @@ from services.common.app import build_app
 from services.common.errors import AuthenticationFailed, NotFound, PermissionDenied
 from services.common.logging import configure_logging
 from services.gateway.config import GatewaySettings
+from services.gateway.forward import ServiceForwarder, route_of
 from services.gateway.keys import ApiKey, KeyStore
 from services.gateway.limits import RateLimiter
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import build_openapi
+from services.gateway.owners import ModelOwners
 from services.gateway.proxy import Proxy
 from services.gateway.routing import Router
 
@@ -35,12 +38,18 @@ class Gateway:
     def __init__(self, api: FastAPI) -> None:
         self.api = api
         self.proxy: Proxy | None = None  # set by the lifespan
+        self.forwarder: ServiceForwarder | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in FORWARDED and self.proxy is not None:
-            await self.proxy(scope, receive, send)
-        else:
-            await self.api(scope, receive, send)
+        if scope["type"] == "http" and self.proxy is not None and self.forwarder is not None:
+            path = scope["path"]
+            if path in FORWARDED:
+                await self.proxy(scope, receive, send)
+                return
+            if (route := route_of(path)) is not None:
+                await self.forwarder(scope, receive, send, route)
+                return
+        await self.api(scope, receive, send)
 
 
 def create_app(settings: GatewaySettings | None = None) -> Gateway:
@@ -64,11 +73,16 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
         limiter = RateLimiter(s.redis_url, on_error=s.rate_limit_on_redis_error)
         await router.start()
         app.state.keys, app.state.router, app.state.limiter = keys, router, limiter
-        gateway.proxy = Proxy(s, router, keys, limiter, metrics)
+        owners = ModelOwners(s.finetune_url, s.internal_token)
+        app.state.owners = owners
+        gateway.proxy = Proxy(s, router, keys, limiter, metrics, owners)
+        gateway.forwarder = ServiceForwarder(s, gateway.proxy)
         try:
             yield
         finally:
-            gateway.proxy = None
+            await gateway.forwarder.aclose()
+            await owners.aclose()
+            gateway.proxy, gateway.forwarder = None, None
             await router.stop()
             await limiter.aclose()
             keys.engine.dispose()
@@ -150,13 +164,15 @@ def _routes() -> Any:
 
     @r.get("/v1/models")
     async def list_models(request: Request, key: KeyDep) -> dict[str, Any]:
-        cards = [c for c in request.app.state.router.models() if key.may_use(c["id"])]
+        owners = request.app.state.owners
+        await owners.refresh(min_age=owners.ttl)
+        cards = [c for c in request.app.state.router.models() if owners.visible(key, c["id"])]
         return {"object": "list", "data": cards}
 
     @r.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request, key: KeyDep) -> dict[str, Any]:
         for card in request.app.state.router.models():
-            if card["id"] == model_id and key.may_use(model_id):
+            if card["id"] == model_id and await request.app.state.owners.may_use(key, model_id):
                 return dict(card)
         raise NotFound(
             f"The model `{model_id}` does not exist or you do not have access to it.",

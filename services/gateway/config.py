@@ -20,11 +20,17 @@ class GatewaySettings(ServiceSettings):
     # the fewest outstanding requests, and fail over before the first byte.
     inference_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])
     routing_refresh_s: float = 5.0
+    # Crucible's own services behind the gateway (sent the internal token and the key's owner).
+    retrieval_url: str = "http://127.0.0.1:8001"
+    finetune_url: str = "http://127.0.0.1:8002"
     # Sent to the backends if they were started with --api-key (never the client's key).
     inference_api_key: SecretStr | None = None
 
     # Bounded everything: a body, a request's cost, and how long anything may take.
     max_body_bytes: int = 4 << 20
+    # File uploads (/v1/files) only; the retrieval service enforces the same cap.
+    max_upload_bytes: int = 64 << 20
+    upload_timeout_s: float = 300.0
     max_tokens_cap: int = 8192
     max_n: int = 8
     max_top_logprobs: int = 20

@@ -41,3 +41,20 @@ def test_gateway_bench_smoke_measures_both_parts(
     assert fake["rounds"][0]["gateway"]["n"] > 0 and fake["median_saturation_rps_gateway"] > 0
     assert data["vllm"]["median_ratio_gateway_over_direct"] > 0
     assert data["vllm"]["failed_requests"] == {"direct": [], "gateway": []}
+
+
+def test_retrieval_bench_smoke_measures_every_part(tmp_path: Path) -> None:
+    from bench import retrieval
+
+    out = tmp_path / "retrieval.json"
+    assert retrieval.main(["--smoke", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["index_chosen"] in ("FLAT", "HNSW")
+    assert all(data["indexes"][k]["recall_at_10"] > 0 for k in ("FLAT", "HNSW"))
+    for mode in ("dense", "hybrid"):
+        assert data["search"][mode]["service"]["n"] > 0
+        assert data["search"][mode]["raw_milvus"]["n"] > 0
+    assert data["ingestion"]["median_ratio_service_over_raw"] > 0
+    assert set(data["ingestion"]["service_seconds_by_phase"]) >= {"parse", "embed", "upsert"}
+    assert data["backends"]["cosine_to_fp32"]["min"] > 0.9
+    assert data["quality"]["hybrid"]["hit_at_5"] > 0.5

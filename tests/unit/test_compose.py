@@ -12,7 +12,16 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
 # Variables only compose sets: secrets and the PostgreSQL URL (natively, SQLite is the default).
-COMPOSE_ONLY = {"HF_TOKEN", "CRUCIBLE_INTERNAL_TOKEN", "CRUCIBLE_GATEWAY_DATABASE_URL"}
+COMPOSE_ONLY = {
+    "HF_TOKEN",
+    "CRUCIBLE_INTERNAL_TOKEN",
+    "CRUCIBLE_VAR_DIR",
+    "CRUCIBLE_GATEWAY_DATABASE_URL",
+    "CRUCIBLE_RETRIEVAL_DATABASE_URL",
+    "CRUCIBLE_RETRIEVAL_MILVUS_URI",
+    "CRUCIBLE_RETRIEVAL_MILVUS_TOKEN",
+    "CRUCIBLE_FINETUNE_DATABASE_URL",
+}
 
 
 def test_each_native_service_runs_the_same_module_with_the_same_variables_in_compose() -> None:
@@ -32,7 +41,7 @@ def test_only_the_gateway_publishes_a_port() -> None:
 
 
 def test_stateful_services_keep_their_data_in_volumes() -> None:
-    for name in ("redis", "postgres"):
+    for name in ("redis", "postgres", "retrieval", "milvus", "etcd", "minio"):
         assert any(
             v.split(":")[0] in COMPOSE["volumes"] for v in COMPOSE["services"][name]["volumes"]
         )
@@ -54,7 +63,8 @@ def test_images_are_pinned_to_a_version() -> None:
         ]
     assert len(images) >= 4
     for image in images:
-        assert re.search(r":v?\d+\.\d+", image) and ":latest" not in image, image
+        # A version tag (MinIO pins by immutable release date).
+        assert re.search(r":(v?\d+\.\d+|RELEASE\.\d{4}-)", image) and ":latest" not in image, image
 
 
 def test_inference_reserves_gpus_and_stays_on_the_internal_network() -> None:

@@ -1,0 +1,3 @@
+from services.finetune.app import main
+
+main()

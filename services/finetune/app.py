@@ -1,0 +1,166 @@
+"""The fine-tuning API: jobs in SQL, work through Celery, and a reconciler that keeps both true.
+
+The reconciler (every few seconds): requeues a running job whose worker went silent (it
+resumes from its last checkpoint), re-sends a queued job whose broker message is gone (a
+Redis that lost it), and loads registered adapters into a vLLM that restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI
+
+from services.common.app import build_app
+from services.common.logging import configure_logging
+from services.finetune import adapters
+from services.finetune.api import router, validate_job
+from services.finetune.config import FinetuneSettings
+from services.finetune.jobs import JobStore
+from services.finetune.metrics import ApiMetrics
+from services.finetune.worker import TASK, make_celery
+
+log = logging.getLogger("crucible.finetune")
+LOST_MESSAGE_AFTER_S = 10.0
+
+
+class Dispatcher:
+    """Sends jobs to the workers and reads the broker's state."""
+
+    def __init__(self, s: FinetuneSettings) -> None:
+        self.s = s
+        self.celery = make_celery(s)
+        self.redis = redis.Redis.from_url(s.redis_url, socket_timeout=2)
+
+    def send(self, job_id: str) -> None:
+        self.celery.send_task(TASK, args=[job_id], queue=self.s.queue)
+
+    def depth(self) -> int:
+        try:
+            return int(self.redis.llen(self.s.queue))
+        except redis.RedisError:
+            return 0
+
+    def holds(self, job_id: str) -> bool:
+        """Whether the broker still has a message for the job (waiting or being worked on)."""
+        needle = job_id.encode()
+        waiting = self.redis.lrange(self.s.queue, 0, -1)
+        unacked = self.redis.hvals("unacked")
+        return any(needle in m for m in [*waiting, *unacked])
+
+
+def reconcile(jobs: JobStore, d: Dispatcher, s: FinetuneSettings, metrics: ApiMetrics) -> None:
+    now = time.time()
+    for job in jobs.with_status("running"):
+        if job.heartbeat_at is not None and job.heartbeat_at < now - s.stale_after_s:
+            if job.attempts >= s.max_attempts:
+                jobs.transition(
+                    job.id,
+                    "failed",
+                    only_from=("running",),
+                    error={
+                        "code": "too_many_attempts",
+                        "param": None,
+                        "message": f"the worker was lost {job.attempts} times",
+                    },
+                )
+                continue
+            if jobs.transition(
+                job.id,
+                "queued",
+                only_from=("running",),
+                message="Worker lost; resuming from the last checkpoint",
+            ):
+                d.send(job.id)
+                metrics.requeued.labels("worker_lost").inc()
+    for job in jobs.with_status("queued"):
+        if job.queued_at and job.queued_at < now - LOST_MESSAGE_AFTER_S and not d.holds(job.id):
+            jobs.event(job.id, "Queue message lost (broker restarted); queued again")
+            d.send(job.id)
+            metrics.requeued.labels("message_lost").inc()
+    restored = adapters.restore(jobs, s.inference_urls)
+    if restored:
+        metrics.adapters_restored.inc(restored)
+
+
+def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
+    s = settings or FinetuneSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        jobs = JobStore(s.db_url())
+        dispatcher = Dispatcher(s)
+        metrics = ApiMetrics(app.state.registry)
+        metrics.watch(jobs.counts, dispatcher.depth)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def validate_and_queue(job_id: str) -> None:
+            if await asyncio.to_thread(validate_job, jobs, s, job_id):
+                await asyncio.to_thread(dispatcher.send, job_id)
+
+        def validate(job_id: str) -> None:
+            task = asyncio.create_task(validate_and_queue(job_id))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        async def reconciler() -> None:
+            while True:
+                try:
+                    await asyncio.to_thread(reconcile, jobs, dispatcher, s, metrics)
+                except Exception:  # Redis or vLLM away: report, and try again next round
+                    log.warning("reconcile round failed", exc_info=True)
+                await asyncio.sleep(s.reconcile_every_s)
+
+        app.state.jobs, app.state.validate, app.state.dispatcher = jobs, validate, dispatcher
+        for job in jobs.with_status("validating_files"):  # interrupted by a restart
+            validate(job.id)
+        loop_task = asyncio.create_task(reconciler())
+        try:
+            yield
+        finally:
+            loop_task.cancel()
+            for t in [loop_task, *tasks]:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            jobs.engine.dispose()
+
+    async def redis_ready() -> None:
+        await asyncio.to_thread(api.state.dispatcher.redis.ping)
+
+    api = build_app(
+        "finetune",
+        lifespan=lifespan,
+        ready_checks=[("redis", redis_ready)],
+        title="Crucible fine-tuning",
+        version="0.1.0",
+    )
+    api.state.settings = s
+    api.state.internal_token = s.internal_token
+    api.include_router(router())
+    return api
+
+
+def main() -> None:
+    import uvicorn
+
+    s = FinetuneSettings()
+    configure_logging("finetune", s.log_level)
+    uvicorn.run(
+        create_app(s),
+        host=s.host,
+        port=s.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+if __name__ == "__main__":
+    main()

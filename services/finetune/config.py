@@ -1,0 +1,60 @@
+"""Fine-tuning settings (env prefix CRUCIBLE_FINETUNE_); the API and the worker share them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.config import ServiceSettings
+
+
+class FinetuneSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="CRUCIBLE_FINETUNE_", extra="ignore")
+
+    port: int = 8002
+    database_url: str | None = None  # default: SQLite under var/
+    # Celery's broker; Redis with AOF on, so queued jobs survive a Redis restart.
+    redis_url: str = "redis://127.0.0.1:6379/1"
+    queue: str = "finetune"
+    # Training files are read from the retrieval service, as their owner.
+    retrieval_url: str = "http://127.0.0.1:8001"
+    # vLLM servers that serve the fine-tuned adapters (loaded through their internal LoRA route).
+    inference_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])
+    models_dir: Path | None = None  # default: var/models
+    adapters_dir: Path | None = None  # default: var/adapters; vLLM must see the same path
+    # What the served engine accepts (its --max-lora-rank and the modules vLLM can adapt).
+    max_lora_rank: int = 16
+    supported_target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+    base_learning_rate: float = 2e-4  # times the job's learning_rate_multiplier
+    checkpoint_every: int = 50
+    max_examples: int = 100_000
+    # Liveness: a running job's worker beats every heartbeat_s; a job whose beat is older than
+    # stale_after_s is resumed elsewhere from its last checkpoint (the broker's visibility
+    # timeout is hours long, so recovery cannot wait for it).
+    heartbeat_s: float = 2.0
+    stale_after_s: float = 15.0
+    reconcile_every_s: float = 3.0
+    max_attempts: int = 3
+    visibility_timeout_s: int = 12 * 3600
+    worker_metrics_port: int = 8012
+
+    def db_url(self) -> str:
+        return self.database_url or self.sqlite_url("finetune")
+
+    def models(self) -> Path:
+        return self.models_dir or self.var_dir / "models"
+
+    def adapters(self) -> Path:
+        return self.adapters_dir or self.var_dir / "adapters"

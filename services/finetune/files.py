@@ -1,0 +1,32 @@
+"""Training files live in the retrieval service; this reads them as their owner."""
+
+from __future__ import annotations
+
+import httpx
+from pydantic import SecretStr
+
+from services.common.errors import InvalidRequest, NotFound
+from services.common.tenancy import internal_headers
+
+
+def file_info(base_url: str, token: SecretStr, owner: str, file_id: str) -> dict[str, object]:
+    r = httpx.get(
+        f"{base_url}/v1/files/{file_id}", headers=internal_headers(token, owner), timeout=10
+    )
+    if r.status_code == 404:
+        raise NotFound(f"No such File object: {file_id}", param="training_file")
+    r.raise_for_status()
+    info: dict[str, object] = r.json()
+    if info.get("purpose") != "fine-tune":
+        raise InvalidRequest(
+            f"file {file_id} was not uploaded with purpose 'fine-tune'", param="training_file"
+        )
+    return info
+
+
+def file_text(base_url: str, token: SecretStr, owner: str, file_id: str) -> str:
+    r = httpx.get(
+        f"{base_url}/v1/files/{file_id}/content", headers=internal_headers(token, owner), timeout=60
+    )
+    r.raise_for_status()
+    return r.content.decode("utf-8-sig")

@@ -1,0 +1,82 @@
+"""Fine-tuning metrics: the API's (jobs by status, queue depth) and the worker's (training
+tokens/s, step time), the latter summed across job processes (prometheus multiprocess mode)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+
+
+class ApiMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.jobs = Gauge(
+            "crucible_finetune_jobs", "Fine-tuning jobs by status", ["status"], registry=registry
+        )
+        self.queue_depth = Gauge(
+            "crucible_finetune_queue_depth",
+            "Jobs waiting in the broker for a worker",
+            registry=registry,
+        )
+        self.requeued = Counter(
+            "crucible_finetune_requeued_total",
+            "Jobs requeued by the reconciler, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.adapters_restored = Counter(
+            "crucible_finetune_adapters_restored_total",
+            "Adapters loaded again into a restarted vLLM",
+            registry=registry,
+        )
+
+    def watch(self, counts: Callable[[], dict[str, int]], depth: Callable[[], int]) -> None:
+        for status in STATUSES:
+            self.jobs.labels(status).set_function(_count_of(counts, status))
+        self.queue_depth.set_function(lambda: float(depth()))
+
+
+def _count_of(counts: Callable[[], dict[str, int]], status: str) -> Callable[[], float]:
+    return lambda: float(counts().get(status, 0))
+
+
+class WorkerMetrics:
+    """Created inside a job's process; values go to PROMETHEUS_MULTIPROC_DIR."""
+
+    def __init__(self) -> None:
+        self.tokens = Counter(
+            "crucible_finetune_trained_tokens_total", "Tokens trained on (padding excluded)"
+        )
+        self.step_seconds = Histogram(
+            "crucible_finetune_step_duration_seconds",
+            "Time per optimizer step",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.tokens_per_s = Gauge(
+            "crucible_finetune_tokens_per_second",
+            "Training throughput of the last step",
+            multiprocess_mode="max",
+        )
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        self.tokens.inc(tokens)
+        self.step_seconds.observe(seconds)
+        self.tokens_per_s.set(tokens / seconds if seconds else 0.0)
+
+
+def serve_worker_metrics(port: int, host: str) -> None:
+    from prometheus_client import start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    up = Gauge(
+        "crucible_finetune_worker_up",
+        "1 while the worker process runs",
+        registry=None,
+        multiprocess_mode="liveall",
+    )
+    up.set(1)
+    start_http_server(port, addr=host, registry=registry)

@@ -1,0 +1,158 @@
+"""The closed loop through the gateway with the official `openai` client: upload a JSONL file,
+fine-tune `crucible-dev` with LoRA on the CPU, chat with the result under its `ft:` id."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from services.gateway.keys import KeyStore
+from tests.conftest import DENSE, ROOT
+
+DATA = ROOT / "tests" / "data" / "codewords.jsonl"
+EXAMPLES = [json.loads(line) for line in DATA.read_text().splitlines()]
+# LoRA on the tiny random model: 20 examples x 150 epochs / batch 8 = 450 steps.
+TRAINING: dict[str, Any] = {"n_epochs": 150, "batch_size": 8, "learning_rate_multiplier": 5}
+
+
+def wait_for(client: openai.OpenAI, job_id: str, timeout: float = 600) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job.status} after {timeout}s")
+
+
+def answers(client: openai.OpenAI, model: str) -> list[bool]:
+    right = []
+    for example in EXAMPLES:
+        reply = client.chat.completions.create(
+            model=model, messages=example["messages"][:-1], max_tokens=6, temperature=0
+        )
+        content = (reply.choices[0].message.content or "").strip()
+        right.append(content.startswith(example["messages"][-1]["content"]))
+    return right
+
+
+@pytest.fixture(scope="module")
+def finished_job(client: openai.OpenAI) -> Any:
+    upload = client.files.create(file=DATA.open("rb"), purpose="fine-tune")
+    start = time.monotonic()
+    job = client.fine_tuning.jobs.create(
+        model=DENSE,
+        training_file=upload.id,
+        suffix="codewords",
+        seed=7,
+        method={"type": "supervised", "supervised": {"hyperparameters": TRAINING}},  # type: ignore[arg-type]
+        extra_body={"crucible": {"checkpoint_every": 100}},
+    )
+    assert job.status == "validating_files" and job.model == DENSE
+    done = wait_for(client, job.id)
+    # Recorded in the test report (pytest -s shows it; BENCHMARKS.md quotes it).
+    print(
+        f"\nfine-tuning job {job.id}: created to {done.status} in {time.monotonic() - start:.1f} s"
+    )
+    return done
+
+
+def test_the_job_succeeds_and_its_model_is_listed(client: openai.OpenAI, finished_job: Any) -> None:
+    assert finished_job.status == "succeeded", finished_job.error
+    name = finished_job.fine_tuned_model
+    assert name == f"ft:{DENSE}:codewords:{finished_job.id}"
+    assert finished_job.trained_tokens > 0
+    assert finished_job.hyperparameters.n_epochs == TRAINING["n_epochs"]
+    deadline = time.monotonic() + 15  # the gateway learns new models within its refresh
+    while name not in {m.id for m in client.models.list()}:
+        assert time.monotonic() < deadline, "the fine-tuned model never appeared"
+        time.sleep(0.5)
+
+
+def test_the_fine_tuned_model_knows_what_the_base_model_does_not(
+    client: openai.OpenAI, finished_job: Any
+) -> None:
+    tuned = answers(client, finished_job.fine_tuned_model)
+    base = answers(client, DENSE)
+    assert sum(tuned) >= 0.8 * len(EXAMPLES), tuned
+    assert sum(base) == 0, base
+
+
+def test_events_checkpoints_and_listing(client: openai.OpenAI, finished_job: Any) -> None:
+    events = list(client.fine_tuning.jobs.list_events(finished_job.id, limit=1000))
+    messages = [e.message for e in events]
+    assert any("validated" in m for m in messages) and any("succeeded" in m for m in messages)
+    data: list[dict[str, Any]] = [e.data for e in events if e.data]  # type: ignore[misc]
+    metrics = [d for d in data if "train_loss" in d]
+    assert metrics and all(d["train_loss"] > 0 for d in metrics)
+    steps = sorted(d["step"] for d in metrics)
+    assert steps[-1] == 450
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(finished_job.id))
+    assert sorted(c.step_number for c in checkpoints) == [100, 200, 300, 400]
+    assert all(c.metrics.train_loss is not None for c in checkpoints)
+    assert finished_job.id in [j.id for j in client.fine_tuning.jobs.list(limit=100)]
+
+
+def test_malformed_training_data_fails_with_line_numbers_before_training(
+    client: openai.OpenAI, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    lines = [json.dumps(e) for e in EXAMPLES[:12]]
+    lines[3] = json.dumps({"messages": [{"role": "wizard", "content": "hi"}]})
+    lines[7] = json.dumps({"prompt": "only a prompt"})
+    bad.write_text("\n".join(lines) + "\n")
+    upload = client.files.create(file=bad.open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=DENSE, training_file=upload.id)
+    done = wait_for(client, job.id, timeout=60)
+    assert done.status == "failed" and done.error.code == "invalid_training_file"
+    assert "line 4" in done.error.message and "line 8" in done.error.message
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
+    assert not any("Training started" in m for m in events)
+
+
+def test_bad_requests_are_refused_at_once(client: openai.OpenAI) -> None:
+    upload = client.files.create(file=DATA.open("rb"), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=upload.id)
+    assert err.value.param == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.create(model=DENSE, training_file="file-doesnotexist")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(
+            model=DENSE, training_file=upload.id, extra_body={"crucible": {"lora_rank": 64}}
+        )
+    assert "lora_rank" in (err.value.param or "")
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.retrieve("ftjob-unknown")
+
+
+def test_one_idempotency_key_makes_one_job(client: openai.OpenAI) -> None:
+    upload = client.files.create(file=DATA.open("rb"), purpose="fine-tune")
+    key = {"Idempotency-Key": f"test-{time.time()}"}
+    first = client.fine_tuning.jobs.create(model=DENSE, training_file=upload.id, extra_headers=key)
+    again = client.fine_tuning.jobs.create(model=DENSE, training_file=upload.id, extra_headers=key)
+    assert first.id == again.id
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.create(
+            model=DENSE, training_file=upload.id, suffix="other", extra_headers=key
+        )
+    client.fine_tuning.jobs.cancel(first.id)
+
+
+def test_another_owner_can_neither_see_nor_use_the_fine_tuned_model(
+    finished_job: Any, gateway_url: str, keys: KeyStore
+) -> None:
+    secret, _ = keys.create("stranger", rpm=0)
+    other = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=secret, max_retries=0)
+    name = finished_job.fine_tuned_model
+    assert name not in {m.id for m in other.models.list()}
+    with pytest.raises(openai.NotFoundError):
+        other.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError):
+        other.fine_tuning.jobs.retrieve(finished_job.id)
+    assert finished_job.id not in [j.id for j in other.fine_tuning.jobs.list()]

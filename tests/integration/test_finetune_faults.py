@@ -1,0 +1,120 @@
+"""Fine-tuning under faults, on the real stack: a killed worker, a cancel, a Redis restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import openai
+import pytest
+
+from services.stack import Stack
+from tests.conftest import DENSE, ROOT
+
+DATA = ROOT / "tests" / "data" / "codewords.jsonl"
+
+
+def create(client: openai.OpenAI, epochs: int, checkpoint_every: int = 50) -> Any:
+    upload = client.files.create(file=DATA.open("rb"), purpose="fine-tune")
+    return client.fine_tuning.jobs.create(
+        model=DENSE,
+        training_file=upload.id,
+        seed=1,
+        method={
+            "type": "supervised",
+            "supervised": {
+                "hyperparameters": {
+                    "n_epochs": epochs,
+                    "batch_size": 8,
+                    "learning_rate_multiplier": 5,
+                }
+            },
+        },
+        extra_body={"crucible": {"checkpoint_every": checkpoint_every}},
+    )
+
+
+def wait(client: openai.OpenAI, job_id: str, until: Any, timeout: float = 300) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if until(job):
+            return job
+        time.sleep(0.25)
+    raise AssertionError(f"job {job_id}: condition not met in {timeout}s (status {job.status})")
+
+
+def steps_seen(client: openai.OpenAI, job_id: str) -> list[int]:
+    events = client.fine_tuning.jobs.list_events(job_id, limit=1000)
+    data: list[dict[str, Any]] = [e.data for e in events if e.type == "metrics" and e.data]  # type: ignore[misc]
+    return [d["step"] for d in data if "step" in d]
+
+
+@pytest.fixture
+def worker(stack: Stack, gateway_url: str) -> Stack:
+    stack.up(["finetune-worker"], echo=lambda _: None)
+    return stack
+
+
+def test_a_killed_worker_resumes_from_its_last_checkpoint(
+    client: openai.OpenAI, worker: Stack
+) -> None:
+    job = create(client, epochs=120, checkpoint_every=40)  # 360 steps
+    wait(client, job.id, lambda j: bool(list(client.fine_tuning.jobs.checkpoints.list(j.id))))
+    before = max(steps_seen(client, job.id))
+    pgid = worker.pid("finetune-worker")
+    assert pgid is not None
+    os.killpg(pgid, signal.SIGKILL)  # the worker and its job process, mid-training
+    time.sleep(1)
+    reached = max(steps_seen(client, job.id))
+    worker.up(["finetune-worker"], echo=lambda _: None)
+    back = time.monotonic()
+    resumed = wait(
+        client,
+        job.id,
+        lambda j: any(
+            "Resumed from the checkpoint" in e.message
+            for e in client.fine_tuning.jobs.list_events(j.id, limit=1000)
+        ),
+    )
+    assert time.monotonic() - back < 60  # not the broker's hours-long visibility timeout
+    event = next(
+        e
+        for e in client.fine_tuning.jobs.list_events(resumed.id, limit=1000)
+        if "Resumed from the checkpoint" in e.message
+    )
+    from_step = event.data["resumed_from_step"]  # type: ignore[index]
+    assert from_step % 40 == 0 and reached - from_step <= 40 + 10  # redone: one interval
+    assert before <= reached
+    done = wait(client, job.id, lambda j: j.status in ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model
+
+
+def test_cancel_stops_training_within_seconds_and_the_worker_moves_on(
+    client: openai.OpenAI, worker: Stack
+) -> None:
+    long = create(client, epochs=400)
+    wait(client, long.id, lambda j: j.status == "running" and steps_seen(client, j.id))
+    asked = time.monotonic()
+    client.fine_tuning.jobs.cancel(long.id)
+    wait(client, long.id, lambda j: j.status == "cancelled", timeout=10)
+    assert time.monotonic() - asked < 10
+    short = create(client, epochs=2)
+    done = wait(client, short.id, lambda j: j.status in ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+
+
+def test_a_job_waiting_in_redis_survives_a_redis_restart(
+    client: openai.OpenAI, worker: Stack
+) -> None:
+    worker.down_one("finetune-worker")  # nobody takes the job: it waits in the queue
+    job = create(client, epochs=2)
+    wait(client, job.id, lambda j: j.status == "queued")
+    worker.down_one("redis")
+    worker.up(["redis"], echo=lambda _: None)
+    worker.up(["finetune-worker"], echo=lambda _: None)
+    done = wait(client, job.id, lambda j: j.status in ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
