@@ -206,10 +206,10 @@ class Stack:
                 self._start(svc)
         for svc in chosen:
             if svc.name in adopted:
-                echo(f"{svc.name:<10} ready  {svc.url} (already running, not managed)")
+                echo(f"{svc.name:<16} ready  {svc.url} (already running, not managed)")
                 continue
             self._wait_ready(svc)
-            echo(f"{svc.name:<10} ready  {svc.url}")
+            echo(f"{svc.name:<16} ready  {svc.url}")
 
     def _start(self, svc: Service) -> None:
         port = int(svc.url.rsplit(":", 1)[1])
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     elif args.command == "status":
         for name, state in stack.status().items():
-            print(f"{name:<10} {state}")
+            print(f"{name:<16} {state}")
     else:
         logs = sorted(str(p) for p in stack.log_dir.glob("*.log"))
         if not logs:

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from services.gateway.keys import KeyStore
+from services.stack import Stack
 from tests.conftest import DENSE, ROOT
 
 DATA = ROOT / "tests" / "data" / "codewords.jsonl"
@@ -156,3 +157,26 @@ def test_another_owner_can_neither_see_nor_use_the_fine_tuned_model(
     with pytest.raises(openai.NotFoundError):
         other.fine_tuning.jobs.retrieve(finished_job.id)
     assert finished_job.id not in [j.id for j in other.fine_tuning.jobs.list()]
+
+
+def test_after_vllm_restarts_the_adapter_is_served_again(
+    client: openai.OpenAI, finished_job: Any, stack: Stack
+) -> None:
+    stack.down_one("inference")
+    stack.up(["inference"], echo=lambda _: None)  # a bare vLLM: no adapter loaded
+    name = finished_job.fine_tuned_model
+    deadline = time.monotonic() + 60  # the reconciler's next rounds load it back
+    while True:
+        try:
+            reply = client.chat.completions.create(
+                model=name, messages=EXAMPLES[0]["messages"][:-1], max_tokens=6, temperature=0
+            )
+            break
+        except (openai.NotFoundError, openai.APIStatusError):
+            assert time.monotonic() < deadline, "the adapter was not served again"
+            time.sleep(1)
+    assert (
+        (reply.choices[0].message.content or "")
+        .strip()
+        .startswith(EXAMPLES[0]["messages"][-1]["content"])
+    )

@@ -58,3 +58,19 @@ def test_retrieval_bench_smoke_measures_every_part(tmp_path: Path) -> None:
     assert set(data["ingestion"]["service_seconds_by_phase"]) >= {"parse", "embed", "upsert"}
     assert data["backends"]["cosine_to_fp32"]["min"] > 0.9
     assert data["quality"]["hybrid"]["hit_at_5"] > 0.5
+
+
+def test_finetune_bench_smoke_compares_the_worker_with_a_direct_call(
+    gateway_url: str, admin_key: str, tmp_path: Path
+) -> None:
+    from bench import finetune
+
+    key = tmp_path / "key"
+    key.write_text(admin_key)
+    out = tmp_path / "finetune.json"
+    argv = ["--smoke", "--gateway", gateway_url, "--key-file", str(key), "--out", str(out)]
+    assert finetune.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["direct_tokens_per_s"][0] > 0 and data["worker_tokens_per_s"][0] > 0
+    assert data["median_ratio_worker_over_direct"] > 0
+    assert data["queue_to_running_s"][0] >= 0
