@@ -98,6 +98,10 @@ def _train_and_register(
         ):
             log.info("job cancelled", extra={"job_id": job.id})
         return
+    done = {"step": result.steps, "train_loss": result.train_loss}
+    if result.valid_loss is not None:
+        done["valid_loss"] = result.valid_loss
+    store.event(job.id, f"Training finished after {result.steps} steps", type="metrics", data=done)
     name = adapters.model_id(job.model, job.suffix, job.id)
     try:
         served = set().union(*(adapters.base_models(u) for u in s.inference_urls))

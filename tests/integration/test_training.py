@@ -63,3 +63,13 @@ def test_qlora_trains_a_4bit_base_on_the_cpu(tmp_path: Path) -> None:
     assert all(0 < x < 20 for x in losses) and losses[-1] < losses[0]
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == 16 and "q_proj" in config["target_modules"]
+
+
+def test_validation_loss_is_reported_at_checkpoints_and_at_the_end(tmp_path: Path) -> None:
+    seen: dict[int, dict[str, float]] = {}
+    result = train(
+        spec(tmp_path, validation=EXAMPLES[:4]),
+        Hooks(on_checkpoint=lambda step, _path, m: seen.update({step: m})),
+    )
+    assert result.valid_loss is not None and result.valid_loss > 0
+    assert set(seen) == {3} and seen[3]["valid_loss"] > 0
