@@ -62,3 +62,20 @@ async def _run_check(check: ReadyCheck, limit: float) -> str:
     except Exception as exc:  # a failing dependency is a readiness answer, not a crash
         return f"{type(exc).__name__}: {exc}"[:200]
     return "ok"
+
+
+def serve(service: str, app: Any, settings: Any) -> None:
+    """Run a service's app under uvicorn, logging as JSON (the services' `main`)."""
+    import uvicorn
+
+    from services.common.logging import configure_logging
+
+    configure_logging(service, settings.log_level)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )

@@ -17,8 +17,7 @@ from contextlib import asynccontextmanager
 import redis
 from fastapi import FastAPI
 
-from services.common.app import build_app
-from services.common.logging import configure_logging
+from services.common.app import build_app, serve
 from services.finetune import adapters
 from services.finetune.api import router, validate_job
 from services.finetune.config import FinetuneSettings
@@ -148,18 +147,8 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
 
 
 def main() -> None:
-    import uvicorn
-
     s = FinetuneSettings()
-    configure_logging("finetune", s.log_level)
-    uvicorn.run(
-        create_app(s),
-        host=s.host,
-        port=s.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    serve("finetune", create_app(s), s)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.common.app import build_app
-from services.common.logging import configure_logging
+from services.common.app import build_app, serve
 from services.retrieval import embeddings, files, stores
 from services.retrieval.catalog import Catalog
 from services.retrieval.config import RetrievalSettings
@@ -87,18 +86,8 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
 
 
 def main() -> None:
-    import uvicorn
-
     s = RetrievalSettings()
-    configure_logging("retrieval", s.log_level)
-    uvicorn.run(
-        create_app(s),
-        host=s.host,
-        port=s.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    serve("retrieval", create_app(s), s)
 
 
 if __name__ == "__main__":
