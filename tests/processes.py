@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -74,33 +75,43 @@ def fake_upstream(tmp: Path, port: int | None = None, slow_s: float = 5.0) -> It
 
 
 @contextmanager
-def gateway(
-    var_dir: Path, backends: list[str], redis_url: str, **settings: object
+def service(
+    name: str,
+    var_dir: Path,
+    settings: dict[str, object],
+    ready: str = "/health",
+    timeout: float = 30,
 ) -> Iterator[Proc]:
-    """A gateway process; `settings` are GatewaySettings fields (as CRUCIBLE_GATEWAY_* env)."""
-    import json
-
+    """`python -m services.<name>` on a free port with its own var dir; `settings` are its
+    settings fields (as CRUCIBLE_<NAME>_* env)."""
     var_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    env = {
-        "CRUCIBLE_VAR_DIR": str(var_dir),
-        "CRUCIBLE_GATEWAY_PORT": str(port),
-        "CRUCIBLE_GATEWAY_INFERENCE_URLS": json.dumps(backends),
-        "CRUCIBLE_GATEWAY_REDIS_URL": redis_url,
-    }
-    env |= {f"CRUCIBLE_GATEWAY_{k.upper()}": str(v) for k, v in settings.items()}
-    log = var_dir / f"gateway-{port}.log"
-    proc = Proc(
-        f"http://127.0.0.1:{port}",
-        port,
-        _spawn([sys.executable, "-m", "services.gateway"], env, log),
-        log,
-    )
+    prefix = f"CRUCIBLE_{name.upper()}_"
+    env = {"CRUCIBLE_VAR_DIR": str(var_dir), f"{prefix}PORT": str(port)}
+    env |= {f"{prefix}{k.upper()}": str(v) for k, v in settings.items()}
+    log = var_dir / f"{name}-{port}.log"
+    argv = [sys.executable, "-m", f"services.{name}"]
+    proc = Proc(f"http://127.0.0.1:{port}", port, _spawn(argv, env, log), log)
     try:
-        _wait(lambda: _http_ok(f"{proc.url}/health"), "gateway")
+        _wait(lambda: _http_ok(f"{proc.url}{ready}"), name, timeout=timeout)
         yield proc
     finally:
         proc.stop()
+
+
+def gateway(
+    var_dir: Path, backends: list[str], redis_url: str, **settings: object
+) -> contextlib.AbstractContextManager[Proc]:
+    """A gateway process; `settings` are GatewaySettings fields."""
+    import json
+
+    wiring = {"inference_urls": json.dumps(backends), "redis_url": redis_url}
+    return service("gateway", var_dir, {**wiring, **settings})
+
+
+def retrieval(var_dir: Path, **settings: object) -> contextlib.AbstractContextManager[Proc]:
+    """A retrieval service process on its own var dir (own SQLite, Milvus Lite and files)."""
+    return service("retrieval", var_dir, settings, ready="/ready", timeout=120)
 
 
 def make_key(var_dir: Path, owner: str = "tester", **kw: object) -> str:
@@ -110,25 +121,3 @@ def make_key(var_dir: Path, owner: str = "tester", **kw: object) -> str:
     finally:
         store.engine.dispose()
     return secret
-
-
-@contextmanager
-def retrieval(var_dir: Path, **settings: object) -> Iterator[Proc]:
-    """A retrieval service process on its own var dir (own SQLite, Milvus Lite and files);
-    `settings` are RetrievalSettings fields (as CRUCIBLE_RETRIEVAL_* env)."""
-    var_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    env = {"CRUCIBLE_VAR_DIR": str(var_dir), "CRUCIBLE_RETRIEVAL_PORT": str(port)}
-    env |= {f"CRUCIBLE_RETRIEVAL_{k.upper()}": str(v) for k, v in settings.items()}
-    log = var_dir / f"retrieval-{port}.log"
-    proc = Proc(
-        f"http://127.0.0.1:{port}",
-        port,
-        _spawn([sys.executable, "-m", "services.retrieval"], env, log),
-        log,
-    )
-    try:
-        _wait(lambda: _http_ok(f"{proc.url}/ready"), "retrieval", timeout=120)
-        yield proc
-    finally:
-        proc.stop()

@@ -295,7 +295,10 @@ def test_failover_to_a_second_backend_and_probe_back(tmp_path: Path, redis_url: 
         ]
         assert codes == [200] * 10
         up = f'crucible_gateway_backend_up{{backend="{a.url}"}}'
-        assert f"{up} 0.0" in httpx.get(f"{g.url}/metrics").text
+        deadline = time.monotonic() + 2  # the gauge follows the router's next probe
+        while f"{up} 0.0" not in httpx.get(f"{g.url}/metrics").text:
+            assert time.monotonic() < deadline, "backend A was not reported down"
+            time.sleep(0.05)
         with fake_upstream(tmp_path, port_a):
             deadline = time.monotonic() + 5
             while f"{up} 1.0" not in httpx.get(f"{g.url}/metrics").text:
