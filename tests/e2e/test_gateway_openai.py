@@ -1,9 +1,6 @@
 """The official openai client through the gateway, in front of the real dev vLLM."""
 
-import asyncio
-import contextlib
 import json
-import time
 
 import httpx
 import jsonschema
@@ -139,68 +136,6 @@ def test_every_response_carries_a_request_id(gateway_url: str, admin_key: str) -
     assert r.status_code == 200 and r.headers["x-request-id"] == "trace-123"
     r = httpx.get(f"{gateway_url}/v1/models")
     assert r.status_code == 401 and len(r.headers["x-request-id"]) == 32
-
-
-def _running(inference_url: str) -> float:
-    text = httpx.get(f"{inference_url}/metrics").text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vllm:num_requests_running")
-    )
-
-
-def _generated(inference_url: str) -> float:
-    text = httpx.get(f"{inference_url}/metrics").text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vllm:generation_tokens_total")
-    )
-
-
-def test_client_disconnect_cancels_the_engine_request(
-    gateway_url: str, inference_url: str, admin_key: str
-) -> None:
-    # 4 streams x 8 sequences x 2000 tokens: ~10 s of engine work on the dev CPU (one stream
-    # alone finishes before a client could read it), so an uncancelled engine keeps going.
-    body = {
-        "model": DENSE,
-        "prompt": "x",
-        "max_tokens": 2000,
-        "n": 8,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    full = 4 * 8 * 2000
-    before = _generated(inference_url)
-
-    async def open_then_drop() -> None:
-        headers = {"authorization": f"Bearer {admin_key}"}
-        async with (
-            httpx.AsyncClient(timeout=30, headers=headers) as client,
-            contextlib.AsyncExitStack() as streams,
-        ):
-            for _ in range(4):
-                r = await streams.enter_async_context(
-                    client.stream("POST", f"{gateway_url}/v1/completions", json=body)
-                )
-                await anext(r.aiter_lines())
-            seen = time.monotonic()
-            while _running(inference_url) < 1:  # the gauge trails the engine a little
-                assert time.monotonic() - seen < 3, "the engine never reported them running"
-                await asyncio.sleep(0.05)
-            # leaving the stack closed all four connections mid-stream
-
-    asyncio.run(open_then_drop())
-    dropped = time.monotonic()
-    while _running(inference_url) > 0:
-        assert time.monotonic() - dropped < 2.0, "vLLM still generating 2 s after the drop"
-        time.sleep(0.1)
-    settled = _generated(inference_url)
-    time.sleep(1)
-    assert _generated(inference_url) == settled  # no work left behind
-    assert settled - before < 0.5 * full  # and most of it was never done
 
 
 def test_metrics_count_requests_tokens_and_ttft(client: openai.OpenAI, gateway_url: str) -> None:

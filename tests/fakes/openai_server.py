@@ -9,6 +9,8 @@ measurement. The model name scripts the behaviour:
 | fake-400       | answers 400 with vLLM's error shape, naming a param              |
 | fake-garbage   | answers 200 with a body that is not JSON                         |
 | fake-drop      | streams two chunks, then drops the connection                    |
+| fake-long      | streams a chunk every 50 ms for a minute; `GET /stats` counts the |
+|                | streams whose client went away before the end                    |
 
     python -m tests.fakes.openai_server --port 9100 [--slow-s 5]
 """
@@ -21,9 +23,9 @@ import time
 from typing import Any
 
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-MODELS = ["fake", "fake-slow", "fake-500", "fake-400", "fake-garbage", "fake-drop"]
+MODELS = ["fake", "fake-slow", "fake-500", "fake-400", "fake-garbage", "fake-drop", "fake-long"]
 JSON = [(b"content-type", b"application/json")]
 
 
@@ -63,6 +65,7 @@ def _chunk(model: str, delta: dict[str, Any] | None, usage: bool = False) -> byt
 class FakeUpstream:
     def __init__(self, slow_s: float = 5.0) -> None:
         self.slow_s = slow_s
+        self.disconnects = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -71,6 +74,9 @@ class FakeUpstream:
             await send({"type": "lifespan.shutdown.complete"})
             return
         path = scope["path"]
+        if path == "/stats":
+            await _respond(send, 200, orjson.dumps({"disconnects": self.disconnects}))
+            return
         if path == "/v1/models":
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in MODELS]
             await _respond(send, 200, orjson.dumps({"object": "list", "data": data}))
@@ -98,6 +104,8 @@ class FakeUpstream:
             )
         elif model == "fake-garbage":
             await _respond(send, 200, b"<html>definitely not json")
+        elif model == "fake-long":
+            await self._long_stream(receive, send)
         elif req.get("stream"):
             await self._stream(send, model, drop=model == "fake-drop")
         else:
@@ -124,6 +132,30 @@ class FakeUpstream:
                 "more_body": True,
             }
         )
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    async def _long_stream(self, receive: Receive, send: Send) -> None:
+        """Like a long generation: stops, and is counted, when the client goes away."""
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+
+        async def next_message() -> Message:
+            return await receive()
+
+        gone = asyncio.create_task(next_message())  # the next message can only be a disconnect
+        for _ in range(1200):
+            if gone.done():
+                self.disconnects += 1
+                return
+            chunk = _chunk("fake-long", {"content": "x"})
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await asyncio.sleep(0.05)
+        gone.cancel()
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
 

@@ -319,3 +319,27 @@ def test_redis_outage_follows_the_configured_policy(
             json={"model": "fake", "messages": HI},
         )
         assert r.status_code == status
+
+
+def test_a_client_that_disconnects_cancels_the_upstream_stream(
+    tmp_path: Path, fake: Proc, redis_url: str
+) -> None:
+    # A deadline far beyond the test: only the client's leaving can end the upstream stream.
+    with gateway(tmp_path, [fake.url], redis_url, request_timeout_s=120) as g:
+        key = make_key(tmp_path, rpm=0)
+        before = httpx.get(f"{fake.url}/stats").json()["disconnects"]
+        body = {"model": "fake-long", "messages": HI, "stream": True}
+        with httpx.stream(
+            "POST",
+            f"{g.url}/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {key}"},
+            timeout=10,
+        ) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+        dropped = time.monotonic()  # the upstream would stream for another minute
+        while httpx.get(f"{fake.url}/stats").json()["disconnects"] == before:
+            assert time.monotonic() - dropped < 2, "the upstream stream was not cancelled"
+            time.sleep(0.05)
