@@ -20,6 +20,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._load import write_result
+from services.finetune.training import ALL_LINEAR
 
 # Llama-3-8B's shape (the public config), with random weights: no download.
 CONFIG: dict[str, Any] = {
@@ -78,15 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             lora_alpha=32,
             lora_dropout=0.0,
             task_type="CAUSAL_LM",
-            target_modules=[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
+            target_modules=ALL_LINEAR,
         ),
     )
     loaded = time.perf_counter() - t0

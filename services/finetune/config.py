@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import ServiceSettings
+from services.finetune.training import ALL_LINEAR
 
 
 class FinetuneSettings(ServiceSettings):
@@ -26,17 +27,7 @@ class FinetuneSettings(ServiceSettings):
     adapters_dir: Path | None = None  # default: var/adapters; vLLM must see the same path
     # What the served engine accepts (its --max-lora-rank and the modules vLLM can adapt).
     max_lora_rank: int = 16
-    supported_target_modules: list[str] = Field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-    )
+    supported_target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR))
     base_learning_rate: float = 2e-4  # times the job's learning_rate_multiplier
     checkpoint_every: int = 50
     max_examples: int = 100_000

@@ -6,7 +6,6 @@ Called by the Celery task; a plain function, so it can also run without Celery.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from typing import Any
 
@@ -211,7 +210,3 @@ def _fail(store: JobStore, job_id: str, code: str, message: str, param: str | No
         only_from=("running", "validating_files"),
         error={"code": code, "message": message[:4000], "param": param},
     )
-
-
-def steps_for(n_examples: int, batch_size: int, n_epochs: int) -> int:
-    return n_epochs * math.ceil(n_examples / batch_size)

@@ -214,12 +214,6 @@ class Catalog:
             row = _owned(s, StoreRow, store_id, owner)
             s.delete(row)
 
-    def touch(self, store_id: str) -> None:
-        with self.session.begin() as s:
-            row = s.get(StoreRow, store_id)
-            if row is not None:
-                row.last_active_at = int(time.time())
-
     def counts(self, store_ids: Sequence[str]) -> dict[str, dict[str, int]]:
         """Per store: files by status and usage bytes."""
         out = {
