@@ -70,6 +70,7 @@ class StackConfig:
         retrieval_url = f"http://127.0.0.1:{self.ports.retrieval}"
         finetune_url = f"http://127.0.0.1:{self.ports.finetune}"
         worker_url = f"http://127.0.0.1:{self.ports.finetune_worker}"
+        agent_url = f"http://127.0.0.1:{self.ports.agent}"
         # Jobs queue in their own Redis database, apart from the gateway's counters.
         broker = f"redis://127.0.0.1:{self.ports.redis}/1"
         finetune_env = {
@@ -160,9 +161,23 @@ class StackConfig:
                     "CRUCIBLE_GATEWAY_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/0",
                     "CRUCIBLE_GATEWAY_RETRIEVAL_URL": retrieval_url,
                     "CRUCIBLE_GATEWAY_FINETUNE_URL": finetune_url,
+                    "CRUCIBLE_GATEWAY_AGENT_URL": agent_url,
                 },
                 url=gateway_url,
                 ready=lambda: _http_ok(f"{gateway_url}/ready"),
+                ready_timeout=60,
+            ),
+            Service(
+                name="agent",
+                argv=[PYTHON, "-m", "services.agent"],
+                env={
+                    "CRUCIBLE_AGENT_HOST": "127.0.0.1",
+                    "CRUCIBLE_AGENT_PORT": str(self.ports.agent),
+                    "CRUCIBLE_AGENT_GATEWAY_URL": gateway_url,
+                    "CRUCIBLE_AGENT_RETRIEVAL_URL": retrieval_url,
+                },
+                url=agent_url,
+                ready=lambda: _http_ok(f"{agent_url}/ready"),
                 ready_timeout=60,
             ),
         ]

@@ -81,11 +81,12 @@ def service(
     settings: dict[str, object],
     ready: str = "/health",
     timeout: float = 30,
+    port: int | None = None,
 ) -> Iterator[Proc]:
-    """`python -m services.<name>` on a free port with its own var dir; `settings` are its
-    settings fields (as CRUCIBLE_<NAME>_* env)."""
+    """`python -m services.<name>` on a free port (or `port`) with its own var dir; `settings`
+    are its settings fields (as CRUCIBLE_<NAME>_* env)."""
     var_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = port or _free_port()
     prefix = f"CRUCIBLE_{name.upper()}_"
     env = {"CRUCIBLE_VAR_DIR": str(var_dir), f"{prefix}PORT": str(port)}
     env |= {f"{prefix}{k.upper()}": str(v) for k, v in settings.items()}

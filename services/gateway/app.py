@@ -21,7 +21,7 @@ from services.common.errors import AuthenticationFailed, NotFound, PermissionDen
 from services.common.logging import configure_logging
 from services.gateway.config import GatewaySettings
 from services.gateway.forward import ServiceForwarder, route_of
-from services.gateway.keys import ApiKey, KeyStore
+from services.gateway.keys import ON_BEHALF_HEADER, ApiKey, KeyStore
 from services.gateway.limits import RateLimiter
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import build_openapi
@@ -63,6 +63,7 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
             default_rpm=s.default_rpm,
             default_max_concurrency=s.default_max_concurrency,
             cache_ttl=s.key_cache_ttl_s,
+            internal_token=s.internal_token.get_secret_value(),
         )
         metrics = GatewayMetrics(app.state.registry)
         router = Router(
@@ -120,7 +121,7 @@ async def _key(request: Request) -> ApiKey:
     if not auth.lower().startswith("bearer "):
         raise AuthenticationFailed("Missing API key: send `Authorization: Bearer <key>`.")
     keys: KeyStore = request.app.state.keys
-    key = await keys.alookup(auth[7:].strip())
+    key = await keys.aresolve(auth[7:].strip(), request.headers.get(ON_BEHALF_HEADER))
     if key is None:
         raise AuthenticationFailed("Incorrect API key provided.")
     return key

@@ -23,6 +23,7 @@ class GatewaySettings(ServiceSettings):
     # Crucible's own services behind the gateway (sent the internal token and the key's owner).
     retrieval_url: str = "http://127.0.0.1:8001"
     finetune_url: str = "http://127.0.0.1:8002"
+    agent_url: str = "http://127.0.0.1:8003"
     # Sent to the backends if they were started with --api-key (never the client's key).
     inference_api_key: SecretStr | None = None
 

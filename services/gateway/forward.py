@@ -1,4 +1,4 @@
-"""Forwarding to Crucible's own services (retrieval, and later finetune and agent).
+"""Forwarding to Crucible's own services (retrieval, finetune, agent).
 
 The gateway authenticates the key, applies its limits, then forwards the request with the
 internal token and the key's owner (`X-Crucible-Owner`); the client's own credentials never
@@ -30,6 +30,7 @@ from services.common.logging import request_id
 from services.common.metrics import _incoming_request_id
 from services.common.tenancy import OWNER_HEADER
 from services.gateway.config import GatewaySettings
+from services.gateway.keys import ON_BEHALF_HEADER, ApiKey
 from services.gateway.proxy import ClientGone, Proxy, read_body, send_error
 from services.gateway.upstream import Pool, UpstreamConnectError, UpstreamProtocolError
 
@@ -41,7 +42,10 @@ SERVICE_ROUTES: dict[str, str] = {
     "/v1/files": "retrieval",
     "/v1/vector_stores": "retrieval",
     "/v1/fine_tuning": "finetune",
+    "/v1/agent": "agent",
 }
+# Services learn which key a request came with: the agent calls the model back as that key.
+KEY_HEADER = ON_BEHALF_HEADER.encode()
 UPLOAD_PATH = "/v1/files"
 MULTIPART_OVERHEAD = 64 << 10
 # Request headers the services read; everything else (the client's key first) stays here.
@@ -69,7 +73,11 @@ class ServiceForwarder:
     def __init__(self, settings: GatewaySettings, proxy: Proxy) -> None:
         self.s = settings
         self.proxy = proxy
-        urls = {"retrieval": settings.retrieval_url, "finetune": settings.finetune_url}
+        urls = {
+            "retrieval": settings.retrieval_url,
+            "finetune": settings.finetune_url,
+            "agent": settings.agent_url,
+        }
         self.pools = {name: Pool(url) for name, url in urls.items()}
         token = settings.internal_token.get_secret_value()
         self._auth = b"Bearer " + token.encode()
@@ -123,7 +131,7 @@ class ServiceForwarder:
             raise RateLimited(f"too many concurrent requests ({hit} limit)", retry_after=1)
         try:
             await self.proxy.reserve(key)
-            await self._forward(scope, send, body, SERVICE_ROUTES[route], key.owner, rid, out)
+            await self._forward(scope, send, body, SERVICE_ROUTES[route], key, rid, out)
         finally:
             self.proxy.concurrency.release(key.id)
 
@@ -133,7 +141,7 @@ class ServiceForwarder:
         send: Send,
         body: bytes,
         service: str,
-        owner: str,
+        key: ApiKey,
         rid: str,
         out: _Outcome,
     ) -> None:
@@ -143,7 +151,8 @@ class ServiceForwarder:
         incoming = dict(scope["headers"])
         headers = [
             (b"authorization", self._auth),
-            (OWNER_HEADER.encode(), owner.encode()),
+            (OWNER_HEADER.encode(), key.owner.encode()),
+            (KEY_HEADER, key.id.encode()),
             (b"x-request-id", rid.encode()),
         ]
         headers += [(k, incoming[k]) for k in PASSED if k in incoming]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import secrets
 import time
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from services.common.db import make_engine, make_sessionmaker
 
 KEY_PREFIX = "sk-cru-"
+# Names the key a Crucible service (the agent) acts for; honoured only with the internal token.
+ON_BEHALF_HEADER = "x-crucible-key-id"
 
 
 class Base(DeclarativeBase):
@@ -55,6 +58,10 @@ class ApiKey:
         return self.models is None or model in self.models
 
 
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode("utf-8", "replace"), b.encode("utf-8", "replace"))
+
+
 def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -86,7 +93,9 @@ class KeyStore:
         default_rpm: int = 600,
         default_max_concurrency: int = 32,
         cache_ttl: float = 5.0,
+        internal_token: str | None = None,
     ) -> None:
+        self.internal_token = internal_token
         self.engine = (
             make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
         )
@@ -161,8 +170,31 @@ class KeyStore:
             return hit[1]
         return await asyncio.to_thread(self.lookup, secret)
 
+    async def aresolve(self, secret: str, on_behalf_of: str | None) -> ApiKey | None:
+        """The key a request acts as: its own bearer secret, or, for a Crucible service holding
+        the internal token (the agent), the key whose id it names. That key's owner, allow-list
+        and limits apply, and revoking it stops its runs."""
+        internal = self.internal_token
+        if on_behalf_of is not None and internal and _same(secret, internal):
+            return await self.alookup_id(on_behalf_of)
+        return await self.alookup(secret)
+
+    async def alookup_id(self, key_id: str) -> ApiKey | None:
+        """The live key with this id (for services acting on a key's behalf), cached like
+        `alookup`."""
+        slot = "id:" + key_id
+        hit = self._cache.get(slot)
+        if hit is None or time.monotonic() - hit[0] >= self.cache_ttl:
+            stmt = select(ApiKeyRow).where(ApiKeyRow.id == key_id, ApiKeyRow.revoked_at.is_(None))
+            hit = (time.monotonic(), await asyncio.to_thread(self._load_by, stmt))
+            self._cache[slot] = hit
+        return hit[1]
+
     def _load(self, digest: str) -> ApiKey | None:
         stmt = select(ApiKeyRow).where(ApiKeyRow.key_hash == digest, ApiKeyRow.revoked_at.is_(None))
+        return self._load_by(stmt)
+
+    def _load_by(self, stmt: Any) -> ApiKey | None:
         with self.sessions() as s:
             row = s.scalars(stmt).first()
         if row is None:

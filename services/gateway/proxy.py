@@ -32,7 +32,7 @@ from services.common.errors import (
 from services.common.logging import request_id
 from services.common.metrics import _incoming_request_id
 from services.gateway.config import GatewaySettings
-from services.gateway.keys import ApiKey, KeyStore
+from services.gateway.keys import ON_BEHALF_HEADER, ApiKey, KeyStore
 from services.gateway.limits import Concurrency, RateLimiter, RedisUnavailable
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.owners import ModelOwners
@@ -44,6 +44,7 @@ from services.gateway.upstream import (
 )
 from services.gateway.validation import check_request
 
+ON_BEHALF = ON_BEHALF_HEADER.encode()
 log = logging.getLogger("crucible.gateway")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -167,7 +168,8 @@ class Proxy:
             self.metrics.rejections.labels("auth").inc()
             raise AuthenticationFailed("Missing API key: send `Authorization: Bearer <key>`.")
         secret = auth[7:].strip().decode("latin-1")
-        key = await self.keys.alookup(secret)
+        on_behalf = headers.get(ON_BEHALF)
+        key = await self.keys.aresolve(secret, on_behalf.decode("latin-1") if on_behalf else None)
         if key is None:
             self.metrics.rejections.labels("auth").inc()
             raise AuthenticationFailed("Incorrect API key provided.")

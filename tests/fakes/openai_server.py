@@ -11,6 +11,10 @@ measurement. The model name scripts the behaviour:
 | fake-drop      | streams two chunks, then drops the connection                    |
 | fake-long      | streams a chunk every 50 ms for a minute; `GET /stats` counts the |
 |                | streams whose client went away before the end                    |
+| scripted       | chat answers from a script: `POST /script` sets the replies, each |
+|                | `{"content": ...}` or `{"tool_calls": [{"name", "arguments"}]}`, |
+|                | optional `"delay_s"`, `"repeat": true` (kept for every later     |
+|                | call); `GET /script` returns the requests received since         |
 
     python -m tests.fakes.openai_server --port 9100 [--slow-s 5]
 """
@@ -25,7 +29,16 @@ from typing import Any
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
-MODELS = ["fake", "fake-slow", "fake-500", "fake-400", "fake-garbage", "fake-drop", "fake-long"]
+MODELS = [
+    "fake",
+    "fake-slow",
+    "fake-500",
+    "fake-400",
+    "fake-garbage",
+    "fake-drop",
+    "fake-long",
+    "scripted",
+]
 JSON = [(b"content-type", b"application/json")]
 
 
@@ -66,6 +79,8 @@ class FakeUpstream:
     def __init__(self, slow_s: float = 5.0) -> None:
         self.slow_s = slow_s
         self.disconnects = 0
+        self.script: list[dict[str, Any]] = []
+        self.seen: list[dict[str, Any]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -76,6 +91,9 @@ class FakeUpstream:
         path = scope["path"]
         if path == "/stats":
             await _respond(send, 200, orjson.dumps({"disconnects": self.disconnects}))
+            return
+        if path == "/script":
+            await self._script(scope, receive, send)
             return
         if path == "/v1/models":
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in MODELS]
@@ -90,6 +108,9 @@ class FakeUpstream:
         req = orjson.loads(body or b"{}")
         model = req.get("model", "fake")
         chat = path.endswith("/chat/completions")
+        if model == "scripted":
+            await self._scripted(send, req)
+            return
         if model == "fake-slow":
             await asyncio.sleep(self.slow_s)
         if model == "fake-500":
@@ -157,6 +178,63 @@ class FakeUpstream:
             await asyncio.sleep(0.05)
         gone.cancel()
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    async def _script(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "POST":
+            body = b""
+            while True:
+                msg = await receive()
+                body += msg.get("body", b"")
+                if not msg.get("more_body"):
+                    break
+            self.script = list(orjson.loads(body)["replies"])
+            self.seen = []
+        await _respond(send, 200, orjson.dumps({"requests": self.seen, "left": len(self.script)}))
+
+    async def _scripted(self, send: Send, req: dict[str, Any]) -> None:
+        self.seen.append(req)
+        if not self.script:
+            await _respond(send, 500, b'{"error": {"message": "script exhausted", "type": "x"}}')
+            return
+        reply = self.script[0] if self.script[0].get("repeat") else self.script.pop(0)
+        await asyncio.sleep(float(reply.get("delay_s", 0)))
+        message: dict[str, Any] = {"role": "assistant", "content": reply.get("content")}
+        if "tool_calls" in reply:
+            message["tool_calls"] = [
+                {
+                    "id": f"call_{len(self.seen)}_{i}",
+                    "type": "function",
+                    "function": {
+                        "name": c["name"],
+                        "arguments": c["arguments"]
+                        if isinstance(c["arguments"], str)
+                        else orjson.dumps(c["arguments"]).decode(),
+                    },
+                }
+                for i, c in enumerate(reply["tool_calls"])
+            ]
+        prompt = len(orjson.dumps(req.get("messages", []))) // 4
+        completion = len(orjson.dumps(message)) // 4
+        body = {
+            "id": f"scripted-{len(self.seen)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": "scripted",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": "tool_calls" if "tool_calls" in reply else "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
+        }
+        await _respond(send, 200, orjson.dumps(body))
 
 
 async def _respond(send: Send, status: int, body: bytes) -> None:

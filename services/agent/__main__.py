@@ -1,0 +1,3 @@
+from services.agent.app import main
+
+main()

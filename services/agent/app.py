@@ -1,0 +1,76 @@
+"""The agent service: runs stored in SQL, executed as tasks, tools in their sandboxes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.agent.clients import ModelClient, RetrievalClient
+from services.agent.config import AgentSettings
+from services.agent.metrics import AgentMetrics
+from services.agent.routes import router
+from services.agent.runner import Runner, Services
+from services.agent.runs import RunStore
+from services.agent.tools.chemistry import ChemSandbox
+from services.common.app import build_app, serve
+
+INTERRUPTED = {
+    "code": "interrupted",
+    "message": "the agent service restarted during this run; the steps so far are kept",
+}
+
+
+def create_app(settings: AgentSettings | None = None) -> FastAPI:
+    s = settings or AgentSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = RunStore(s.db_url())
+        for run_id in await asyncio.to_thread(store.interrupted):
+            await asyncio.to_thread(store.finish, run_id, "failed", error=INTERRUPTED)
+        chemistry = ChemSandbox(
+            s.chem_workers, s.chem_timeout_s, s.chem_memory_mb, s.chem_max_atoms
+        )
+        await chemistry.start()
+        model = ModelClient(s.gateway_url, s.internal_token)
+        retrieval = RetrievalClient(s.retrieval_url, s.internal_token)
+        services = Services(s, store, model, retrieval, chemistry, AgentMetrics(app.state.registry))
+        runner = Runner(services)
+        app.state.store, app.state.runner = store, runner
+        app.state.model, app.state.retrieval, app.state.chemistry = model, retrieval, chemistry
+        try:
+            yield
+        finally:
+            await runner.close()
+            await chemistry.close()
+            await model.aclose()
+            await retrieval.aclose()
+            store.engine.dispose()
+
+    async def chemistry_ready() -> None:
+        await api.state.chemistry.ready()
+
+    api = build_app(
+        "agent",
+        lifespan=lifespan,
+        ready_checks=[("chemistry", chemistry_ready)],
+        body_limit=s.max_body_bytes,
+        title="Crucible agent",
+        version="0.1.0",
+    )
+    api.state.settings = s
+    api.state.internal_token = s.internal_token
+    api.include_router(router())
+    return api
+
+
+def main() -> None:
+    s = AgentSettings()
+    serve("agent", create_app(s), s)
+
+
+if __name__ == "__main__":
+    main()

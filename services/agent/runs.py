@@ -1,0 +1,173 @@
+"""Agent runs and their steps in SQL (SQLite or PostgreSQL), scoped by owner.
+
+A run row holds what the run was asked (messages, tools, stores, budgets, system prompt, all
+fixed at creation) and how it ended; each step is appended as it completes, so a retrieve
+during the run shows every step so far, and a crash loses at most the step in flight.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, func, select, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from services.common.db import make_engine, make_sessionmaker
+from services.common.errors import NotFound
+from services.common.pagination import PageQuery, listing, page
+
+ACTIVE = ("queued", "in_progress")
+FINAL = ("completed", "incomplete", "failed", "cancelled")
+STATUSES = ACTIVE + FINAL
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RunRow(Base):
+    __tablename__ = "agent_runs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    key_id: Mapped[str] = mapped_column(String(40))
+    model: Mapped[str] = mapped_column(String(256))
+    mode: Mapped[str] = mapped_column(String(16))
+    instructions: Mapped[str] = mapped_column(String(20_000))
+    # Delimits untrusted text in this run's prompts (prompt.py); never shown to callers.
+    nonce: Mapped[str] = mapped_column(String(32))
+    messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    tools: Mapped[list[str]] = mapped_column(JSON)
+    vector_store_ids: Mapped[list[str]] = mapped_column(JSON)
+    budgets: Mapped[dict[str, int]] = mapped_column(JSON)
+    metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    usage: Mapped[dict[str, int]] = mapped_column(JSON)
+    # wall, model, tools and the loop's own time, in ms (the loop's is what the agent adds).
+    timings: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
+    incomplete_details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[int] = mapped_column(Integer, index=True)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class StepRow(Base):
+    __tablename__ = "agent_steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("agent_runs.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+def new_run_id() -> str:
+    return "run_" + secrets.token_hex(12)
+
+
+def run_object(row: RunRow, steps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "id": row.id,
+        "object": "agent.run",
+        "created_at": row.created_at,
+        "started_at": row.started_at,
+        "completed_at": row.completed_at,
+        "status": row.status,
+        "model": row.model,
+        "mode": row.mode,
+        "instructions": row.instructions,
+        "tools": row.tools,
+        "vector_store_ids": row.vector_store_ids,
+        "budgets": row.budgets,
+        "usage": row.usage,
+        "timings": row.timings,
+        "output": row.output,
+        "incomplete_details": row.incomplete_details,
+        "error": row.error,
+        "metadata": row.metadata_,
+    }
+    if steps is not None:
+        obj["steps"] = steps
+    return obj
+
+
+class RunStore:
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self.sessions = make_sessionmaker(self.engine)
+
+    def create(self, row: RunRow) -> RunRow:
+        with self.sessions.begin() as s:
+            s.add(row)
+        return row
+
+    def get(self, run_id: str, owner: str) -> RunRow:
+        """The run, if it is the owner's; another owner's id is indistinguishable from none."""
+        with self.sessions() as s:
+            row = s.get(RunRow, run_id)
+        if row is None or row.owner != owner:
+            raise NotFound(f"No run found with id '{run_id}'.", param="run_id")
+        return row
+
+    def steps(self, run_id: str) -> list[dict[str, Any]]:
+        stmt = select(StepRow.data).where(StepRow.run_id == run_id).order_by(StepRow.index)
+        with self.sessions() as s:
+            return list(s.scalars(stmt).all())
+
+    def add_step(
+        self, run_id: str, index: int, data: dict[str, Any], usage: dict[str, int]
+    ) -> None:
+        with self.sessions.begin() as s:
+            s.add(StepRow(run_id=run_id, index=index, data=data))
+            s.execute(update(RunRow).where(RunRow.id == run_id).values(usage=usage))
+
+    def start(self, run_id: str) -> None:
+        with self.sessions.begin() as s:
+            s.execute(
+                update(RunRow)
+                .where(RunRow.id == run_id, RunRow.status == "queued")
+                .values(status="in_progress", started_at=time.time())
+            )
+
+    def finish(self, run_id: str, status: str, **values: Any) -> RunRow:
+        """The run's end state; a run ends once (a later call changes nothing)."""
+        with self.sessions.begin() as s:
+            s.execute(
+                update(RunRow)
+                .where(RunRow.id == run_id, RunRow.status.in_(ACTIVE))
+                .values(status=status, completed_at=time.time(), **values)
+            )
+            row = s.get(RunRow, run_id)
+        assert row is not None
+        return row
+
+    def request_cancel(self, run_id: str, owner: str) -> RunRow:
+        self.get(run_id, owner)
+        with self.sessions.begin() as s:
+            s.execute(update(RunRow).where(RunRow.id == run_id).values(cancel_requested=True))
+        return self.get(run_id, owner)
+
+    def cancel_requested(self, run_id: str) -> bool:
+        with self.sessions() as s:
+            return bool(s.scalar(select(RunRow.cancel_requested).where(RunRow.id == run_id)))
+
+    def list_runs(self, owner: str, q: PageQuery) -> dict[str, Any]:
+        with self.sessions() as s:
+            stmt = select(RunRow).where(RunRow.owner == owner)
+            rows, more = page(s, stmt, RunRow.created_at, RunRow.id, q)
+        return listing([run_object(r) for r in rows], more)
+
+    def interrupted(self) -> list[str]:
+        """Runs left active by a previous process (it stopped mid-run)."""
+        with self.sessions() as s:
+            return list(s.scalars(select(RunRow.id).where(RunRow.status.in_(ACTIVE))).all())
+
+    def counts(self) -> dict[str, int]:
+        with self.sessions() as s:
+            rows = s.execute(select(RunRow.status, func.count()).group_by(RunRow.status)).all()
+        return {status: n for status, n in rows}
