@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import orjson
 
 from bench._load import LoadResult, closed_loop, median, write_result
+from services.common.upstream import Pool
 from services.gateway.keys import KeyStore
-from services.gateway.upstream import Pool
 from services.stack import Ports, Stack, StackConfig, _free_port, _http_ok, _port_busy
 
 ROOT = Path(__file__).resolve().parents[1]

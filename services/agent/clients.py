@@ -10,11 +10,13 @@ import asyncio
 import time
 from typing import Any
 
-import httpx
+import orjson
 from pydantic import SecretStr
 
 from services.common.http import make_client
+from services.common.logging import request_id
 from services.common.tenancy import internal_headers
+from services.common.upstream import Pool, UpstreamConnectError, UpstreamProtocolError
 
 KEY_HEADER = "x-crucible-key-id"
 RETRYABLE = (429, 503)
@@ -29,7 +31,10 @@ class ModelCallError(Exception):
 
 class ModelClient:
     def __init__(self, gateway_url: str, token: SecretStr) -> None:
-        self.http = make_client(gateway_url, read=600.0)
+        # Each step's call is on the lean keep-alive client (the gateway's own): httpx costs
+        # more per request than the loop's whole overhead budget. Cold calls use httpx.
+        self.pool = Pool(gateway_url)
+        self.http = make_client(gateway_url, read=60.0)
         self.token = token
 
     async def chat(
@@ -37,27 +42,36 @@ class ModelClient:
     ) -> dict[str, Any]:
         """One chat completion; retries a 429/503 while the run's deadline allows."""
         headers = internal_headers(self.token, owner) | {KEY_HEADER: key_id}
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+        raw += [(b"content-type", b"application/json")]
+        if rid := request_id.get():
+            raw.append((b"x-request-id", rid.encode()))
+        payload = orjson.dumps(body)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
             try:
-                resp = await self.http.post(
-                    "/v1/chat/completions", json=body, headers=headers, timeout=left
-                )
-            except httpx.TimeoutException:
-                raise TimeoutError from None
-            except httpx.HTTPError as exc:
-                msg = f"the gateway is unreachable ({type(exc).__name__})"
-                raise ModelCallError(503, msg) from None
-            if resp.status_code == 200:
-                answer: dict[str, Any] = resp.json()
+                async with asyncio.timeout(left):
+                    resp = await self.pool.request(
+                        b"POST", b"/v1/chat/completions", payload, raw, connect_timeout=1.0
+                    )
+                    try:
+                        data = await resp.read()
+                    finally:
+                        resp.release()
+            except UpstreamConnectError:
+                raise ModelCallError(503, "the gateway is unreachable") from None
+            except UpstreamProtocolError:
+                raise ModelCallError(502, "the gateway broke the connection") from None
+            if resp.status == 200:
+                answer: dict[str, Any] = orjson.loads(data)
                 return answer
-            wait = float(resp.headers.get("retry-after", "1") or 1)
-            if resp.status_code in RETRYABLE and time.monotonic() + wait < deadline:
+            wait = _retry_after(resp.headers)
+            if resp.status in RETRYABLE and time.monotonic() + wait < deadline:
                 await asyncio.sleep(wait)
                 continue
-            raise ModelCallError(resp.status_code, _message(resp))
+            raise ModelCallError(resp.status, _message(data, resp.status))
 
     async def models(self, key_id: str, owner: str) -> set[str]:
         """The model ids the key may use."""
@@ -67,6 +81,7 @@ class ModelClient:
         return {m["id"] for m in resp.json()["data"]}
 
     async def aclose(self) -> None:
+        await self.pool.aclose()
         await self.http.aclose()
 
 
@@ -98,8 +113,18 @@ class RetrievalClient:
         await self.http.aclose()
 
 
-def _message(resp: httpx.Response) -> str:
+def _message(body: bytes, status: int) -> str:
     try:
-        return str(resp.json()["error"]["message"])[:500]
+        return str(orjson.loads(body)["error"]["message"])[:500]
     except (ValueError, KeyError, TypeError):
-        return f"HTTP {resp.status_code}"
+        return f"HTTP {status}"
+
+
+def _retry_after(headers: list[tuple[bytes, bytes]]) -> float:
+    for name, value in headers:
+        if name.lower() == b"retry-after":
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                break
+    return 1.0

@@ -34,6 +34,53 @@ CHARS_PER_TOKEN = 2
 MIN_STEP_TOKENS = 32
 
 
+class StepLog:
+    """A run's steps, written behind the loop: each batch in one transaction off the event
+    loop, so the loop never waits for SQL. `flush` before the run's end state is written; a
+    crash loses at most the steps of the last few milliseconds."""
+
+    def __init__(self, store: Any, run_id: str) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.pending: list[dict[str, Any]] = []
+        self.writing: list[dict[str, Any]] = []
+        self.usage: dict[str, int] = {}
+        self.cancel_requested = False
+        self.error: Exception | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, step: dict[str, Any], usage: dict[str, int]) -> None:
+        if self.error is not None:  # storage failed: the run must not go on unrecorded
+            raise self.error
+        self.pending.append(step)
+        self.usage = dict(usage)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while self.pending and self.error is None:
+            self.writing, self.pending = self.pending, []
+            try:
+                cancel = await asyncio.to_thread(
+                    self.store.add_steps, self.run_id, self.writing, self.usage
+                )
+            except Exception as exc:
+                log.exception("storing steps failed", extra={"run_id": self.run_id})
+                self.error = exc
+                return
+            self.cancel_requested |= cancel
+            self.writing = []
+
+    def unwritten(self) -> list[dict[str, Any]]:
+        return [*self.writing, *self.pending]
+
+    async def flush(self) -> None:
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+        if self.error is not None:
+            raise self.error
+
+
 class Finished(Exception):
     """Ends the run with a status and its fields."""
 
@@ -61,6 +108,7 @@ class Execution:
     unsent_chars: int = 0
 
     def __post_init__(self) -> None:
+        self.log = StepLog(self.services.store, self.row.id)
         self.tools: list[Tool] = [TOOLS[name] for name in self.row.tools]
         self.allowed = {t.name: t for t in self.tools}
         b = self.row.budgets
@@ -97,7 +145,7 @@ class Execution:
 
     async def _step(self) -> None:
         sv = self.services
-        if await asyncio.to_thread(sv.store.cancel_requested, self.row.id):
+        if self.log.cancel_requested:  # by another process; this one cancels the task itself
             raise Finished("cancelled")
         max_tokens = self._step_allowance()
         body: dict[str, Any] = {
@@ -114,9 +162,7 @@ class Execution:
         try:
             answer = await sv.model.chat(self.row.key_id, self.row.owner, body, self.deadline)
         except ModelCallError as exc:
-            await self._record(
-                {"type": "model_call", "duration_ms": _ms(call0), "error": exc.message}
-            )
+            self._record({"type": "model_call", "duration_ms": _ms(call0), "error": exc.message})
             code = "model_unavailable" if exc.status >= 500 else "model_error"
             raise Finished(
                 "failed", error={"code": code, "message": exc.message, "status": exc.status}
@@ -148,7 +194,7 @@ class Execution:
         )
         if problem:
             step["error"] = problem
-        await self._record(step)
+        self._record(step)
         if self.usage["total_tokens"] > self.row.budgets["max_tokens"]:
             raise Finished("incomplete", incomplete_details={"reason": "max_tokens"})
         self._remember(message)
@@ -241,7 +287,7 @@ class Execution:
             sv.metrics.tool_seconds.labels(name).observe(elapsed)
         step |= {"status": "ok" if error is None else "error", "duration_ms": _ms(t0)}
         step |= {"result": result} if error is None else {"error": error}
-        await self._record(step)
+        self._record(step)
         self._observe(call_id, name, error is None, result if error is None else error)
 
     def _remember(self, message: dict[str, Any]) -> None:
@@ -267,11 +313,10 @@ class Execution:
             "unresolved_citations": [c for c in final.get("citations", []) if c not in sources],
         }
 
-    async def _record(self, step: dict[str, Any]) -> None:
+    def _record(self, step: dict[str, Any]) -> None:
         step = {"index": self.index, **step}
         self.index += 1
-        store = self.services.store
-        await asyncio.to_thread(store.add_step, self.row.id, step["index"], step, self.usage)
+        self.log.add(step, self.usage)
         self.emit("run.step", step)
 
 

@@ -86,10 +86,8 @@ def router() -> APIRouter:
         return request.app.state.store.list_runs(owner, page)
 
     @r.get("/v1/agent/runs/{run_id}")
-    def retrieve(run_id: str, request: Request, owner: Owner) -> dict[str, Any]:
-        store: RunStore = request.app.state.store
-        row = store.get(run_id, owner)
-        return run_object(row, store.steps(run_id))
+    async def retrieve(run_id: str, request: Request, owner: Owner) -> dict[str, Any]:
+        return await _with_steps(request, run_id, owner)
 
     @r.post("/v1/agent/runs/{run_id}/cancel")
     async def cancel(run_id: str, request: Request, owner: Owner) -> dict[str, Any]:
@@ -99,10 +97,19 @@ def router() -> APIRouter:
             raise InvalidRequest(f"Cannot cancel run with status '{row.status}'.", param="run_id")
         await asyncio.to_thread(store.request_cancel, run_id, owner)
         await request.app.state.runner.cancel(run_id)
-        row = await asyncio.to_thread(store.get, run_id, owner)
-        return run_object(row, await asyncio.to_thread(store.steps, run_id))
+        return await _with_steps(request, run_id, owner)
 
     return r
+
+
+async def _with_steps(request: Request, run_id: str, owner: str) -> dict[str, Any]:
+    store: RunStore = request.app.state.store
+    unwritten = request.app.state.runner.unwritten(run_id)  # taken before reading SQL
+    row = await asyncio.to_thread(store.get, run_id, owner)
+    steps = await asyncio.to_thread(store.steps, run_id)
+    seen = {s["index"] for s in steps}
+    steps += [s for s in unwritten if s["index"] not in seen]
+    return run_object(row, steps)
 
 
 _NO_BUFFER = {"cache-control": "no-cache", "x-accel-buffering": "no"}

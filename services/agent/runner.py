@@ -33,6 +33,8 @@ class Runner:
     def __init__(self, services: Services) -> None:
         self.sv = services
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.executions: dict[str, Execution] = {}
+        self.ending: set[str] = set()
         self.owners: Counter[str] = Counter()
         self.listeners: dict[str, list[asyncio.Queue[Event]]] = {}
         self.stopping = False
@@ -52,6 +54,11 @@ class Runner:
         self.tasks[row.id] = asyncio.create_task(self._run(row), name=row.id)
         return queue
 
+    def unwritten(self, run_id: str) -> list[dict[str, Any]]:
+        """Steps of a run of this process not yet in SQL (written behind the loop)."""
+        ex = self.executions.get(run_id)
+        return ex.log.unwritten() if ex is not None else []
+
     def listen(self, run_id: str) -> asyncio.Queue[Event]:
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self.listeners.setdefault(run_id, []).append(queue)
@@ -61,16 +68,21 @@ class Runner:
         for queue in self.listeners.get(run_id, ()):
             queue.put_nowait(event)
 
-    def cancel_now(self, run_id: str) -> None:
-        if (task := self.tasks.get(run_id)) is not None:
-            task.cancel()
+    def cancel_now(self, run_id: str) -> bool:
+        """Interrupt a run of this process that is still executing (one that is writing its
+        end state is left to finish it)."""
+        task = self.tasks.get(run_id)
+        if task is None or run_id in self.ending:
+            return False
+        task.cancel()
+        return True
 
     async def cancel(self, run_id: str, wait_s: float = 2.0) -> None:
-        """Stop a run of this process now (a run of another process sees its cancel flag at its
-        next step)."""
+        """Stop a run of this process now and wait for its end state (a run of another process
+        sees its cancel flag at its next step)."""
         task = self.tasks.get(run_id)
         if task is not None:
-            task.cancel()
+            self.cancel_now(run_id)
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), wait_s)
 
@@ -80,6 +92,7 @@ class Runner:
         sv.metrics.active.inc()
         began = time.perf_counter()
         ex = Execution(row, sv, lambda name, data: self._emit(row.id, (name, data)))
+        self.executions[row.id] = ex
         try:
             await asyncio.to_thread(store.start, row.id)
             self._emit(row.id, ("run.in_progress", {"id": row.id, "status": "in_progress"}))
@@ -93,6 +106,7 @@ class Runner:
         except Exception:
             log.exception("run failed", extra={"run_id": row.id})
             end = Finished("failed", error={"code": "internal_error", "message": _INTERNAL})
+        self.ending.add(row.id)
         wall = time.perf_counter() - began
         loop_s = max(0.0, wall - ex.model_s - ex.tool_s)
         steps = ex.usage["model_calls"]
@@ -103,6 +117,10 @@ class Runner:
             "loop_ms": round(loop_s * 1000, 2),
         }
         try:
+            try:
+                await ex.log.flush()  # every step is stored before the end state
+            except Exception:
+                end = Finished("failed", error={"code": "internal_error", "message": _INTERNAL})
             final = await asyncio.to_thread(
                 store.finish, row.id, end.status, usage=ex.usage, timings=timings, **end.values
             )
@@ -115,18 +133,22 @@ class Runner:
                 "run ended",
                 extra={"run_id": row.id, "status": final.status, "steps": steps, **timings},
             )
+        except Exception:  # the database is away: a restart marks the run interrupted
+            log.exception("storing the run's end failed", extra={"run_id": row.id})
         finally:
             sv.metrics.active.dec()
             self._emit(row.id, None)
             self.listeners.pop(row.id, None)
             self.tasks.pop(row.id, None)
+            self.executions.pop(row.id, None)
+            self.ending.discard(row.id)
             self.owners[row.owner] -= 1
 
     async def close(self) -> None:
         self.stopping = True
         tasks = list(self.tasks.values())
-        for task in tasks:
-            task.cancel()
+        for run_id in list(self.tasks):
+            self.cancel_now(run_id)
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

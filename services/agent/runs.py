@@ -11,7 +11,18 @@ import secrets
 import time
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, func, select, update
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.common.db import make_engine, make_sessionmaker
@@ -119,12 +130,19 @@ class RunStore:
         with self.sessions() as s:
             return list(s.scalars(stmt).all())
 
-    def add_step(
-        self, run_id: str, index: int, data: dict[str, Any], usage: dict[str, int]
-    ) -> None:
-        with self.sessions.begin() as s:
-            s.add(StepRow(run_id=run_id, index=index, data=data))
-            s.execute(update(RunRow).where(RunRow.id == run_id).values(usage=usage))
+    def add_steps(self, run_id: str, steps: list[dict[str, Any]], usage: dict[str, int]) -> bool:
+        """Append steps and the usage so far in one transaction; returns whether a cancel was
+        requested (by any process), so the loop needs no query of its own for it."""
+        rows = [{"run_id": run_id, "index": st["index"], "data": st} for st in steps]
+        with self.engine.begin() as c:  # Core, not the ORM: this runs beside the loop
+            c.execute(insert(StepRow), rows)
+            flag = c.execute(
+                update(RunRow)
+                .where(RunRow.id == run_id)
+                .values(usage=usage)
+                .returning(RunRow.cancel_requested)
+            ).scalar()
+        return bool(flag)
 
     def start(self, run_id: str) -> None:
         with self.sessions.begin() as s:
@@ -151,10 +169,6 @@ class RunStore:
         with self.sessions.begin() as s:
             s.execute(update(RunRow).where(RunRow.id == run_id).values(cancel_requested=True))
         return self.get(run_id, owner)
-
-    def cancel_requested(self, run_id: str) -> bool:
-        with self.sessions() as s:
-            return bool(s.scalar(select(RunRow.cancel_requested).where(RunRow.id == run_id)))
 
     def list_runs(self, owner: str, q: PageQuery) -> dict[str, Any]:
         with self.sessions() as s:

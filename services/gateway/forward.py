@@ -29,10 +29,10 @@ from services.common.errors import (
 from services.common.logging import request_id
 from services.common.metrics import _incoming_request_id
 from services.common.tenancy import OWNER_HEADER
+from services.common.upstream import Pool, UpstreamConnectError, UpstreamProtocolError
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey
 from services.gateway.proxy import ClientGone, Proxy, read_body, send_error
-from services.gateway.upstream import Pool, UpstreamConnectError, UpstreamProtocolError
 
 log = logging.getLogger("crucible.gateway")
 

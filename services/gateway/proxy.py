@@ -31,17 +31,17 @@ from services.common.errors import (
 )
 from services.common.logging import request_id
 from services.common.metrics import _incoming_request_id
+from services.common.upstream import (
+    Response,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+)
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey, KeyStore
 from services.gateway.limits import Concurrency, RateLimiter, RedisUnavailable
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.owners import ModelOwners
 from services.gateway.routing import Backend, Router, choose
-from services.gateway.upstream import (
-    Response,
-    UpstreamConnectError,
-    UpstreamProtocolError,
-)
 from services.gateway.validation import check_request
 
 ON_BEHALF = ON_BEHALF_HEADER.encode()

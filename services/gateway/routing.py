@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from services.gateway.upstream import Pool, UpstreamConnectError, UpstreamProtocolError
+from services.common.upstream import Pool, UpstreamConnectError, UpstreamProtocolError
 
 log = logging.getLogger("crucible.gateway.routing")
 

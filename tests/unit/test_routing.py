@@ -3,8 +3,8 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.common.upstream import Pool
 from services.gateway.routing import Backend, choose
-from services.gateway.upstream import Pool
 
 fleets = st.lists(st.tuples(st.integers(0, 50), st.booleans()), min_size=0, max_size=8)
 

@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 client for the gateway's hot path: asyncio protocol + httptools' C parser.
+"""A lean HTTP/1.1 client for hot paths (the gateway, the agent): asyncio protocol + httptools.
 
 httpx costs a few hundred microseconds a request in pure Python; the gateway's budget for all its
 work is one millisecond. This client does only what forwarding needs: one request per pooled
