@@ -38,6 +38,7 @@ bench: up
 	@$(PY) bench/gateway.py --stack-var-dir var --stack-ports 8000 8080
 	@$(PY) bench/retrieval.py
 	@$(PY) bench/finetune.py
+	@$(PY) bench/agent.py
 
 clean: down
 	rm -rf var/run var/log

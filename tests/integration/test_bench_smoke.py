@@ -74,3 +74,15 @@ def test_finetune_bench_smoke_compares_the_worker_with_a_direct_call(
     assert data["direct_tokens_per_s"][0] > 0 and data["worker_tokens_per_s"][0] > 0
     assert data["median_ratio_worker_over_direct"] > 0
     assert data["queue_to_running_s"][0] >= 0
+
+
+def test_agent_bench_smoke_measures_the_loop_and_the_tools(redis_url: str, tmp_path: Path) -> None:
+    from bench import agent
+
+    out = tmp_path / "agent.json"
+    assert agent.main(["--smoke", "--redis-url", redis_url, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["loop"]["loop_overhead_ms_per_step"]["n"] == 2
+    assert data["loop"]["client_ms_per_step"]["direct_model_call"]["p50"] > 0
+    for tool in ("molecule_info", "similarity", "substructure_match"):
+        assert data["rdkit"][tool]["sandbox_ms"]["p50"] > 0

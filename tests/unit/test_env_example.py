@@ -3,6 +3,7 @@
 import pytest
 from pydantic import AliasChoices
 
+from services.agent.config import AgentSettings
 from services.common.config import ServiceSettings
 from services.finetune.config import FinetuneSettings
 from services.gateway.config import GatewaySettings
@@ -27,6 +28,6 @@ def _env_names(cls: type[ServiceSettings]) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("settings", [GatewaySettings, RetrievalSettings, FinetuneSettings])
+@pytest.mark.parametrize("settings", [GatewaySettings, RetrievalSettings, FinetuneSettings, AgentSettings])
 def test_every_setting_is_in_env_example(settings: type[ServiceSettings]) -> None:
     assert _env_names(settings) - DOCUMENTED == set()
