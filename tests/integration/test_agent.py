@@ -423,6 +423,52 @@ def test_bad_requests_are_refused_before_a_run_starts(
     assert direct.status_code == 401  # the service answers only the gateway
 
 
+def test_a_revoked_key_stops_its_runs_and_metrics_count_what_happened(
+    env: Env, client: openai.OpenAI
+) -> None:
+    from services.gateway.keys import KeyStore
+
+    store = KeyStore(f"sqlite:///{env.var / 'gateway.db'}")
+    secret, described = store.create("agent-carol")
+    carol = openai.OpenAI(base_url=f"{env.gw.url}/v1", api_key=secret, max_retries=0)
+    env.script({**act("calculator", expression="1+1"), "delay_s": 0.5, "repeat": True})
+    run = create(carol, tools=["calculator"], budgets={"max_steps": 50, "max_seconds": 30})
+    time.sleep(0.6)
+    store.revoke(described["id"])
+    store.engine.dispose()
+    run = _wait_as(env, run["id"], 20)
+    assert run["status"] == "failed"
+    assert run["error"]["status"] == 401  # the gateway refused the revoked key's next step
+
+    metrics = httpx.get(f"{env.agent.url}/metrics").text
+    assert 'crucible_agent_runs_total{status="completed"}' in metrics
+    assert _sample(metrics, 'crucible_agent_tool_calls_total{outcome="ok",tool="calculator"}') > 0
+    assert _sample(metrics, 'crucible_agent_tool_calls_total{outcome="refused",tool="unknown"}') > 0
+    assert _sample(metrics, "crucible_agent_run_steps_count") > 0
+    assert _sample(metrics, 'crucible_agent_tool_duration_seconds_count{tool="molecule_info"}') > 0
+
+
+def _sample(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not exported")
+
+
+def _wait_as(env: Env, run_id: str, timeout: float) -> dict[str, Any]:
+    """Poll with the agent service's own view (the revoked key can no longer read it)."""
+    headers = {"authorization": "Bearer dev-internal-token", "x-crucible-owner": "agent-carol"}
+    deadline = time.monotonic() + timeout
+    while True:
+        run: dict[str, Any] = httpx.get(
+            f"{env.agent.url}/v1/agent/runs/{run_id}", headers=headers
+        ).json()
+        if run["status"] not in ("queued", "in_progress"):
+            return run
+        assert time.monotonic() < deadline, run["status"]
+        time.sleep(0.1)
+
+
 def test_a_run_interrupted_by_a_restart_ends_failed_with_its_steps_kept(
     env: Env, client: openai.OpenAI, tmp_path: Path
 ) -> None:

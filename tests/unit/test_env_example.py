@@ -28,6 +28,8 @@ def _env_names(cls: type[ServiceSettings]) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("settings", [GatewaySettings, RetrievalSettings, FinetuneSettings, AgentSettings])
+@pytest.mark.parametrize(
+    "settings", [GatewaySettings, RetrievalSettings, FinetuneSettings, AgentSettings]
+)
 def test_every_setting_is_in_env_example(settings: type[ServiceSettings]) -> None:
     assert _env_names(settings) - DOCUMENTED == set()
