@@ -55,14 +55,13 @@ def create_app(settings: AgentSettings | None = None) -> FastAPI:
 
     api = build_app(
         "agent",
+        settings=s,
         lifespan=lifespan,
         ready_checks=[("chemistry", chemistry_ready)],
         body_limit=s.max_body_bytes,
         title="Crucible agent",
         version="0.1.0",
     )
-    api.state.settings = s
-    api.state.internal_token = s.internal_token
     api.include_router(router())
     return api
 

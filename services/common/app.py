@@ -25,12 +25,18 @@ def build_app(
     ready_checks: Iterable[tuple[str, ReadyCheck]] = (),
     check_timeout: float = 2.0,
     body_limit: int | LimitFor = 1 << 20,
+    settings: Any = None,
     **fastapi_kwargs: Any,
 ) -> FastAPI:
+    """A service's app; with `settings`, they and the internal token (`tenancy`) are in
+    `app.state`."""
     registry = CollectorRegistry()
     fastapi_kwargs.setdefault("title", f"crucible-{service}")
     app = FastAPI(lifespan=lifespan, **fastapi_kwargs)
     app.state.registry = registry
+    if settings is not None:
+        app.state.settings = settings
+        app.state.internal_token = settings.internal_token
     app.state.http_metrics = HttpMetrics(service, registry)
     install_error_handlers(app)
     checks = list(ready_checks)

@@ -135,13 +135,12 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
 
     api = build_app(
         "finetune",
+        settings=s,
         lifespan=lifespan,
         ready_checks=[("redis", redis_ready)],
         title="Crucible fine-tuning",
         version="0.1.0",
     )
-    api.state.settings = s
-    api.state.internal_token = s.internal_token
     api.include_router(router())
     return api
 

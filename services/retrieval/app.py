@@ -72,14 +72,13 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
 
     api = build_app(
         "retrieval",
+        settings=s,
         lifespan=lifespan,
         ready_checks=[("milvus", milvus_ready)],
         body_limit=limit_for,
         title="Crucible retrieval",
         version="0.1.0",
     )
-    api.state.settings = s
-    api.state.internal_token = s.internal_token
     for module in (embeddings, files, stores):
         api.include_router(module.router())
     return api
