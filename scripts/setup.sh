@@ -67,12 +67,25 @@ fi
 # 3. Dev models (random weights from fixed seeds; skipped when their inputs are unchanged).
 .venv/bin/python -m services.inference.devmodels var/models | sed 's/^/setup: /'
 
-# 4. Tools the stack runs as processes: Redis (job queue, rate limits).
-if ! command -v redis-server >/dev/null 2>&1; then
+# 4. Tools the stack runs as processes, from Debian's packages: Redis (job queue, rate limits)
+#    and Prometheus (monitoring; its promtool checks the alert rules in the tests).
+apt_install() {  # package, what to say when it cannot be installed here
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    log "installing redis-server"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    log "installing $1"
+    # The stack runs its own servers: keep the package from starting a system daemon on the
+    # same port (policy-rc.d is honoured by both sysvinit and systemd hooks).
+    local policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+      policy=1
+    fi
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$1" >/dev/null
+    if [ -n "$policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
   else
-    log "redis-server not found: install it (apt-get install redis-server) or set CRUCIBLE_REDIS_URL"
+    log "$1 not found: $2"
   fi
-fi
+}
+command -v redis-server >/dev/null 2>&1 || \
+  apt_install redis-server "install it (apt-get install redis-server) or set CRUCIBLE_REDIS_URL"
+command -v prometheus >/dev/null 2>&1 || \
+  apt_install prometheus "install it (apt-get install prometheus); the stack runs without monitoring"

@@ -4,6 +4,9 @@
                          [--max-concurrency 32] [--admin]
     crucible keys list [--owner alice]
     crucible keys revoke KEY_ID
+    crucible plan --profile gpu-ep [--max-model-len N]
+    crucible plan --model DIR|config.json --gpus 5090,pro6000 [--tp 2] [--pp 1] [--dp 1] [--ep]
+                  [--memory-fraction 0.9] [--max-model-len 32768] [--quantization fp8]
 
 Keys are written to the gateway's database (CRUCIBLE_GATEWAY_DATABASE_URL, or SQLite under
 CRUCIBLE_VAR_DIR); a running gateway sees a revocation within its key cache TTL (5 s).
@@ -51,6 +54,48 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from services.inference import planner, profiles
+
+    models_dir = Path(args.models_dir)
+    try:
+        if args.profile:
+            profile = profiles.load(args.profile)
+            shape, gpus, layout, s = planner.from_profile(profile, models_dir, args.max_model_len)
+            title = f"profile {profile.name}: {profile.model}"
+        else:
+            if not (args.model and args.gpus):
+                print("crucible plan: --profile, or --model with --gpus", file=sys.stderr)
+                return 2
+            path = planner.config_path(args.model, models_dir)
+            name = Path(args.model).stem if args.model.endswith(".json") else Path(args.model).name
+            shape = planner.Shape.from_config(path, name)
+            if args.quantization:
+                shape = replace(shape, quant=args.quantization)
+            gpus = args.gpus.split(",")
+            layout = planner.Layout(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep)
+            s = planner.Settings(
+                memory_fraction=args.memory_fraction, max_model_len=args.max_model_len or 8192
+            )
+            title = f"{shape.name} on {args.gpus}"
+        plan = planner.plan(shape, gpus, layout, s, title)
+    except (planner.PlanError, profiles.ProfileError) as exc:
+        print(f"crucible plan: {exc}", file=sys.stderr)
+        return 2
+    print(f"{shape.name}: {shape.total_params() / 1e9:.2f}B parameters")
+    print(planner.render(plan))
+    if len(plan.rows) > 1 or not plan.fits:
+        others = planner.alternatives(shape, gpus, layout, s) if gpus else []
+        if others:
+            print("\nAlternatives:")
+            for other in others:
+                print("  " + planner.summary(other))
+    return 0 if plan.fits else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crucible", description="Operate a Crucible platform.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,7 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     lst.add_argument("--owner")
     revoke = ksub.add_parser("revoke")
     revoke.add_argument("key_id")
+    plan = sub.add_parser("plan", help="check that a model fits the GPUs before launching vLLM")
+    plan.add_argument("--profile", help="a launch profile (deploy/inference/NAME.yaml)")
+    plan.add_argument("--model", help="a model directory or its config.json")
+    plan.add_argument("--gpus", help="comma-separated: 5090, pro6000, h100, h200")
+    plan.add_argument("--tp", type=int, default=1)
+    plan.add_argument("--pp", type=int, default=1)
+    plan.add_argument("--dp", type=int, default=1)
+    plan.add_argument("--ep", action="store_true", help="expert parallel")
+    plan.add_argument("--memory-fraction", type=float, default=0.9)
+    plan.add_argument("--max-model-len", type=int)
+    plan.add_argument("--quantization", choices=["fp8", "awq", "gptq", "bitsandbytes"])
+    plan.add_argument("--models-dir", default="var/models")
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return _plan(args)
     return _keys(args)
 
 

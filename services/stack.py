@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import yaml
+
+from services import monitoring
 from services.inference import profiles, readiness
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +38,7 @@ class Ports:
     retrieval: int = 8001
     finetune: int = 8002
     agent: int = 8003
+    prometheus: int = 9090
     redis: int = 6379
     finetune_worker: int = 8012  # the worker's /metrics
 
@@ -53,6 +58,10 @@ class Service:
     ready_timeout: float = 60.0
     # A server already answering on the port is used as it is (Redis on a developer's machine).
     adopt_existing: bool = False
+    # Runs before each start (Prometheus: writes its config for the stack's ports).
+    prepare: Callable[[], object] | None = field(default=None, compare=False)
+    # Monitoring: the stack runs without it where its program is not installed.
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,15 @@ class StackConfig:
     ports: Ports = Ports()
     profile: str = "cpu-dev"
     models_dir: Path = ROOT / "var" / "models"
+    scrape_interval: str = "5s"
+
+    def write_prometheus_config(self) -> Path:
+        ports = {f.name: getattr(self.ports, f.name) for f in fields(self.ports)}
+        path = self.var_dir / "prometheus" / "prometheus.yml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        config = monitoring.native_config(ports, self.scrape_interval)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
 
     def services(self) -> list[Service]:
         """Every service of the stack, in start order."""
@@ -71,6 +89,8 @@ class StackConfig:
         finetune_url = f"http://127.0.0.1:{self.ports.finetune}"
         worker_url = f"http://127.0.0.1:{self.ports.finetune_worker}"
         agent_url = f"http://127.0.0.1:{self.ports.agent}"
+        prometheus_url = f"http://127.0.0.1:{self.ports.prometheus}"
+        prometheus_dir = self.var_dir / "prometheus"
         # Jobs queue in their own Redis database, apart from the gateway's counters.
         broker = f"redis://127.0.0.1:{self.ports.redis}/1"
         finetune_env = {
@@ -180,6 +200,22 @@ class StackConfig:
                 ready=lambda: _http_ok(f"{agent_url}/ready"),
                 ready_timeout=60,
             ),
+            Service(
+                name="prometheus",
+                argv=[
+                    "prometheus",
+                    f"--config.file={prometheus_dir / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={prometheus_dir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.ports.prometheus}",
+                    "--storage.tsdb.retention.time=7d",
+                ],
+                env={},
+                url=prometheus_url,
+                ready=lambda: _http_ok(f"{prometheus_url}/-/ready"),
+                ready_timeout=60,
+                prepare=self.write_prometheus_config,
+                optional=True,
+            ),
         ]
 
 
@@ -213,6 +249,10 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         chosen = [s for s in self.config.services() if not only or s.name in only]
         adopted = set()
+        missing = {s.name for s in chosen if s.optional and shutil.which(s.argv[0]) is None}
+        for name in sorted(missing):
+            echo(f"{name:<16} skipped: `{name}` is not installed (make setup installs it)")
+        chosen = [s for s in chosen if s.name not in missing]
         for svc in chosen:
             if svc.adopt_existing and self.pid(svc.name) is None and svc.ready():
                 adopted.add(svc.name)
@@ -233,6 +273,8 @@ class Stack:
                 f"{svc.name}: port {port} is taken by a process `make up` did not start"
             )
         env = {**os.environ, **svc.env, "CRUCIBLE_VAR_DIR": str(self.config.var_dir)}
+        if svc.prepare is not None:
+            svc.prepare()
         (self.config.var_dir / "redis").mkdir(parents=True, exist_ok=True)
         with open(self.log_path(svc.name), "ab") as log:
             # A session of its own: `down` stops the service with everything it spawned.

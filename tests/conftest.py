@@ -22,7 +22,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The native stack on free ports with its own var dir (and its own Redis), so it never
     meets a developer's `make up` stack."""
     config = StackConfig(
-        var_dir=tmp_path_factory.mktemp("stack-var"), ports=Ports.free(), models_dir=MODELS
+        var_dir=tmp_path_factory.mktemp("stack-var"),
+        ports=Ports.free(),
+        models_dir=MODELS,
+        scrape_interval="1s",  # Prometheus sees the tests' traffic within seconds
     )
     s = Stack(config)
     try:
@@ -76,3 +79,17 @@ def client(gateway_url: str, admin_key: str) -> Iterator[openai.OpenAI]:
     c = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=admin_key, max_retries=0)
     yield c
     c.close()
+
+
+def planner_vs_vllm(stack: Stack) -> tuple[int, int]:
+    """(tokens `crucible plan` predicts, tokens vLLM logged) for the stack's KV cache."""
+    import re
+
+    from services.inference import planner, profiles
+
+    logged = re.findall(r"KV cache size: ([\d,]+) tokens", stack.log_path("inference").read_text())
+    assert logged, "vLLM did not log its KV cache size"
+    profile = profiles.load(stack.config.profile)
+    shape, gpus, layout, settings = planner.from_profile(profile, stack.config.models_dir)
+    predicted = planner.plan(shape, gpus, layout, settings).kv_tokens
+    return predicted, int(logged[-1].replace(",", ""))

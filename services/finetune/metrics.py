@@ -26,6 +26,8 @@ class ApiMetrics:
             ["reason"],
             registry=registry,
         )
+        for reason in ("worker_lost", "message_lost"):
+            self.requeued.labels(reason)  # a dashboard shows 0, not "no data"
         self.adapters_restored = Counter(
             "crucible_finetune_adapters_restored_total",
             "Adapters loaded again into a restarted vLLM",

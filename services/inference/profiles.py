@@ -30,6 +30,8 @@ class Profile:
     vllm: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     gpus: tuple[int, ...] = ()
+    # The kind of each GPU in `gpus` (the planner's names: 5090, pro6000, h100, h200).
+    gpu_models: tuple[str, ...] = ()
     source: str | None = None
 
     def model_path(self, models_dir: Path) -> Path:
@@ -70,7 +72,17 @@ def _flag(key: str, value: Any) -> list[str]:
     return [opt, str(value)]
 
 
-_KNOWN = {"description", "model", "served_model_name", "device", "vllm", "env", "gpus", "source"}
+_KNOWN = {
+    "description",
+    "model",
+    "served_model_name",
+    "device",
+    "vllm",
+    "env",
+    "gpus",
+    "gpu_models",
+    "source",
+}
 
 
 def load(name: str, directory: Path = PROFILES_DIR) -> Profile:
@@ -86,6 +98,8 @@ def load(name: str, directory: Path = PROFILES_DIR) -> Profile:
             raise ProfileError(f"{path.name}: {key} is required")
     if data["device"] not in ("cpu", "cuda"):
         raise ProfileError(f"{path.name}: device must be cpu or cuda")
+    if data.get("gpu_models") and len(data["gpu_models"]) != len(data.get("gpus") or ()):
+        raise ProfileError(f"{path.name}: gpu_models must name each of gpus")
     return Profile(
         name=name,
         description=data.get("description", ""),
@@ -95,6 +109,7 @@ def load(name: str, directory: Path = PROFILES_DIR) -> Profile:
         vllm=dict(data.get("vllm") or {}),
         env={k: str(v) for k, v in (data.get("env") or {}).items()},
         gpus=tuple(int(g) for g in data.get("gpus") or ()),
+        gpu_models=tuple(str(g) for g in data.get("gpu_models") or ()),
         source=data.get("source"),
     )
 

@@ -7,7 +7,8 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.shared_params import ResponseFormatJSONSchema
 
-from tests.conftest import DENSE
+from services.stack import Stack
+from tests.conftest import DENSE, planner_vs_vllm
 
 MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "What is the molecular weight of water?"}
@@ -75,3 +76,8 @@ def test_json_schema_output_parses_and_validates(vllm_client: openai.OpenAI) -> 
         content = r.choices[0].message.content
         assert r.choices[0].finish_reason == "stop" and content is not None
         jsonschema.validate(json.loads(content), schema)
+
+
+def test_the_planner_predicts_the_kv_cache_vllm_allocates(stack: Stack, inference_url: str) -> None:
+    predicted, actual = planner_vs_vllm(stack)
+    assert abs(predicted - actual) <= 0.1 * actual, (predicted, actual)

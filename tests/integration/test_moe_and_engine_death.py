@@ -12,7 +12,7 @@ import pytest
 
 from services.inference import readiness
 from services.stack import Ports, Stack, StackConfig
-from tests.conftest import MODELS, MOE
+from tests.conftest import MODELS, MOE, planner_vs_vllm
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,11 @@ def test_moe_profile_serves_chat(moe_stack: Stack) -> None:
         model=MOE, messages=[{"role": "user", "content": "Name a solvent."}], max_tokens=5
     )
     assert r.usage is not None and r.usage.completion_tokens == 5
+
+
+def test_the_planner_predicts_the_moe_kv_cache_vllm_allocates(moe_stack: Stack) -> None:
+    predicted, actual = planner_vs_vllm(moe_stack)
+    assert abs(predicted - actual) <= 0.1 * actual, (predicted, actual)
 
 
 def _engine_core(launcher_pid: int) -> psutil.Process:

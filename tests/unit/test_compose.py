@@ -33,17 +33,45 @@ def test_each_native_service_runs_the_same_module_with_the_same_variables_in_com
             assert spec["command"][0] == "redis-server"
             assert "--appendonly" in spec["command"] and "--appendonly" in svc.argv
             continue
+        if svc.name == "prometheus":  # its own image; the same jobs (test below)
+            assert spec["image"].startswith("prom/prometheus:")
+            continue
         assert spec["command"][1:] == svc.argv[1:], svc.name  # argv[0] is the local python
         assert set(spec["environment"]) - COMPOSE_ONLY == set(svc.env), svc.name
 
 
 def test_only_the_gateway_publishes_a_port() -> None:
-    published = [name for name, spec in COMPOSE["services"].items() if spec.get("ports")]
-    assert published == ["gateway"]
+    bindings = {name: spec.get("ports", []) for name, spec in COMPOSE["services"].items()}
+    public = [
+        n for n, ports in bindings.items() if any(not p.startswith("127.0.0.1:") for p in ports)
+    ]
+    assert public == ["gateway"]
+    # Grafana is for ops on the host itself (or through an SSH tunnel), never the network.
+    assert [n for n, ports in bindings.items() if ports and n != "gateway"] == ["grafana"]
+
+
+def test_compose_prometheus_scrapes_what_the_native_one_does_and_more() -> None:
+    from services.monitoring import JOBS
+
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in config["scrape_configs"]}
+    assert set(JOBS) <= jobs
+    assert {"redis", "postgres", "milvus", "gpu"} <= jobs  # compose's exporters
+    mounts = COMPOSE["services"]["prometheus"]["volumes"]
+    assert "./deploy/prometheus:/etc/prometheus:ro" in mounts
 
 
 def test_stateful_services_keep_their_data_in_volumes() -> None:
-    for name in ("redis", "postgres", "retrieval", "milvus", "etcd", "minio"):
+    for name in (
+        "redis",
+        "postgres",
+        "retrieval",
+        "milvus",
+        "etcd",
+        "minio",
+        "prometheus",
+        "grafana",
+    ):
         assert any(
             v.split(":")[0] in COMPOSE["volumes"] for v in COMPOSE["services"][name]["volumes"]
         )

@@ -1,0 +1,321 @@
+"""Writes Crucible's Grafana dashboards (deploy/grafana/dashboards/*.json) from the panel lists
+below; a test checks the files are what this writes, and runs every query against a real
+Prometheus.
+
+    python deploy/grafana/build.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+DATASOURCE = {"type": "prometheus", "uid": "crucible-prometheus"}
+OUT = Path(__file__).resolve().parent / "dashboards"
+
+# A panel: (title, unit, [(expr, legend), ...]).
+Panel = tuple[str, str, list[tuple[str, str]]]
+
+HTTP = '{__name__=~"crucible_[a-z]+_http_requests_total"}'
+HTTP_5XX = '{__name__=~"crucible_[a-z]+_http_requests_total", status="5xx"}'
+HTTP_BUCKETS = '{__name__=~"crucible_[a-z]+_http_request_duration_seconds_bucket"}'
+
+
+def p95(metric: str, by: str = "", q: float = 0.95) -> str:
+    keys = ", ".join(["le", *([by] if by else [])])
+    return f"histogram_quantile({q}, sum by ({keys}) (rate({metric}[5m])))"
+
+
+def zero_if_none(expr: str, like: str) -> str:
+    """`expr`, or 0 for every series of `like`: a healthy service shows 0, not "no data"."""
+    return f"({expr}) or ({like} * 0)"
+
+
+DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
+    "overview": (
+        "Crucible / Overview",
+        [
+            (
+                "Requests per second",
+                "reqps",
+                [
+                    ("sum(rate(crucible_gateway_requests_total[1m]))", "gateway (API)"),
+                    (f"sum by (job) (rate({HTTP}[1m]))", "{{job}}"),
+                ],
+            ),
+            (
+                "5xx ratio",
+                "percentunit",
+                [
+                    (
+                        zero_if_none(
+                            'sum(rate(crucible_gateway_requests_total{status="5xx"}[5m]))'
+                            " / sum(rate(crucible_gateway_requests_total[5m]))",
+                            "sum(rate(crucible_gateway_requests_total[5m]))",
+                        ),
+                        "gateway (API)",
+                    ),
+                    (
+                        zero_if_none(
+                            f"sum by (job) (rate({HTTP_5XX}[5m]))"
+                            f" / sum by (job) (rate({HTTP}[5m]))",
+                            f"sum by (job) (rate({HTTP}[5m]))",
+                        ),
+                        "{{job}}",
+                    ),
+                ],
+            ),
+            (
+                "Duration p95",
+                "s",
+                [
+                    (p95("crucible_gateway_request_duration_seconds_bucket", "route"), "{{route}}"),
+                    (p95(HTTP_BUCKETS, "job"), "{{job}}"),
+                ],
+            ),
+            ("Targets up", "short", [("up", "{{job}}")]),
+        ],
+    ),
+    "inference": (
+        "Crucible / Inference",
+        [
+            (
+                "Time to first token",
+                "s",
+                [
+                    (p95("vllm:time_to_first_token_seconds_bucket", q=0.5), "vLLM p50"),
+                    (p95("vllm:time_to_first_token_seconds_bucket"), "vLLM p95"),
+                    (
+                        p95("crucible_gateway_time_to_first_token_seconds_bucket", "model"),
+                        "through the gateway p95 {{model}}",
+                    ),
+                ],
+            ),
+            (
+                "Inter-token latency",
+                "s",
+                [
+                    (p95("vllm:inter_token_latency_seconds_bucket", q=0.5), "p50"),
+                    (p95("vllm:inter_token_latency_seconds_bucket"), "p95"),
+                ],
+            ),
+            (
+                "Tokens per second",
+                "short",
+                [
+                    ("sum(rate(vllm:generation_tokens_total[1m]))", "generated"),
+                    ("sum(rate(vllm:prompt_tokens_total[1m]))", "prompt"),
+                ],
+            ),
+            (
+                "Requests running and waiting",
+                "short",
+                [
+                    ("sum(vllm:num_requests_running)", "running"),
+                    ("sum(vllm:num_requests_waiting)", "waiting"),
+                ],
+            ),
+            ("KV cache usage", "percentunit", [("max(vllm:kv_cache_usage_perc)", "used")]),
+            (
+                "Traffic per model and adapter",
+                "reqps",
+                [
+                    (
+                        "sum by (model) (rate(crucible_gateway_requests_total"
+                        '{route=~"/v1/(chat/)?completions"}[5m]))',
+                        "{{model}}",
+                    )
+                ],
+            ),
+        ],
+    ),
+    "retrieval": (
+        "Crucible / Retrieval",
+        [
+            (
+                "Search latency",
+                "s",
+                [
+                    (p95("crucible_retrieval_search_duration_seconds_bucket", "mode", 0.5), "p50 {{mode}}"),
+                    (p95("crucible_retrieval_search_duration_seconds_bucket", "mode"), "p95 {{mode}}"),
+                ],
+            ),
+            (
+                "Ingestion rate",
+                "short",
+                [
+                    ("sum(rate(crucible_retrieval_ingested_chunks_total[5m]))", "chunks/s"),
+                    (
+                        "sum by (source) (rate(crucible_retrieval_embedded_tokens_total[5m]))",
+                        "tokens/s embedded ({{source}})",
+                    ),
+                ],
+            ),
+            (
+                "Files ingested (last hour)",
+                "short",
+                [
+                    (
+                        "sum by (outcome) (increase(crucible_retrieval_ingested_files_total[1h]))",
+                        "{{outcome}}",
+                    )
+                ],
+            ),
+            (
+                "Stores and chunks",
+                "short",
+                [
+                    ("sum(crucible_retrieval_vector_stores)", "vector stores"),
+                    ("sum(crucible_retrieval_chunks)", "chunks"),
+                    ("sum(crucible_retrieval_ingesting_files)", "files being ingested"),
+                ],
+            ),
+        ],
+    ),
+    "finetune": (
+        "Crucible / Fine-tuning",
+        [
+            ("Jobs by status", "short", [("sum by (status) (crucible_finetune_jobs)", "{{status}}")]),
+            ("Queue depth", "short", [("sum(crucible_finetune_queue_depth)", "queued in Redis")]),
+            (
+                "Training tokens per second",
+                "short",
+                [
+                    ("max(crucible_finetune_tokens_per_second)", "last step"),
+                    ("sum(rate(crucible_finetune_trained_tokens_total[5m]))", "5 min average"),
+                ],
+            ),
+            (
+                "Step time",
+                "s",
+                [
+                    (p95("crucible_finetune_step_duration_seconds_bucket", q=0.5), "p50"),
+                    (p95("crucible_finetune_step_duration_seconds_bucket"), "p95"),
+                ],
+            ),
+            (
+                "Workers alive and requeues",
+                "short",
+                [
+                    ('sum(up{job="finetune-worker"})', "workers up"),
+                    (
+                        "sum by (reason) (increase(crucible_finetune_requeued_total[1h]))",
+                        "requeued: {{reason}}",
+                    ),
+                ],
+            ),
+        ],
+    ),
+    "agent": (
+        "Crucible / Agent",
+        [
+            (
+                "Runs ended (last hour)",
+                "short",
+                [("sum by (status) (increase(crucible_agent_runs_total[1h]))", "{{status}}")],
+            ),
+            ("Runs in progress", "short", [("sum(crucible_agent_runs_active)", "active")]),
+            (
+                "Steps per run",
+                "short",
+                [
+                    (p95("crucible_agent_run_steps_bucket", q=0.5), "p50"),
+                    (p95("crucible_agent_run_steps_bucket"), "p95"),
+                ],
+            ),
+            (
+                "Tool calls by outcome",
+                "reqps",
+                [
+                    (
+                        "sum by (tool, outcome) (rate(crucible_agent_tool_calls_total[5m]))",
+                        "{{tool}} {{outcome}}",
+                    )
+                ],
+            ),
+            (
+                "Tool latency p95",
+                "s",
+                [(p95("crucible_agent_tool_duration_seconds_bucket", "tool"), "{{tool}}")],
+            ),
+            (
+                "Loop overhead per step",
+                "s",
+                [(p95("crucible_agent_loop_overhead_seconds_bucket", q=0.5), "p50")],
+            ),
+        ],
+    ),
+    "gpu": (
+        "Crucible / GPU",
+        [
+            ("GPU utilisation", "percent", [("DCGM_FI_DEV_GPU_UTIL", "GPU {{gpu}} {{modelName}}")]),
+            (
+                "GPU memory used",
+                "percentunit",
+                [
+                    (
+                        "DCGM_FI_DEV_FB_USED / (DCGM_FI_DEV_FB_USED + DCGM_FI_DEV_FB_FREE)",
+                        "GPU {{gpu}} {{modelName}}",
+                    )
+                ],
+            ),
+            ("Power", "watt", [("DCGM_FI_DEV_POWER_USAGE", "GPU {{gpu}}")]),
+            ("Temperature", "celsius", [("DCGM_FI_DEV_GPU_TEMP", "GPU {{gpu}}")]),
+        ],
+    ),
+}
+
+
+def dashboard(uid: str, title: str, panels: list[Panel]) -> dict[str, Any]:
+    out = []
+    for i, (panel_title, unit, queries) in enumerate(panels):
+        out.append(
+            {
+                "id": i + 1,
+                "type": "timeseries",
+                "title": panel_title,
+                "datasource": DATASOURCE,
+                "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+                "options": {"legend": {"displayMode": "list", "placement": "bottom"}},
+                "targets": [
+                    {
+                        "refId": chr(ord("A") + j),
+                        "datasource": DATASOURCE,
+                        "expr": expr,
+                        "legendFormat": legend,
+                    }
+                    for j, (expr, legend) in enumerate(queries)
+                ],
+            }
+        )
+    return {
+        "uid": f"crucible-{uid}",
+        "title": title,
+        "tags": ["crucible"],
+        "timezone": "browser",
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": False,
+        "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"},
+        "templating": {"list": []},
+        "annotations": {"list": []},
+        "panels": out,
+    }
+
+
+def render() -> dict[str, str]:
+    """File name -> JSON text of every dashboard."""
+    return {
+        f"{uid}.json": json.dumps(dashboard(uid, title, panels), indent=2) + "\n"
+        for uid, (title, panels) in DASHBOARDS.items()
+    }
+
+
+if __name__ == "__main__":
+    OUT.mkdir(exist_ok=True)
+    for name, text in render().items():
+        (OUT / name).write_text(text)
+        print(f"wrote {OUT / name}")
