@@ -124,10 +124,8 @@ class Execution:
         self.response_format: dict[str, Any] | None = None
         self.native: list[dict[str, Any]] | None = None
         if self.row.mode == "structured":
-            self.response_format = {
-                "type": "json_schema",
-                "json_schema": {"name": "agent_action", "schema": prompt.action_schema(self.tools)},
-            }
+            self.response_format = _json_schema(prompt.action_schema(self.tools))
+            self.required_format = _json_schema(prompt.action_schema(self.tools, False))
         elif self.tools:
             self.native = prompt.native_tools(self.tools)
 
@@ -154,10 +152,15 @@ class Execution:
             "max_tokens": max_tokens,
             "temperature": sv.settings.temperature,
         }
+        first_required = self.row.tool_choice == "required" and not self.usage["model_calls"]
         if self.response_format:
-            body["response_format"] = self.response_format
+            body["response_format"] = (
+                self.required_format if first_required else self.response_format
+            )
         if self.native:
             body["tools"] = self.native
+            if first_required:
+                body["tool_choice"] = "required"
         call0 = time.perf_counter()
         try:
             answer = await sv.model.chat(self.row.key_id, self.row.owner, body, self.deadline)
@@ -323,6 +326,10 @@ class Execution:
 class _Unparsed:
     def __init__(self, text: Any) -> None:
         self.text = str(text)[:2000]
+
+
+def _json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "agent_action", "schema": schema}}
 
 
 def _plain(args: Any) -> Any:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.agent.tools import TOOLS
+
 
 class AgentMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -36,5 +38,11 @@ class AgentMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1),
             registry=registry,
         )
+        # Series present from the start: a dashboard shows 0, and rate() sees the first event.
         for status in ("completed", "incomplete", "failed", "cancelled"):
             self.runs.labels(status)
+        for tool in TOOLS:
+            for outcome in ("ok", "error", "invalid", "refused"):
+                self.tool_calls.labels(tool, outcome)
+            self.tool_seconds.labels(tool)
+        self.tool_calls.labels("unknown", "refused")

@@ -68,9 +68,9 @@ def system_prompt(nonce: str, tools: list[Tool], mode: str, extra: str | None) -
     return "\n\n".join(parts)
 
 
-def action_schema(tools: list[Tool]) -> dict[str, Any]:
+def action_schema(tools: list[Tool], final_allowed: bool = True) -> dict[str, Any]:
     """The JSON schema constraining structured mode's output: one allowed tool with its
-    arguments, or a final answer."""
+    arguments, or (unless a tool call is required) a final answer."""
     final = {
         "type": "object",
         "properties": {
@@ -85,7 +85,7 @@ def action_schema(tools: list[Tool]) -> dict[str, Any]:
         "required": ["action", "answer", "citations"],
         "additionalProperties": False,
     }
-    options: list[dict[str, Any]] = [final]
+    options: list[dict[str, Any]] = [final] if final_allowed else []
     for t in tools:
         options.append(
             {

@@ -55,6 +55,7 @@ class RunCreate(BaseModel):
     tools: Annotated[list[ToolName], Field(max_length=len(TOOLS))] = []
     vector_store_ids: Annotated[list[StrictStr], Field(max_length=10)] = []
     mode: Literal["auto", "structured", "native"] = "auto"
+    tool_choice: Literal["auto", "required"] = "auto"
     budgets: Budgets = Field(default_factory=Budgets)
     stream: bool = False
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
@@ -132,6 +133,8 @@ async def _new_run(body: RunCreate, owner: str, key_id: str, state: Any) -> RunR
         if budgets[name] > cap:
             raise InvalidRequest(f"budgets.{name} is at most {cap:g}", param=f"budgets.{name}")
     tools = list(dict.fromkeys(body.tools))
+    if body.tool_choice == "required" and not tools:
+        raise InvalidRequest("tool_choice 'required' needs at least one tool", param="tool_choice")
     if "search_documents" in tools and not body.vector_store_ids:
         raise InvalidRequest(
             "search_documents needs vector_store_ids to search", param="vector_store_ids"
@@ -154,6 +157,7 @@ async def _new_run(body: RunCreate, owner: str, key_id: str, state: Any) -> RunR
         nonce=nonce,
         messages=[m.model_dump() for m in body.messages],
         tools=tools,
+        tool_choice=body.tool_choice,
         vector_store_ids=list(dict.fromkeys(body.vector_store_ids)),
         budgets=budgets,
         metadata_=body.metadata,

@@ -51,6 +51,8 @@ class RunRow(Base):
     nonce: Mapped[str] = mapped_column(String(32))
     messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     tools: Mapped[list[str]] = mapped_column(JSON)
+    # "required": the first step must call a tool (say, search before answering); then "auto".
+    tool_choice: Mapped[str] = mapped_column(String(16), default="auto")
     vector_store_ids: Mapped[list[str]] = mapped_column(JSON)
     budgets: Mapped[dict[str, int]] = mapped_column(JSON)
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
@@ -92,6 +94,7 @@ def run_object(row: RunRow, steps: list[dict[str, Any]] | None = None) -> dict[s
         "mode": row.mode,
         "instructions": row.instructions,
         "tools": row.tools,
+        "tool_choice": row.tool_choice,
         "vector_store_ids": row.vector_store_ids,
         "budgets": row.budgets,
         "usage": row.usage,

@@ -19,6 +19,8 @@ class RetrievalMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        for mode in ("dense", "hybrid"):
+            self.search_seconds.labels(mode)  # present from the start: rate() sees the first
         self.embed_seconds = Histogram(
             p + "embedding_duration_seconds",
             "Time to embed one batch",

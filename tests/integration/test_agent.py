@@ -264,6 +264,33 @@ def test_cancel_mid_run(env: Env, client: openai.OpenAI) -> None:
         post(client, f"/agent/runs/{run['id']}/cancel")
 
 
+@pytest.mark.parametrize("mode", ["structured", "native"])
+def test_tool_choice_required_makes_the_first_step_a_tool_call(
+    env: Env, client: openai.OpenAI, mode: str
+) -> None:
+    if mode == "structured":
+        env.script(act("calculator", expression="1+1"), final("2", []))
+    else:
+        env.script(
+            {"tool_calls": [{"name": "calculator", "arguments": {"expression": "1+1"}}]},
+            {"content": "2"},
+        )
+    run = create(client, tools=["calculator"], mode=mode, tool_choice="required")
+    assert wait(client, run["id"])["status"] == "completed"
+    first, second = env.seen()
+    if mode == "structured":
+        actions = [
+            o["properties"]["action"]["enum"][0]
+            for o in first["response_format"]["json_schema"]["schema"]["anyOf"]
+        ]
+        assert actions == ["calculator"]  # no final answer on the first step
+        assert "final_answer" in json.dumps(second["response_format"])
+    else:
+        assert first["tool_choice"] == "required" and "tool_choice" not in second
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        create(client, tool_choice="required")
+
+
 def test_a_streamed_run_sends_each_step_as_it_happens(env: Env) -> None:
     env.script(act("calculator", expression="6*7"), final("42", []))
     body = {
