@@ -99,13 +99,7 @@ class FakeUpstream:
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in MODELS]
             await _respond(send, 200, orjson.dumps({"object": "list", "data": data}))
             return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        req = orjson.loads(body or b"{}")
+        req = orjson.loads(await _read_body(receive) or b"{}")
         model = req.get("model", "fake")
         chat = path.endswith("/chat/completions")
         if model == "scripted":
@@ -181,13 +175,7 @@ class FakeUpstream:
 
     async def _script(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] == "POST":
-            body = b""
-            while True:
-                msg = await receive()
-                body += msg.get("body", b"")
-                if not msg.get("more_body"):
-                    break
-            self.script = list(orjson.loads(body)["replies"])
+            self.script = list(orjson.loads(await _read_body(receive))["replies"])
             self.seen = []
         await _respond(send, 200, orjson.dumps({"requests": self.seen, "left": len(self.script)}))
 
@@ -235,6 +223,15 @@ class FakeUpstream:
             },
         }
         await _respond(send, 200, orjson.dumps(body))
+
+
+async def _read_body(receive: Receive) -> bytes:
+    body = b""
+    while True:
+        msg = await receive()
+        body += msg.get("body", b"")
+        if not msg.get("more_body"):
+            return body
 
 
 async def _respond(send: Send, status: int, body: bytes) -> None:
