@@ -18,7 +18,6 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
-    func,
     insert,
     select,
     update,
@@ -31,7 +30,6 @@ from services.common.pagination import PageQuery, listing, page
 
 ACTIVE = ("queued", "in_progress")
 FINAL = ("completed", "incomplete", "failed", "cancelled")
-STATUSES = ACTIVE + FINAL
 
 
 class Base(DeclarativeBase):
@@ -183,8 +181,3 @@ class RunStore:
         """Runs left active by a previous process (it stopped mid-run)."""
         with self.sessions() as s:
             return list(s.scalars(select(RunRow.id).where(RunRow.status.in_(ACTIVE))).all())
-
-    def counts(self) -> dict[str, int]:
-        with self.sessions() as s:
-            rows = s.execute(select(RunRow.status, func.count()).group_by(RunRow.status)).all()
-        return {status: n for status, n in rows}

@@ -25,7 +25,6 @@ TOOLS: dict[str, Tool] = {
             " to cite.",
             SearchArgs,
             search_documents,
-            untrusted_output=True,
         ),
         Tool(
             "molecule_info",

@@ -32,8 +32,6 @@ class Tool:
     description: str
     args: type[BaseModel]
     run: Callable[[Any, ToolContext], Awaitable[dict[str, Any]]]
-    # The output is outside text (documents): it reaches the model marked as untrusted data.
-    untrusted_output: bool = False
 
     def parameters(self) -> dict[str, Any]:
         """The arguments' JSON schema, without pydantic's titles (what the model reads)."""
