@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -402,6 +403,21 @@ def _port_busy(port: int) -> bool:
 
 
 def _free_port() -> int:
+    """A free port below the kernel's ephemeral range: a port the kernel hands out (bind to 0)
+    can be taken by any outgoing connection before the service binds it (seen once in a test
+    session: "port ... is taken")."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randint(20000, max(20001, low - 1))  # noqa: S311 (not a secret)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
