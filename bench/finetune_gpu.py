@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     loaded = time.perf_counter() - t0
+    import bitsandbytes as bnb
+
+    quantized = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    model_gib = torch.cuda.memory_allocated() / 2**30
+    model.train()  # from_pretrained leaves eval mode, where gradient checkpointing is off
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, CONFIG["vocab_size"], (args.batch, args.seq), device="cuda")
@@ -106,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "median_step_s": round(median, 4),
         "tokens_per_s": round(args.batch * args.seq / median),
+        "linear4bit_layers": quantized,
+        "model_memory_gib": round(model_gib, 2),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "seconds_to_write_random_checkpoint": round(written, 1),
         "seconds_to_load_4bit": round(loaded - written, 1),
