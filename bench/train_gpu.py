@@ -15,6 +15,7 @@ import json
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,13 +53,20 @@ def main(argv: list[str] | None = None) -> int:
         losses: list[float] = []
         rates: list[float] = []
 
-        def on_step(step: int, total: int, loss: float, n: int, s: float) -> None:
+        def on_step(
+            step: int,
+            total: int,
+            loss: float,
+            n: int,
+            s: float,
+            losses: list[float] = losses,
+            rates: list[float] = rates,
+        ) -> None:
             losses.append(loss)
             if step > 10:  # past the kernels' warm-up
                 rates.append(n / s)
 
-        out = Path(f"/tmp/crucible-train-gpu-{name}")
-        shutil.rmtree(out, ignore_errors=True)
+        out = Path(tempfile.mkdtemp(prefix=f"train-gpu-{name}-"))
         start = time.perf_counter()
         run = train(
             TrainSpec(
