@@ -4,8 +4,9 @@
 
 1. search: at N chunks, the service's search (over HTTP, query embedding included) against raw
    Milvus Lite search on the same collection, dense and hybrid; recall@10 against exact numpy
-   search; FLAT and HNSW both measured, the faster one with recall >= 0.95 used.
-   Raw rounds run before and after the service (Milvus Lite keeps one process per file).
+   search; FLAT and HNSW both measured, the faster one with recall >= 0.95 used. Milvus Lite
+   runs as its own server process, as in `make up`; raw calls and the service's searches take
+   turns on it, query by query.
 2. ingestion: end to end (parse, chunk, embed, upsert, reconcile) tokens/s against raw embedding
    of the same chunks with the same model, alternating; where the service's time goes.
 3. backends: onnx-int8 against torch fp32 tokens/s, alternating; cosine to fp32; hit@5.
@@ -26,7 +27,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._load import write_result
 from services.retrieval.catalog import Catalog
 from services.retrieval.chunking import chunk_text, resolve
-from services.retrieval.embedder import Embedder
+from services.retrieval.embedder import Embedder, export_onnx, packaged_model_dir
 from services.retrieval.vectors import VectorIndex, _scope
-from services.stack import ROOT, _free_port, _http_ok
+from services.stack import ROOT, _free_port, _http_ok, _port_busy
 
 DATA = ROOT / "bench" / "data"
 CORPUS = sorted((DATA / "chemistry").glob("*.md"))
@@ -109,55 +111,82 @@ def catalog_rows(var: Path) -> str:
 
 
 def raw_search(
-    var: Path, collection: str, store_id: str, qvecs: np.ndarray, texts: list[str], rounds: int
-) -> dict[str, list[float]]:
-    """Plain pymilvus calls, the same scope expression and output fields as the service."""
-    from pymilvus import AnnSearchRequest, MilvusClient, RRFRanker
+    client: Any, collection: str, expr: str, v: np.ndarray, text: str, mode: str
+) -> None:
+    """One plain pymilvus call, the same scope expression and output fields as the service."""
+    from pymilvus import AnnSearchRequest, RRFRanker
 
-    client = MilvusClient(str(var / "milvus.db"))
-    client.load_collection(collection)
-    expr = _scope(OWNER, [store_id])
     fields = ["vector_store_id", "file_id", "position", "text", "dense"]
-    out: dict[str, list[float]] = {"dense": [], "hybrid": []}
+    if mode == "dense":
+        client.search(
+            collection,
+            data=[v.tolist()],
+            anns_field="dense",
+            limit=10,
+            filter=expr,
+            output_fields=fields,
+        )
+        return
+    reqs = [
+        AnnSearchRequest(data=[v.tolist()], anns_field="dense", param={}, limit=40, expr=expr),
+        AnnSearchRequest(data=[text], anns_field="sparse", param={}, limit=40, expr=expr),
+    ]
+    client.hybrid_search(collection, reqs, RRFRanker(60), limit=10, output_fields=fields)
+
+
+def search_side_by_side(
+    uri: str,
+    http: httpx.Client,
+    collection: str,
+    store_id: str,
+    qvecs: np.ndarray,
+    texts: list[str],
+    rounds: int,
+) -> dict[str, dict[str, list[float]]]:
+    """Raw Milvus and the service on the same Milvus server, query by query, taking turns at
+    going first, so the machine's drift hits both alike (round 0 warms up)."""
+    from pymilvus import MilvusClient
+
+    raw = MilvusClient(uri)
+    raw.load_collection(collection)
+    expr = _scope(OWNER, [store_id])
+    out: dict[str, dict[str, list[float]]] = {
+        side: {"dense": [], "hybrid": []} for side in ("raw", "service")
+    }
+
+    def service_once(text: str, mode: str) -> None:
+        resp = http.post(
+            f"/v1/vector_stores/{store_id}/search",
+            json={
+                "query": text,
+                "max_num_results": 10,
+                "ranking_options": {"ranker": "none" if mode == "dense" else "auto"},
+            },
+        )
+        resp.raise_for_status()
+
     try:
         for r in range(rounds + 1):
-            for v, text in zip(qvecs, texts, strict=True):
-                t = time.perf_counter()
-                client.search(
-                    collection,
-                    data=[v.tolist()],
-                    anns_field="dense",
-                    limit=10,
-                    filter=expr,
-                    output_fields=fields,
-                )
-                dense = time.perf_counter() - t
-                t = time.perf_counter()
-                reqs = [
-                    AnnSearchRequest(
-                        data=[v.tolist()], anns_field="dense", param={}, limit=40, expr=expr
-                    ),
-                    AnnSearchRequest(
-                        data=[text], anns_field="sparse", param={}, limit=40, expr=expr
-                    ),
-                ]
-                client.hybrid_search(
-                    collection, reqs, RRFRanker(60), limit=10, output_fields=fields
-                )
-                hybrid = time.perf_counter() - t
-                if r:  # round 0 warms up
-                    out["dense"].append(dense)
-                    out["hybrid"].append(hybrid)
+            for i, (v, text) in enumerate(zip(qvecs, texts, strict=True)):
+                for mode in ("dense", "hybrid"):
+                    sides: list[tuple[str, Callable[[], None]]] = [
+                        ("raw", partial(raw_search, raw, collection, expr, v, text, mode)),
+                        ("service", partial(service_once, text, mode)),
+                    ]
+                    for side, fn in sides if (i + r) % 2 == 0 else sides[::-1]:
+                        elapsed = _timed(fn)
+                        if r:
+                            out[side][mode].append(elapsed)
     finally:
-        client.close()
+        raw.close()
     return out
 
 
-def recall_and_latency(var: Path, collection: str, n: int, qvecs: np.ndarray) -> dict[str, Any]:
+def recall_and_latency(uri: str, collection: str, n: int, qvecs: np.ndarray) -> dict[str, Any]:
     from pymilvus import MilvusClient
 
     vectors = chunk_vectors(n)
-    client = MilvusClient(str(var / "milvus.db"))
+    client = MilvusClient(uri)
     client.load_collection(collection)
     recalls, times = [], []
     try:
@@ -188,6 +217,37 @@ def recall_and_latency(var: Path, collection: str, n: int, qvecs: np.ndarray) ->
 
 
 # --- the service ------------------------------------------------------------------------------
+
+
+@contextmanager
+def milvus_server(var: Path) -> Iterator[str]:
+    """Milvus Lite's server on the bench's data, as `make up` runs it (services/milvuslite.py)."""
+    port = _free_port()
+    with open(var / "milvus.log", "ab") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.milvuslite",
+                "--data-dir",
+                str(var / "milvus.db"),
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not _port_busy(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((var / "milvus.log").read_text(errors="replace")[-3000:])
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 @contextmanager
@@ -226,29 +286,6 @@ def service(var: Path, **settings: str) -> Iterator[httpx.Client]:
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-def service_search(
-    client: httpx.Client, store_id: str, texts: list[str], rounds: int
-) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"dense": [], "hybrid": []}
-    for r in range(rounds + 1):
-        for text in texts:
-            for mode, ranker in (("dense", "none"), ("hybrid", "auto")):
-                t = time.perf_counter()
-                resp = client.post(
-                    f"/v1/vector_stores/{store_id}/search",
-                    json={
-                        "query": text,
-                        "max_num_results": 10,
-                        "ranking_options": {"ranker": ranker},
-                    },
-                )
-                elapsed = time.perf_counter() - t
-                resp.raise_for_status()
-                if r:
-                    out[mode].append(elapsed)
-    return out
 
 
 def phase_seconds(client: httpx.Client) -> dict[str, float]:
@@ -341,18 +378,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.chunks, args.rounds, args.copies = 2000, 1, 1
     result: dict[str, Any] = {"chunks": args.chunks, "rounds": args.rounds}
-    with tempfile.TemporaryDirectory(prefix="crucible-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="crucible-bench-") as tmp, ExitStack() as stack:
         var = Path(tmp)
         torch_embedder = Embedder(backend="torch")
         texts = [q["query"] for q in QUERIES]
         qvecs = torch_embedder.encode(texts)
         print(f"building {args.chunks} chunks (FLAT and HNSW) ...", file=sys.stderr)
         store_id = catalog_rows(var)
-        # Milvus Lite holds its file until its process ends: the raw side runs in children.
+        # Milvus Lite holds its file until its process ends: the build runs in children.
         for kind in ("FLAT", "HNSW"):
             in_child(build_collection, var, args.chunks, kind, store_id)
+        uri = stack.enter_context(milvus_server(var))
         indexes = {
-            k: in_child(recall_and_latency, var, f"bench_{k.lower()}", args.chunks, qvecs)
+            k: recall_and_latency(uri, f"bench_{k.lower()}", args.chunks, qvecs)
             for k in ("FLAT", "HNSW")
         }
         ok = {k: v for k, v in indexes.items() if v["recall_at_10"] >= 0.95}
@@ -362,9 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         result["index_chosen"] = chosen
         print(f"index {chosen}: {indexes}", file=sys.stderr)
 
-        raw = in_child(raw_search, var, collection, store_id, qvecs, texts, args.rounds)
-        with service(var, collection=collection) as client:
-            svc = service_search(client, store_id, texts, args.rounds)
+        # The service's fp32 ONNX export for small calls, made before it starts (a first start
+        # makes it in the background, serving queries on torch until it is loaded).
+        export_onnx(packaged_model_dir(), var / "models" / "all-MiniLM-L6-v2-onnx-fp32", int8=False)
+        with service(var, collection=collection, milvus_uri=uri) as client:
+            both = search_side_by_side(uri, client, collection, store_id, qvecs, texts, args.rounds)
             file_ids, tokens = [], 0
             for path in CORPUS:
                 text = "\n\n".join([path.read_text()] * args.copies)
@@ -415,13 +455,13 @@ def main(argv: list[str] | None = None) -> int:
             ]:
                 time.sleep(0.05)
             result["quality"] = service_quality(client, quality_store)
-        raw2 = in_child(raw_search, var, collection, store_id, qvecs, texts, args.rounds)
         for mode in ("dense", "hybrid"):
-            raw_all = raw[mode] + raw2[mode]
+            raw, svc = both["raw"][mode], both["service"][mode]
             result.setdefault("search", {})[mode] = {
-                "raw_milvus": ms(raw_all),
-                "service": ms(svc[mode]),
-                "p95_overhead_ms": round((pct(svc[mode], 95) - pct(raw_all, 95)) * 1000, 2),
+                "raw_milvus": ms(raw),
+                "service": ms(svc),
+                "p50_overhead_ms": round((pct(svc, 50) - pct(raw, 50)) * 1000, 2),
+                "p95_overhead_ms": round((pct(svc, 95) - pct(raw, 95)) * 1000, 2),
             }
         raw_tps = [tokens / s for s in ingest["raw_embedding"]]
         svc_tps = [tokens / s for s in ingest["service"]]
@@ -463,7 +503,31 @@ def compare_backends(
     tps = {k: [round(tokens / s) for s in v] for k, v in runs.items()}
     cos = (torch_embedder.encode(texts) * onnx.encode(texts)).sum(axis=1)
     chunks = corpus_chunks(torch_embedder)
+    # One query at a time, as a search embeds it: torch against the fp32 ONNX export that the
+    # service uses for small calls, alternating query by query.
+    small = Embedder(backend="torch", small_onnx_dir=var / "onnx-fp32")
+    deadline = time.monotonic() + 120
+    while not small.small_calls_on_onnx and time.monotonic() < deadline:
+        time.sleep(0.2)
+    queries = [q["query"] for q in QUERIES]
+    latency: dict[str, list[float]] = {"torch_fp32": [], "onnx_fp32": []}
+    for r in range(rounds + 1):
+        for i, q in enumerate(queries):
+            pair = [("torch_fp32", torch_embedder), ("onnx_fp32", small)]
+            for name, e in pair if (i + r) % 2 == 0 else pair[::-1]:
+                elapsed = _timed(partial(e.encode, [q]))
+                if r:
+                    latency[name].append(elapsed)
+    qcos = (torch_embedder.encode(queries) * np.vstack([small.encode([q]) for q in queries])).sum(1)
     return {
+        "one_query": {
+            **{k: ms(v) for k, v in latency.items()},
+            "median_ratio_torch_over_onnx_fp32": round(
+                statistics.median(latency["torch_fp32"]) / statistics.median(latency["onnx_fp32"]),
+                3,
+            ),
+            "cosine_onnx_fp32_to_torch_min": round(float(qcos.min()), 6),
+        },
         "tokens_per_s": tps,
         "median_ratio_onnx_int8_over_torch": round(
             statistics.median(tps["onnx_int8"]) / statistics.median(tps["torch_fp32"]), 3

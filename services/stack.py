@@ -41,6 +41,7 @@ class Ports:
     agent: int = 8003
     prometheus: int = 9090
     redis: int = 6379
+    milvus: int = 19530
     finetune_worker: int = 8012  # the worker's /metrics
 
     @classmethod
@@ -101,6 +102,7 @@ class StackConfig:
             "CRUCIBLE_FINETUNE_MODELS_DIR": str(self.models_dir),
         }
         redis_dir = self.var_dir / "redis"
+        milvus_url = f"http://127.0.0.1:{self.ports.milvus}"
         return [
             Service(
                 name="redis",
@@ -137,11 +139,28 @@ class StackConfig:
                 ready_timeout=600,
             ),
             Service(
+                name="milvus",
+                argv=[
+                    PYTHON,
+                    "-m",
+                    "services.milvuslite",
+                    "--data-dir",
+                    str(self.var_dir / "milvus.db"),
+                    "--port",
+                    str(self.ports.milvus),
+                ],
+                env={},
+                url=milvus_url,
+                ready=lambda: _port_busy(self.ports.milvus),
+                ready_timeout=60,
+            ),
+            Service(
                 name="retrieval",
                 argv=[PYTHON, "-m", "services.retrieval"],
                 env={
                     "CRUCIBLE_RETRIEVAL_HOST": "127.0.0.1",
                     "CRUCIBLE_RETRIEVAL_PORT": str(self.ports.retrieval),
+                    "CRUCIBLE_RETRIEVAL_MILVUS_URI": milvus_url,
                 },
                 url=retrieval_url,
                 ready=lambda: _http_ok(f"{retrieval_url}/ready"),

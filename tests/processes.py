@@ -120,6 +120,23 @@ def retrieval(var_dir: Path, **settings: object) -> contextlib.AbstractContextMa
     return service("retrieval", var_dir, settings, ready="/ready", timeout=120)
 
 
+@contextmanager
+def milvus_lite(var_dir: Path, port: int | None = None) -> Iterator[Proc]:
+    """Milvus Lite's server process on `var_dir/milvus.db`, as `make up` runs it."""
+    var_dir.mkdir(parents=True, exist_ok=True)
+    port = port or _free_port()
+    argv = [sys.executable, "-m", "services.milvuslite", "--data-dir", str(var_dir / "milvus.db")]
+    log = var_dir / f"milvus-{port}.log"
+    proc = Proc(
+        f"http://127.0.0.1:{port}", port, _spawn([*argv, "--port", str(port)], {}, log), log
+    )
+    try:
+        _wait(lambda: _port_busy(port), "milvus lite", timeout=60)
+        yield proc
+    finally:
+        proc.stop(graceful=True)
+
+
 def make_key(var_dir: Path, owner: str = "tester", **kw: object) -> str:
     store = KeyStore(f"sqlite:///{var_dir / 'gateway.db'}")
     try:

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pymilvus import MilvusException
+from pymilvus.client.types import Status
 
 from services.common.app import build_app, serve
+from services.common.errors import Unavailable, envelope
 from services.retrieval import embeddings, files, stores
 from services.retrieval.catalog import Catalog
 from services.retrieval.config import RetrievalSettings
@@ -19,8 +25,9 @@ from services.retrieval.metrics import RetrievalMetrics
 from services.retrieval.vectors import VectorIndex
 
 log = logging.getLogger("crucible.retrieval")
-# Milvus Lite runs in-process: its gRPC server logs calls it does not implement (pymilvus falls
-# back on its own), and faiss logs which CPU build it loaded. Neither is ours to act on.
+# Milvus Lite, where it runs in-process (MILVUS_URI a file path): its gRPC server logs calls it
+# does not implement (pymilvus falls back on its own), and faiss logs which CPU build it
+# loaded. Neither is ours to act on.
 for _noisy, _level in (
     ("grpc._server", logging.CRITICAL),
     ("pymilvus", logging.ERROR),
@@ -43,14 +50,16 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
             s.embedding_backend,
             s.embedding_batch_size,
             s.var_dir / "models" / f"{s.embedding_model_id}-onnx-int8",
+            s.var_dir / "models" / f"{s.embedding_model_id}-onnx-fp32"
+            if s.small_calls_onnx
+            else None,
         )
         queue = EmbedQueue(embedder, s.max_pending_embeddings)
-        token = s.milvus_token.get_secret_value() if s.milvus_token else None
-        index = VectorIndex(s.milvus(), token, s.collection, embedder.dim, s.dense_index)
-        await asyncio.to_thread(index.ensure)
+        index = await open_index(s, embedder.dim)
         metrics = RetrievalMetrics(app.state.registry)
         ingestor = Ingestor(catalog, index, queue, s.files_dir(), s.ingest_concurrency, metrics)
         metrics.watch(lambda: ingestor.active, catalog.totals)
+        metrics.small_calls_onnx.set_function(lambda: float(embedder.small_calls_on_onnx))
         app.state.catalog, app.state.index, app.state.ingestor = catalog, index, ingestor
         app.state.embed_queue, app.state.metrics = queue, metrics
         swept = files.sweep(catalog, s.files_dir())
@@ -65,7 +74,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
             catalog.engine.dispose()
 
     async def milvus_ready() -> None:
-        await asyncio.to_thread(api.state.index.client.has_collection, s.collection)
+        await asyncio.to_thread(api.state.index.client.has_collection, s.collection, timeout=2)
 
     def limit_for(path: str) -> int:
         return s.max_upload_bytes + MULTIPART_OVERHEAD if path == "/v1/files" else s.max_body_bytes
@@ -81,7 +90,53 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
     )
     for module in (embeddings, files, stores):
         api.include_router(module.router())
+
+    @api.exception_handler(MilvusException)
+    async def milvus_error(_: Request, exc: MilvusException) -> JSONResponse:
+        if milvus_unreachable(exc):
+            err = Unavailable("the vector database is unavailable; retry shortly")
+            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        log.error("Milvus refused a call", extra={"code": str(exc.code)})
+        body = envelope("internal server error", "server_error", None, "internal_error")
+        return JSONResponse(body, status_code=500)
+
     return api
+
+
+def milvus_unreachable(exc: MilvusException) -> bool:
+    """A server down or timing out (retries included), not a refused request."""
+    unreachable = (
+        Status.CONNECT_FAILED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
+    return exc.code in unreachable or "Retry timeout" in exc.message
+
+
+async def open_index(s: RetrievalSettings, dim: int) -> VectorIndex:
+    """Connect to Milvus and load the collection, waiting for a server still starting (the
+    native stack starts everything at once; compose restarts Milvus on its own)."""
+    token = s.milvus_token.get_secret_value() if s.milvus_token else None
+    deadline = time.monotonic() + s.milvus_wait_seconds
+    while True:
+        try:
+            index = await asyncio.to_thread(
+                VectorIndex,
+                s.milvus(),
+                token,
+                s.collection,
+                dim,
+                s.dense_index,
+                s.milvus_timeout_seconds,
+            )
+        except MilvusException as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("waiting for Milvus", extra={"error": str(exc)[:200]})
+            await asyncio.sleep(1)
+            continue
+        await asyncio.to_thread(index.ensure)
+        return index
 
 
 def main() -> None:

@@ -16,7 +16,9 @@ class RetrievalSettings(ServiceSettings):
 
     port: int = 8001
     database_url: str | None = None  # default: SQLite under var/
-    # A file path runs Milvus Lite in-process; an http(s):// URL is a Milvus server (compose).
+    # An http(s):// URL is a Milvus server: Milvus standalone in compose, Milvus Lite's own
+    # process in the native stack (services/milvuslite.py). A file path runs Milvus Lite inside
+    # this service (simplest; its engine then shares this process's interpreter lock).
     milvus_uri: str | None = Field(
         default=None, validation_alias=AliasChoices("CRUCIBLE_RETRIEVAL_MILVUS_URI", "MILVUS_URI")
     )
@@ -24,6 +26,8 @@ class RetrievalSettings(ServiceSettings):
         default=None,
         validation_alias=AliasChoices("CRUCIBLE_RETRIEVAL_MILVUS_TOKEN", "MILVUS_TOKEN"),
     )
+    milvus_wait_seconds: float = 60.0  # at startup, for a Milvus server still starting
+    milvus_timeout_seconds: float = 30.0  # per call, retries included; then 503
     collection: str = "crucible_chunks"
     # The dense index, chosen when the collection is created. FLAT (exact) measured fastest on
     # Milvus Lite at 100k chunks (BENCHMARKS.md); HNSW suits a Milvus server at larger scale.
@@ -36,6 +40,9 @@ class RetrievalSettings(ServiceSettings):
     embedding_model_id: str = "all-MiniLM-L6-v2"
     # torch fp32 won on this project's CPUs (BENCHMARKS.md); onnx-int8 is the measured alternative.
     embedding_backend: Literal["torch", "onnx-int8"] = "torch"
+    # Small calls (search queries) on an fp32 ONNX export of the same model: ~3x faster for one
+    # query, identical vectors; exported under var/models at the first start, torch until then.
+    small_calls_onnx: bool = True
     embedding_batch_size: int = 32
     max_inputs_per_request: int = 2048
     # Requests waiting for the embedder beyond this are answered 429 at once, never queued.

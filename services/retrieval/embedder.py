@@ -6,7 +6,9 @@ text over the window, and callers (the embeddings route, the chunker) size their
 
 One worker thread runs the model (torch already uses every core for one batch); requests wait in
 a priority queue where user-facing embeddings go before ingestion batches, so a search is never
-stuck behind a large upload. The queue is bounded: beyond it, callers get 429 at once.
+stuck behind a large upload; small user calls (search queries) run on an fp32 ONNX export beside
+that thread, so not even the batch in progress delays them. The queue is bounded: beyond it,
+callers get 429 at once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import queue
 import threading
@@ -27,6 +30,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from services.common.errors import RateLimited
+
+log = logging.getLogger("crucible.retrieval.embedder")
 
 Backend = Literal["torch", "onnx-int8"]
 USER, INGEST = 0, 1  # queue priorities: lower goes first
@@ -57,8 +62,18 @@ class _Model(Protocol):
     def __call__(self, texts: list[str]) -> np.ndarray: ...
 
 
+# Calls of at most this many texts (search queries, small embedding requests) go to the fp32
+# ONNX model when it is loaded: one query takes ~3 ms there against ~9 ms in torch (framework
+# overhead per operator dominates a 15-token input), with the same vectors (cosine 1.000000).
+# Ingestion's full batches stay on torch, which measured faster for them (BENCHMARKS.md).
+SMALL_CALL = 4
+
+
 class Embedder:
-    """Tokenizer + model. Synchronous; `EmbedQueue` runs it off the event loop."""
+    """Tokenizer + model. Synchronous; `EmbedQueue` runs it off the event loop.
+
+    With `small_onnx_dir`, an fp32 ONNX export of the same network is loaded (exported there
+    first, if missing) on a background thread, and serves small calls once it is ready."""
 
     def __init__(
         self,
@@ -66,6 +81,7 @@ class Embedder:
         backend: Backend = "torch",
         batch_size: int = 32,
         onnx_dir: Path | None = None,
+        small_onnx_dir: Path | None = None,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
         self.model_dir = model_dir or packaged_model_dir()
@@ -79,6 +95,25 @@ class Embedder:
             self._model: _Model = _TorchModel(self.model_dir)
         else:
             self._model = _OnnxModel(self.model_dir, onnx_dir or self.model_dir / "onnx-int8")
+        self._small: _Model | None = None
+        if small_onnx_dir is not None and backend == "torch":
+            threading.Thread(
+                target=self._load_small, args=(small_onnx_dir,), name="onnx-load", daemon=True
+            ).start()
+
+    @property
+    def small_calls_on_onnx(self) -> bool:
+        return self._small is not None
+
+    def is_small(self, texts: Sequence[str]) -> bool:
+        """Whether `encode(texts)` runs on the ONNX model (safe to call from any thread)."""
+        return self._small is not None and len(texts) <= SMALL_CALL
+
+    def _load_small(self, onnx_dir: Path) -> None:
+        try:
+            self._small = _OnnxModel(self.model_dir, onnx_dir, int8=False)
+        except Exception:  # torch keeps serving every call
+            log.exception("the fp32 ONNX model for small calls could not be loaded")
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Word pieces per text, the two special tokens included (what the window counts)."""
@@ -93,9 +128,11 @@ class Embedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         # Batches of similar lengths pad little; results go back in the callers' order.
         order = np.argsort(lengths, kind="stable")
+        small = self._small
+        model = small if small is not None and len(texts) <= SMALL_CALL else self._model
         for i in range(0, len(texts), self.batch_size):
             rows = order[i : i + self.batch_size]
-            out[rows] = self._model([texts[r] for r in rows])
+            out[rows] = model([texts[r] for r in rows])
         return out
 
 
@@ -129,16 +166,19 @@ class _TorchModel:
 
 
 class _OnnxModel:
-    """The same network exported to ONNX with int8 weights, mean pooling and normalization."""
+    """The same network exported to ONNX (int8 or fp32 weights), mean pooling and normalization."""
 
-    def __init__(self, model_dir: Path, onnx_dir: Path) -> None:
+    def __init__(self, model_dir: Path, onnx_dir: Path, int8: bool = True) -> None:
         import onnxruntime as ort
 
         path = onnx_dir / "model.onnx"
         if not path.exists():
-            export_onnx_int8(model_dir, onnx_dir)
+            export_onnx(model_dir, onnx_dir, int8)
         options = ort.SessionOptions()
         options.intra_op_num_threads = os.cpu_count() or 1
+        # Idle pool threads sleep rather than spin: spinning took the CPU from Milvus and the
+        # event loop between calls (a search's Milvus part went from 9 to 17 ms).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.tokenizer = load_tokenizer(model_dir)
         self.tokenizer.enable_padding()
@@ -153,8 +193,8 @@ class _OnnxModel:
         return np.asarray(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
 
 
-def export_onnx_int8(model_dir: Path, out_dir: Path) -> Path:
-    """Export the transformer to ONNX and quantize its matrix weights to int8 (per channel)."""
+def export_onnx(model_dir: Path, out_dir: Path, int8: bool = True) -> Path:
+    """Export the transformer to ONNX; with `int8`, quantize its matrix weights (per channel)."""
     import tempfile
     import warnings
 
@@ -192,15 +232,17 @@ def export_onnx_int8(model_dir: Path, out_dir: Path) -> Path:
             opset_version=17,
             dynamo=False,
         )
-        int8 = Path(tmp) / "model.onnx"
-        quantize_dynamic(
-            str(fp32),
-            str(int8),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["MatMul"],
-        )
-        os.replace(int8, out_dir / "model.onnx")  # atomic: a half-written model never loads
+        final = fp32
+        if int8:
+            final = Path(tmp) / "model.onnx"
+            quantize_dynamic(
+                str(fp32),
+                str(final),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=["MatMul"],
+            )
+        os.replace(final, out_dir / "model.onnx")  # atomic: a half-written model never loads
     return out_dir / "model.onnx"
 
 
@@ -213,7 +255,8 @@ class _Job:
 
 
 class EmbedQueue:
-    """Runs an Embedder on one thread; user requests before ingestion; bounded."""
+    """Runs an Embedder on one thread, user requests before ingestion, bounded; small user
+    calls on the ONNX model run beside it, never behind an ingestion batch."""
 
     def __init__(self, embedder: Embedder, max_pending: int) -> None:
         self.embedder = embedder
@@ -227,6 +270,14 @@ class EmbedQueue:
     async def embed(self, texts: list[str], priority: int = USER) -> np.ndarray:
         if priority == USER and self._pending >= self.max_pending:
             raise RateLimited("the embedding queue is full; retry shortly", retry_after=1)
+        if priority == USER and self.embedder.is_small(texts):
+            # A query need not wait for the ingestion batch the worker is running: the ONNX
+            # session serves calls from any thread.
+            self._pending += 1
+            try:
+                return await asyncio.to_thread(self.embedder.encode, texts)
+            finally:
+                self._pending -= 1
         job = _Job(priority, next(self._seq), texts, Future())
         self._pending += 1
         self._queue.put(job)

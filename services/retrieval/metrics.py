@@ -55,6 +55,11 @@ class RetrievalMetrics:
         self.ingesting = Gauge(
             p + "ingesting_files", "Files queued or being ingested", registry=registry
         )
+        self.small_calls_onnx = Gauge(
+            p + "embedding_small_calls_onnx",
+            "1 once small calls (search queries) run on the fp32 ONNX model, 0 while on torch",
+            registry=registry,
+        )
         self.stores = Gauge(p + "vector_stores", "Vector stores", registry=registry)
         self.chunks = Gauge(p + "chunks", "Chunks held by completed files", registry=registry)
 

@@ -235,8 +235,14 @@ async def _search(
     start = time.perf_counter()
     if body.rewrite_query:
         raise InvalidRequest("rewrite_query is not supported", param="rewrite_query")
-    members = await asyncio.to_thread(state.catalog.members, owner, store_id)
     queries = [body.query] if isinstance(body.query, str) else body.query
+    # The query embedding (the larger part of a search's own time) overlaps the catalog lookup.
+    embedding = asyncio.ensure_future(state.embed_queue.embed(queries, priority=USER))
+    try:
+        members = await asyncio.to_thread(state.catalog.members, owner, store_id)
+    except BaseException:
+        _drop(embedding)
+        raise
     files = {row.file_id: (row, name) for row, name in members if row.status == "completed"}
     allowed = [
         fid
@@ -250,7 +256,7 @@ async def _search(
         # Every file completed and no filter: the store itself is the scope (otherwise only
         # completed files' chunks count, never a half-ingested file's).
         scope = None if body.filters is None and len(files) == len(members) else allowed
-        vectors = await state.embed_queue.embed(queries, priority=USER)
+        vectors = await embedding
         for text, vector in zip(queries, vectors, strict=True):
             found = await asyncio.to_thread(
                 state.index.search,
@@ -265,6 +271,8 @@ async def _search(
             for hit in found:  # several queries: each chunk once, at its best score
                 if hit.chunk_id not in hits or hits[hit.chunk_id].score < hit.score:
                     hits[hit.chunk_id] = hit
+    else:
+        _drop(embedding)
     threshold = body.ranking_options.score_threshold
     ranked = [h for h in hits.values() if h.file_id in files and max(h.score, 0.0) >= threshold]
     if len(queries) > 1:
@@ -287,3 +295,10 @@ async def _search(
         "has_more": False,
         "next_page": None,
     }
+
+
+def _drop(task: asyncio.Future[Any]) -> None:
+    """A query embedding no longer needed: cancelled if waiting (the embedder then skips it),
+    its error (an over-long query, a full queue) retrieved if it already ended in one."""
+    if not task.cancel() and not task.cancelled():
+        task.exception()

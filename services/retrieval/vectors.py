@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,6 +21,7 @@ from pymilvus import (
     Function,
     FunctionType,
     MilvusClient,
+    MilvusException,
     RRFRanker,
 )
 
@@ -30,6 +31,7 @@ _SAFE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
 RRF_K = 60  # the usual reciprocal-rank constant
 # Candidates fetched from each side of a hybrid search per requested result.
 HYBRID_DEPTH = 4
+NOT_LOADED = 101  # Milvus's "collection not loaded"
 
 
 def _literal(value: str) -> str:
@@ -63,14 +65,17 @@ class VectorIndex:
         collection: str,
         dim: int,
         dense_index: Literal["FLAT", "HNSW"] = "FLAT",
+        timeout: float = 30.0,
     ) -> None:
-        self.client = MilvusClient(uri, token=token or "")
+        # Every call is bounded: pymilvus otherwise retries a dead server for minutes.
+        self.client = MilvusClient(uri, token=token or "", timeout=timeout)
+        self.timeout = timeout
         self.collection = collection
         self.dim = dim
         self.dense_index = dense_index
         self.hybrid = False
         self.unflushed = 0
-        # Milvus Lite runs in this process; one caller at a time keeps it out of trouble.
+        # One caller at a time: Milvus Lite (in this process or its own) is not safe otherwise.
         self._lock = threading.Lock()
 
     def ensure(self) -> None:
@@ -102,7 +107,10 @@ class VectorIndex:
         schema.add_field("dense", DataType.FLOAT_VECTOR, dim=self.dim)
         index = self.client.prepare_index_params()
         params = {"M": 16, "efConstruction": 200} if self.dense_index == "HNSW" else {}
-        index.add_index("dense", index_type=self.dense_index, metric_type="COSINE", params=params)
+        # Inner product: every vector stored is unit length (the embedder normalizes), so it is
+        # the cosine, without Milvus Lite's FLAT search normalizing every stored vector again on
+        # each query (BENCHMARKS.md). Collections made earlier keep COSINE; both rank alike.
+        index.add_index("dense", index_type=self.dense_index, metric_type="IP", params=params)
         if bm25:
             schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
             schema.add_function(
@@ -118,9 +126,21 @@ class VectorIndex:
             self.collection, schema=schema, index_params=index, consistency_level="Strong"
         )
 
+    def _read(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A read, loading the collection again first where Milvus lost it (a restarted server
+        holds its collections released until someone loads them)."""
+        try:
+            return call(*args, **kwargs)
+        except MilvusException as exc:
+            if exc.code != NOT_LOADED:
+                raise
+            log.warning("collection released (Milvus restarted?); loading it again")
+            self.client.load_collection(self.collection, timeout=self.timeout)
+            return call(*args, **kwargs)
+
     def upsert(self, rows: list[dict[str, Any]]) -> None:
         with self._lock:
-            self.client.upsert(self.collection, rows)
+            self.client.upsert(self.collection, rows, timeout=self.timeout)
             self.unflushed += len(rows)
 
     def flush(self, at_least: int = 1) -> None:
@@ -129,16 +149,18 @@ class VectorIndex:
         flush costs CPU: ingestion flushes in batches and when it goes idle."""
         with self._lock:
             if self.unflushed >= at_least:
-                self.client.flush(self.collection)
+                self.client.flush(self.collection, timeout=self.timeout)
                 self.unflushed = 0
 
     def chunk_ids(self, owner: str, store: str, file: str) -> set[str]:
         with self._lock:
-            it = self.client.query_iterator(
+            it = self._read(
+                self.client.query_iterator,
                 self.collection,
                 batch_size=1000,
                 filter=_scope(owner, [store], [file]),
                 output_fields=["id"],
+                timeout=self.timeout,
             )
             ids: set[str] = set()
             try:
@@ -152,19 +174,23 @@ class VectorIndex:
         batch = [i for i in ids if _SAFE.fullmatch(i)]
         if batch:
             with self._lock:
-                self.client.delete(self.collection, ids=batch)
+                self.client.delete(self.collection, ids=batch, timeout=self.timeout)
 
     def delete(self, owner: str, stores: Sequence[str], files: Sequence[str] | None = None) -> None:
         with self._lock:
-            self.client.delete(self.collection, filter=_scope(owner, stores, files))
+            self.client.delete(
+                self.collection, filter=_scope(owner, stores, files), timeout=self.timeout
+            )
 
     def count(self, owner: str, stores: Sequence[str], files: Sequence[str] | None = None) -> int:
         with self._lock:
-            res = self.client.query(
+            res = self._read(
+                self.client.query,
                 self.collection,
                 filter=_scope(owner, stores, files),
                 output_fields=["count(*)"],
                 consistency_level="Strong",
+                timeout=self.timeout,
             )
         return int(res[0]["count(*)"])
 
@@ -191,17 +217,25 @@ class VectorIndex:
                         data=[text], anns_field="sparse", param={}, limit=depth, expr=expr
                     ),
                 ]
-                res = self.client.hybrid_search(
-                    self.collection, requests, RRFRanker(RRF_K), limit=limit, output_fields=fields
+                res = self._read(
+                    self.client.hybrid_search,
+                    self.collection,
+                    requests,
+                    RRFRanker(RRF_K),
+                    limit=limit,
+                    output_fields=fields,
+                    timeout=self.timeout,
                 )
             else:
-                res = self.client.search(
+                res = self._read(
+                    self.client.search,
                     self.collection,
                     data=[vector.tolist()],
                     anns_field="dense",
                     limit=limit,
                     filter=expr,
                     output_fields=fields,
+                    timeout=self.timeout,
                 )
         hits = []
         for r in res[0]:

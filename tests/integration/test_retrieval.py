@@ -4,6 +4,7 @@ the gateway sends them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -13,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from pymilvus import MilvusClient
 
 from services.retrieval.chunking import chunk_text, resolve
 from services.retrieval.embedder import load_tokenizer, packaged_model_dir
+from services.stack import _free_port
 from tests.conftest import ROOT
-from tests.processes import Proc, retrieval
+from tests.processes import Proc, milvus_lite, retrieval
 
 CORPUS = ROOT / "bench" / "data" / "chemistry"
 TOKEN = "dev-internal-token"
@@ -83,13 +86,14 @@ def bob(svc: Proc) -> Client:
 MAX_QUERY_ROWS = 16384  # Milvus's largest query window
 
 
-def milvus_rows(var_dir: Path) -> list[dict[str, Any]]:
-    """Every chunk row in the service's Milvus Lite file (read after the service stopped).
+def milvus_rows(var_dir: Path, uri: str | None = None) -> list[dict[str, Any]]:
+    """Every chunk row in the service's Milvus: its Milvus Lite file (read after the service
+    stopped), or the Milvus server at `uri`.
 
     One plain query, not an iterator: Milvus Lite's query iterator can page over the same rows
     twice (seen in CI: 105 rows for 83 ids, then 166 for 83), which says nothing of the data.
     """
-    client = MilvusClient(str(var_dir / "milvus.db"))
+    client = MilvusClient(uri or str(var_dir / "milvus.db"))
     try:
         client.load_collection("crucible_chunks")
         [count] = client.query(
@@ -172,6 +176,32 @@ def test_embedding_input_errors(
 ) -> None:
     r = alice.http.post("/v1/embeddings", json=body)
     assert r.status_code == status and r.json()["error"]["param"] == param
+
+
+def test_a_query_on_the_onnx_fast_path_embeds_as_a_batch_on_torch_does(
+    svc: Proc, alice: Client
+) -> None:
+    deadline = time.monotonic() + 120  # exported and loaded in the background at startup
+    while _metric(svc.url, "crucible_retrieval_embedding_small_calls_onnx") < 1:
+        assert time.monotonic() < deadline, "the ONNX model for small calls never loaded"
+        time.sleep(0.5)
+    texts = [
+        "What is the boiling point of ethanol?",
+        "Aspirin inhibits cyclooxygenase.",
+        "benzene",
+        "How are polymers made from monomers, and which catalysts speed it up?",
+        "caffeine half-life in adults",
+        "Le Chatelier's principle",
+        "SMILES: CC(=O)Oc1ccccc1C(=O)O",
+        "Why do noble gases rarely react?",
+    ]
+    body = {"model": MODEL, "encoding_format": "float"}
+    batch = alice.http.post("/v1/embeddings", json={**body, "input": texts})  # torch
+    assert batch.status_code == 200, batch.text
+    for text, row in zip(texts, batch.json()["data"], strict=True):
+        one = alice.http.post("/v1/embeddings", json={**body, "input": text})  # ONNX
+        a, b = np.array(one.json()["data"][0]["embedding"]), np.array(row["embedding"])
+        assert float(a @ b) > 0.99999, text
 
 
 def test_text_over_the_models_window_is_refused_never_truncated(alice: Client) -> None:
@@ -333,39 +363,70 @@ def test_adding_a_file_twice_and_removing_it_keep_milvus_exact(tmp_path: Path) -
     assert len(rows) == len({r["id"] for r in rows}) == expected_chunks(text)
 
 
+@pytest.mark.parametrize("milvus", ["in-process", "own process"])
 def test_a_crash_mid_ingestion_then_a_retry_ends_with_exactly_the_right_chunks(
-    tmp_path: Path,
+    tmp_path: Path, milvus: str
 ) -> None:
+    """In-process, the crash takes Milvus Lite down with the service (its recovery is tested);
+    as its own process (`make up`, and Milvus standalone in compose) Milvus lives on."""
     var = tmp_path / "var"
     names = ["aspirin.md", "benzene.md", "polymers.md", "catalysis.md"]
     # Long files, so the kill lands while chunks are being written.
     texts = {n: "\n\n".join([(CORPUS / n).read_text()] * 12) for n in names}
-    with retrieval(var, ingest_concurrency=1) as p:
-        c = Client(p.url, "dave")
-        ids = {n: c.file_id(n, t.encode()) for n, t in texts.items()}
-        store = c.store(file_ids=list(ids.values()))
-        deadline = time.monotonic() + 60
-        while _metric(p.url, "crucible_retrieval_ingested_chunks_total") < 1:
-            assert time.monotonic() < deadline, "ingestion never started"
-            time.sleep(0.02)
-        assert _metric(p.url, "crucible_retrieval_ingesting_files") >= 1
-        os.killpg(p.popen.pid, signal.SIGKILL)  # a crash, not a shutdown
-        p.popen.wait(10)
-    with retrieval(var) as p:  # the restart resumes what was in progress
-        c = Client(p.url, "dave")
-        for file_id in ids.values():  # and the user retries: adding again changes nothing
-            r = c.http.post(f"/v1/vector_stores/{store}/files", json={"file_id": file_id})
-            assert r.status_code == 200
-        body = c.wait(store)
-        assert body["file_counts"]["completed"] == len(names)
-        # A clean shutdown this time. (After a second SIGKILL, Milvus Lite's recovery showed
-        # upserted rows twice to a fresh reader: its own issue, noted in the session notes.)
-        p.stop(graceful=True)
-    rows = milvus_rows(var)
+    with contextlib.ExitStack() as stack:
+        uri = None
+        if milvus == "own process":
+            uri = stack.enter_context(milvus_lite(var)).url
+        wiring = {"milvus_uri": uri} if uri else {}
+        with retrieval(var, ingest_concurrency=1, **wiring) as p:
+            c = Client(p.url, "dave")
+            ids = {n: c.file_id(n, t.encode()) for n, t in texts.items()}
+            store = c.store(file_ids=list(ids.values()))
+            deadline = time.monotonic() + 60
+            while _metric(p.url, "crucible_retrieval_ingested_chunks_total") < 1:
+                assert time.monotonic() < deadline, "ingestion never started"
+                time.sleep(0.02)
+            assert _metric(p.url, "crucible_retrieval_ingesting_files") >= 1
+            os.killpg(p.popen.pid, signal.SIGKILL)  # a crash, not a shutdown
+            p.popen.wait(10)
+        with retrieval(var, **wiring) as p:  # the restart resumes what was in progress
+            c = Client(p.url, "dave")
+            for file_id in ids.values():  # and the user retries: adding again changes nothing
+                r = c.http.post(f"/v1/vector_stores/{store}/files", json={"file_id": file_id})
+                assert r.status_code == 200
+            body = c.wait(store)
+            assert body["file_counts"]["completed"] == len(names)
+            # A clean shutdown this time. (After a second SIGKILL, in-process Milvus Lite's
+            # recovery showed upserted rows twice to a fresh reader: its own issue.)
+            p.stop(graceful=True)
+        rows = milvus_rows(var, uri)
     assert len(rows) == len({r["id"] for r in rows})  # no duplicates
     for name, file_id in ids.items():
         held = sum(1 for r in rows if r["file_id"] == file_id)
         assert held == expected_chunks(texts[name]), name
+
+
+def test_milvus_going_away_is_a_503_and_its_return_heals(tmp_path: Path) -> None:
+    var = tmp_path / "var"
+    port = _free_port()
+    with milvus_lite(var, port) as milvus, retrieval(var, milvus_uri=milvus.url) as p:
+        c = Client(p.url, "erin")
+        store = c.store(file_ids=[c.file_id("caffeine.md", (CORPUS / "caffeine.md").read_bytes())])
+        c.wait(store)
+        before = c.search(store, query="caffeine half-life").json()["data"]
+        assert before
+        milvus.stop()  # killed
+        r = c.search(store, query="caffeine half-life")
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["type"] == "service_unavailable"
+        assert httpx.get(f"{p.url}/ready").status_code == 503
+        with milvus_lite(var, port):  # back, on its data
+            deadline = time.monotonic() + 30
+            while (r := c.search(store, query="caffeine half-life")).status_code != 200:
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.5)
+            assert r.json()["data"] == before
+            assert httpx.get(f"{p.url}/ready").status_code == 200
 
 
 def _metric(url: str, name: str) -> float:

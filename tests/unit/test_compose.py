@@ -18,7 +18,6 @@ COMPOSE_ONLY = {
     "CRUCIBLE_VAR_DIR",
     "CRUCIBLE_GATEWAY_DATABASE_URL",
     "CRUCIBLE_RETRIEVAL_DATABASE_URL",
-    "CRUCIBLE_RETRIEVAL_MILVUS_URI",
     "CRUCIBLE_RETRIEVAL_MILVUS_TOKEN",
     "CRUCIBLE_FINETUNE_DATABASE_URL",
     "CRUCIBLE_AGENT_DATABASE_URL",
@@ -32,6 +31,10 @@ def test_each_native_service_runs_the_same_module_with_the_same_variables_in_com
         if svc.argv[0] == "redis-server":
             assert spec["command"][0] == "redis-server"
             assert "--appendonly" in spec["command"] and "--appendonly" in svc.argv
+            continue
+        if svc.name == "milvus":  # natively Milvus Lite's server, in compose Milvus standalone
+            assert spec["image"].startswith("milvusdb/milvus:")
+            assert svc.argv[1:3] == ["-m", "services.milvuslite"]
             continue
         if svc.name == "prometheus":  # its own image; the same jobs (test below)
             assert spec["image"].startswith("prom/prometheus:")
