@@ -7,12 +7,24 @@ so a crash mid-ingestion is repaired by re-running it, never by guessing from Mi
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, ForeignKey, Integer, String, func, select
+from sqlalchemy import (
+    JSON,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    bindparam,
+    cast,
+    func,
+    select,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from services.common.db import make_engine, make_sessionmaker
@@ -68,6 +80,35 @@ class StoreFileRow(Base):
 
 
 Row = TypeVar("Row", FileRow, StoreRow, StoreFileRow)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A file of a store, as a search needs it."""
+
+    file_id: str
+    status: str
+    filename: str
+    attributes_json: str | None
+
+    def attributes(self) -> dict[str, Any]:
+        return json.loads(self.attributes_json) if self.attributes_json else {}
+
+
+# Built once: composing the statement per search cost more than running it.
+_MEMBERS = (
+    select(
+        StoreFileRow.file_id,
+        StoreFileRow.status,
+        FileRow.filename,
+        cast(StoreFileRow.attributes, Text),
+    )
+    .join(FileRow, FileRow.id == StoreFileRow.file_id)
+    .where(
+        StoreFileRow.vector_store_id == bindparam("store_id"),
+        StoreFileRow.owner == bindparam("owner"),
+    )
+)
 
 
 def _owned(s: Session, model: type[Row], key: Any, owner: str) -> Row:
@@ -286,16 +327,16 @@ class Catalog:
             rows, more = page(s, stmt, StoreFileRow.created_at, StoreFileRow.file_id, q)
         return listing([store_file_object(r) for r in rows], more)
 
-    def members(self, owner: str, store_id: str) -> list[tuple[StoreFileRow, str]]:
-        """A store's files with their names, in one round trip (404 for another's store)."""
-        with self.session() as s:
-            _owned(s, StoreRow, store_id, owner)
-            stmt = (
-                select(StoreFileRow, FileRow.filename)
-                .join(FileRow, FileRow.id == StoreFileRow.file_id)
-                .where(StoreFileRow.vector_store_id == store_id)
-            )
-            return [(row, name) for row, name in s.execute(stmt)]
+    def members(self, owner: str, store_id: str) -> list[Member]:
+        """A store's files for a search, in one round trip when it has any (404 for another's
+        store). Plain columns, attributes left as JSON text: ORM rows with their JSON parsed
+        took ~8 ms of CPU per search of a 100-file store, more than the query embedding."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(_MEMBERS, {"store_id": store_id, "owner": owner}).all()
+        if not rows:
+            with self.session() as s:
+                _owned(s, StoreRow, store_id, owner)  # empty, or not this owner's
+        return [Member(*row) for row in rows]
 
     def store_file_row(self, store_id: str, file_id: str) -> StoreFileRow | None:
         with self.session() as s:

@@ -243,11 +243,11 @@ async def _search(
     except BaseException:
         _drop(embedding)
         raise
-    files = {row.file_id: (row, name) for row, name in members if row.status == "completed"}
+    files = {m.file_id: m for m in members if m.status == "completed"}
     allowed = [
         fid
-        for fid, (row, _) in files.items()
-        if body.filters is None or matches(body.filters, row.attributes or {})
+        for fid, m in files.items()
+        if body.filters is None or matches(body.filters, m.attributes())
     ]
     hybrid = state.settings.search_mode == "hybrid" and body.ranking_options.ranker != "none"
     mode = "hybrid" if hybrid and state.index.hybrid else "dense"
@@ -280,9 +280,9 @@ async def _search(
     data = [
         {
             "file_id": h.file_id,
-            "filename": files[h.file_id][1],
+            "filename": files[h.file_id].filename,
             "score": round(min(max(h.score, 0.0), 1.0), 6),
-            "attributes": files[h.file_id][0].attributes or {},
+            "attributes": files[h.file_id].attributes(),
             "content": [{"type": "text", "text": h.text}],
         }
         for h in ranked[: body.max_num_results]
