@@ -111,7 +111,9 @@ class Embedder:
 
     def _load_small(self, onnx_dir: Path) -> None:
         try:
-            self._small = _OnnxModel(self.model_dir, onnx_dir, int8=False)
+            # One thread per call: a 15-token query gains little from a second one, which
+            # would have to be woken for every operator; concurrent queries use other cores.
+            self._small = _OnnxModel(self.model_dir, onnx_dir, int8=False, threads=1)
         except Exception:  # torch keeps serving every call
             log.exception("the fp32 ONNX model for small calls could not be loaded")
 
@@ -168,16 +170,19 @@ class _TorchModel:
 class _OnnxModel:
     """The same network exported to ONNX (int8 or fp32 weights), mean pooling and normalization."""
 
-    def __init__(self, model_dir: Path, onnx_dir: Path, int8: bool = True) -> None:
+    def __init__(
+        self, model_dir: Path, onnx_dir: Path, int8: bool = True, threads: int | None = None
+    ) -> None:
         import onnxruntime as ort
 
         path = onnx_dir / "model.onnx"
         if not path.exists():
             export_onnx(model_dir, onnx_dir, int8)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = os.cpu_count() or 1
-        # Idle pool threads sleep rather than spin: spinning took the CPU from Milvus and the
-        # event loop between calls (a search's Milvus part went from 9 to 17 ms).
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        # Idle pool threads sleep rather than spin: by default each run leaves its threads
+        # spinning for ~20 ms of CPU, taken from Milvus and the event loop (a search's Milvus
+        # part went from 9 to 17 ms).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.tokenizer = load_tokenizer(model_dir)
