@@ -66,6 +66,7 @@ class VectorIndex:
         dim: int,
         dense_index: Literal["FLAT", "HNSW"] = "FLAT",
         timeout: float = 30.0,
+        metric: Literal["IP", "COSINE"] = "IP",
     ) -> None:
         # Every call is bounded: pymilvus otherwise retries a dead server for minutes.
         self.client = MilvusClient(uri, token=token or "", timeout=timeout)
@@ -73,6 +74,7 @@ class VectorIndex:
         self.collection = collection
         self.dim = dim
         self.dense_index = dense_index
+        self.metric = metric
         self.hybrid = False
         self.unflushed = 0
         # One caller at a time: Milvus Lite (in this process or its own) is not safe otherwise.
@@ -107,10 +109,12 @@ class VectorIndex:
         schema.add_field("dense", DataType.FLOAT_VECTOR, dim=self.dim)
         index = self.client.prepare_index_params()
         params = {"M": 16, "efConstruction": 200} if self.dense_index == "HNSW" else {}
-        # Inner product: every vector stored is unit length (the embedder normalizes), so it is
-        # the cosine, without Milvus Lite's FLAT search normalizing every stored vector again on
-        # each query (BENCHMARKS.md). Collections made earlier keep COSINE; both rank alike.
-        index.add_index("dense", index_type=self.dense_index, metric_type="IP", params=params)
+        # Inner product by default: every vector stored is unit length (the embedder normalizes),
+        # so it is the cosine, without Milvus Lite's FLAT search normalizing every stored vector
+        # again on each query (BENCHMARKS.md). Collections made earlier keep COSINE.
+        index.add_index(
+            "dense", index_type=self.dense_index, metric_type=self.metric, params=params
+        )
         if bm25:
             schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
             schema.add_function(
