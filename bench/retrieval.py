@@ -475,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                 "service": ms(svc),
                 "p50_overhead_ms": round((pct(svc, 50) - pct(raw, 50)) * 1000, 2),
                 "p95_overhead_ms": round((pct(svc, 95) - pct(raw, 95)) * 1000, 2),
+                # The same query's two searches, back to back: what the service adds to each.
+                "paired_overhead_ms": ms([b - a for a, b in zip(raw, svc, strict=True)]),
             }
         raw_tps = [tokens / s for s in ingest["raw_embedding"]]
         svc_tps = [tokens / s for s in ingest["service"]]
