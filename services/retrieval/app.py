@@ -8,14 +8,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import grpc
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from pymilvus import MilvusException
-from pymilvus.client.types import Status
 
 from services.common.app import build_app, serve
-from services.common.errors import Unavailable, envelope
 from services.retrieval import embeddings, files, stores
 from services.retrieval.catalog import Catalog
 from services.retrieval.config import RetrievalSettings
@@ -90,27 +86,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
     )
     for module in (embeddings, files, stores):
         api.include_router(module.router())
-
-    @api.exception_handler(MilvusException)
-    async def milvus_error(_: Request, exc: MilvusException) -> JSONResponse:
-        if milvus_unreachable(exc):
-            err = Unavailable("the vector database is unavailable; retry shortly")
-            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-        log.error("Milvus refused a call", extra={"code": str(exc.code)})
-        body = envelope("internal server error", "server_error", None, "internal_error")
-        return JSONResponse(body, status_code=500)
-
     return api
-
-
-def milvus_unreachable(exc: MilvusException) -> bool:
-    """A server down or timing out (retries included), not a refused request."""
-    unreachable = (
-        Status.CONNECT_FAILED,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-    )
-    return exc.code in unreachable or "Retry timeout" in exc.message
 
 
 async def open_index(s: RetrievalSettings, dim: int) -> VectorIndex:

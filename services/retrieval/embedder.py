@@ -105,9 +105,13 @@ class Embedder:
     def small_calls_on_onnx(self) -> bool:
         return self._small is not None
 
+    def _model_for(self, texts: Sequence[str]) -> _Model:
+        small = self._small
+        return small if small is not None and len(texts) <= SMALL_CALL else self._model
+
     def is_small(self, texts: Sequence[str]) -> bool:
         """Whether `encode(texts)` runs on the ONNX model (safe to call from any thread)."""
-        return self._small is not None and len(texts) <= SMALL_CALL
+        return self._model_for(texts) is not self._model
 
     def _load_small(self, onnx_dir: Path) -> None:
         try:
@@ -130,8 +134,7 @@ class Embedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         # Batches of similar lengths pad little; results go back in the callers' order.
         order = np.argsort(lengths, kind="stable")
-        small = self._small
-        model = small if small is not None and len(texts) <= SMALL_CALL else self._model
+        model = self._model_for(texts)
         for i in range(0, len(texts), self.batch_size):
             rows = order[i : i + self.batch_size]
             out[rows] = model([texts[r] for r in rows])

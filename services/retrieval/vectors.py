@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import grpc
 import numpy as np
 from pymilvus import (
     AnnSearchRequest,
@@ -24,6 +25,9 @@ from pymilvus import (
     MilvusException,
     RRFRanker,
 )
+from pymilvus.client.types import Status
+
+from services.common.errors import Unavailable
 
 log = logging.getLogger("crucible.retrieval.vectors")
 
@@ -32,6 +36,12 @@ RRF_K = 60  # the usual reciprocal-rank constant
 # Candidates fetched from each side of a hybrid search per requested result.
 HYBRID_DEPTH = 4
 NOT_LOADED = 101  # Milvus's "collection not loaded"
+# A server down or not answering in time.
+UNREACHABLE = (
+    Status.CONNECT_FAILED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+)
 
 
 def _literal(value: str) -> str:
@@ -130,21 +140,27 @@ class VectorIndex:
             self.collection, schema=schema, index_params=index, consistency_level="Strong"
         )
 
-    def _read(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """A read, loading the collection again first where Milvus lost it (a restarted server
-        holds its collections released until someone loads them)."""
+    def _call(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One Milvus call. A server down or timing out (retries included) is Unavailable, a
+        503 to the user; a collection that a restarted server holds released is loaded again
+        and the call made once more."""
         try:
-            return call(*args, **kwargs)
+            try:
+                return call(*args, **kwargs)
+            except MilvusException as exc:
+                if exc.code != NOT_LOADED:
+                    raise
+                log.warning("collection released (Milvus restarted?); loading it again")
+                self.client.load_collection(self.collection, timeout=self.timeout)
+                return call(*args, **kwargs)
         except MilvusException as exc:
-            if exc.code != NOT_LOADED:
-                raise
-            log.warning("collection released (Milvus restarted?); loading it again")
-            self.client.load_collection(self.collection, timeout=self.timeout)
-            return call(*args, **kwargs)
+            if exc.code in UNREACHABLE or "Retry timeout" in exc.message:
+                raise Unavailable("the vector database is unavailable; retry shortly") from exc
+            raise
 
     def upsert(self, rows: list[dict[str, Any]]) -> None:
         with self._lock:
-            self.client.upsert(self.collection, rows, timeout=self.timeout)
+            self._call(self.client.upsert, self.collection, rows, timeout=self.timeout)
             self.unflushed += len(rows)
 
     def flush(self, at_least: int = 1) -> None:
@@ -153,12 +169,12 @@ class VectorIndex:
         flush costs CPU: ingestion flushes in batches and when it goes idle."""
         with self._lock:
             if self.unflushed >= at_least:
-                self.client.flush(self.collection, timeout=self.timeout)
+                self._call(self.client.flush, self.collection, timeout=self.timeout)
                 self.unflushed = 0
 
     def chunk_ids(self, owner: str, store: str, file: str) -> set[str]:
         with self._lock:
-            it = self._read(
+            it = self._call(
                 self.client.query_iterator,
                 self.collection,
                 batch_size=1000,
@@ -178,17 +194,20 @@ class VectorIndex:
         batch = [i for i in ids if _SAFE.fullmatch(i)]
         if batch:
             with self._lock:
-                self.client.delete(self.collection, ids=batch, timeout=self.timeout)
+                self._call(self.client.delete, self.collection, ids=batch, timeout=self.timeout)
 
     def delete(self, owner: str, stores: Sequence[str], files: Sequence[str] | None = None) -> None:
         with self._lock:
-            self.client.delete(
-                self.collection, filter=_scope(owner, stores, files), timeout=self.timeout
+            self._call(
+                self.client.delete,
+                self.collection,
+                filter=_scope(owner, stores, files),
+                timeout=self.timeout,
             )
 
     def count(self, owner: str, stores: Sequence[str], files: Sequence[str] | None = None) -> int:
         with self._lock:
-            res = self._read(
+            res = self._call(
                 self.client.query,
                 self.collection,
                 filter=_scope(owner, stores, files),
@@ -221,7 +240,7 @@ class VectorIndex:
                         data=[text], anns_field="sparse", param={}, limit=depth, expr=expr
                     ),
                 ]
-                res = self._read(
+                res = self._call(
                     self.client.hybrid_search,
                     self.collection,
                     requests,
@@ -231,7 +250,7 @@ class VectorIndex:
                     timeout=self.timeout,
                 )
             else:
-                res = self._read(
+                res = self._call(
                     self.client.search,
                     self.collection,
                     data=[vector.tolist()],
