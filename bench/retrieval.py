@@ -406,8 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         indexes = {
             k: recall_and_latency(uri, collection_name(k), args.chunks, qvecs) for k in INDEXES
         }
-        ok = {k: v for k, v in indexes.items() if v["recall_at_10"] >= 0.95}
-        chosen = min(ok or indexes, key=lambda k: indexes[k]["p95_ms"])
+        # The choice is among what the service can create (CRUCIBLE_RETRIEVAL_DENSE_INDEX, inner
+        # product); FLAT-COSINE is measured for comparison only.
+        offered = {k: indexes[k] for k in ("FLAT", "HNSW")}
+        ok = {k: v for k, v in offered.items() if v["recall_at_10"] >= 0.95}
+        chosen = min(ok or offered, key=lambda k: offered[k]["p95_ms"])
         collection = collection_name(chosen)
         result["indexes"] = indexes
         result["index_chosen"] = chosen
