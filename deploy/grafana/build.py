@@ -159,7 +159,11 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                     (
                         "sum by (outcome) (increase(crucible_retrieval_ingested_files_total[1h]))",
                         "{{outcome}}",
-                    )
+                    ),
+                    (
+                        "sum(increase(crucible_retrieval_ingestion_retries_total[1h]))",
+                        "retries (vector database unreachable)",
+                    ),
                 ],
             ),
             (

@@ -53,7 +53,15 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
         queue = EmbedQueue(embedder, s.max_pending_embeddings)
         index = await open_index(s, embedder.dim)
         metrics = RetrievalMetrics(app.state.registry)
-        ingestor = Ingestor(catalog, index, queue, s.files_dir(), s.ingest_concurrency, metrics)
+        ingestor = Ingestor(
+            catalog,
+            index,
+            queue,
+            s.files_dir(),
+            s.ingest_concurrency,
+            metrics,
+            s.ingest_outage_seconds,
+        )
         metrics.watch(lambda: ingestor.active, catalog.totals)
         metrics.small_calls_onnx.set_function(lambda: float(embedder.small_calls_on_onnx))
         app.state.catalog, app.state.index, app.state.ingestor = catalog, index, ingestor
@@ -70,7 +78,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
             catalog.engine.dispose()
 
     async def milvus_ready() -> None:
-        await asyncio.to_thread(api.state.index.client.has_collection, s.collection, timeout=2)
+        await asyncio.to_thread(api.state.index.ping)
 
     def limit_for(path: str) -> int:
         return s.max_upload_bytes + MULTIPART_OVERHEAD if path == "/v1/files" else s.max_body_bytes

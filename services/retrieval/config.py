@@ -54,6 +54,8 @@ class RetrievalSettings(ServiceSettings):
     max_files_per_store: int = 10_000
     # Files ingested at once; the rest wait their turn in the background.
     ingest_concurrency: int = 2
+    # While Milvus is unreachable a file waits, `in_progress`, retrying with backoff; then fails.
+    ingest_outage_seconds: float = 300.0
 
     def db_url(self) -> str:
         return self.database_url or self.sqlite_url("retrieval")

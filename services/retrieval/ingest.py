@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.common.errors import Unavailable
 from services.retrieval.catalog import Catalog
 from services.retrieval.chunking import Chunk, chunk_id, chunk_text
 from services.retrieval.embedder import INGEST, EmbedQueue
@@ -28,6 +29,7 @@ log = logging.getLogger("crucible.retrieval.ingest")
 UPSERT_BATCH = 64
 FLUSH_EVERY = 4000  # unsealed rows; more make counts and searches slow on Milvus Lite
 MAX_CHUNK_BYTES = 65535  # Milvus's VARCHAR limit for the chunk text
+RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # seconds between tries while Milvus is unreachable
 
 
 class IngestError(Exception):
@@ -44,6 +46,8 @@ class Ingestor:
     files_dir: Path
     concurrency: int
     metrics: RetrievalMetrics
+    # How long a file waits for an unreachable Milvus (still `in_progress`) before it fails.
+    outage_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.concurrency)
@@ -85,7 +89,7 @@ class Ingestor:
         async with self._slots:
             start = time.perf_counter()
             try:
-                count, used = await self._ingest(store_id, file_id, resumed)
+                count, used = await self._ingest_through_outages(store_id, file_id, resumed)
             except IngestError as exc:
                 await self._discard(store_id, file_id)
                 self.catalog.finish(
@@ -113,7 +117,41 @@ class Ingestor:
             self.metrics.ingested.labels("completed").inc()
             self.metrics.ingest_seconds.observe(time.perf_counter() - start)
         if len(self._tasks) <= 1:  # the last one: seal the rest, so searches stay fast
-            await asyncio.to_thread(self.index.flush)
+            with contextlib.suppress(Unavailable):  # Milvus gone: the next flush seals them
+                await asyncio.to_thread(self.index.flush)
+
+    async def _ingest_through_outages(
+        self, store_id: str, file_id: str, resumed: bool
+    ) -> tuple[int, int]:
+        """Ingest; when Milvus is unreachable, wait for it and try again, the file still
+        `in_progress`. Each try after the first reconciles the rows the last one left."""
+        deadline = time.monotonic() + self.outage_seconds
+        while True:
+            try:
+                return await self._ingest(store_id, file_id, resumed)
+            except Unavailable:
+                log.warning(
+                    "vector database unavailable; ingestion waits", extra={"file_id": file_id}
+                )
+                self.metrics.ingest_retries.inc()
+                await self._wait_for_milvus(deadline)
+                resumed = True
+
+    async def _wait_for_milvus(self, deadline: float) -> None:
+        """Back off (1 s, doubling to 30 s) until Milvus answers a cheap call, so a file is not
+        embedded again for every try; IngestError once the deadline would pass."""
+        delay = RETRY_FIRST
+        while time.monotonic() + delay <= deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+            try:
+                await asyncio.to_thread(self.index.ping)
+                return
+            except Unavailable:
+                continue
+        raise IngestError(
+            "server_error", "the vector database was unavailable for too long; add the file again"
+        )
 
     async def _discard(self, store_id: str, file_id: str) -> None:
         """A failed file keeps no partial chunks (best effort: a retry reconciles anyway)."""
@@ -128,7 +166,7 @@ class Ingestor:
             return 0, 0  # removed meanwhile
         meta = self.catalog.file_row(file_id)
         if meta is None:
-            raise IngestError("file_not_found", "the file was deleted")
+            raise IngestError("invalid_file", "the file was deleted")
         phase = self.metrics.ingest_phase_seconds
         t = time.perf_counter()
         chunks = await asyncio.to_thread(self._chunks, meta.filename, file_id, row.chunking)
@@ -164,7 +202,7 @@ class Ingestor:
         try:
             text = extract_text(filename, path.read_bytes())
         except FileNotFoundError:
-            raise IngestError("file_not_found", "the file's content is missing") from None
+            raise IngestError("invalid_file", "the file's content is missing") from None
         except Exception as exc:
             raise IngestError("invalid_file", f"could not read the file: {exc}"[:300]) from None
         if not text.strip():

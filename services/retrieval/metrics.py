@@ -46,6 +46,11 @@ class RetrievalMetrics:
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
             registry=registry,
         )
+        self.ingest_retries = Counter(
+            p + "ingestion_retries_total",
+            "Ingestion tries that met an unreachable vector database and will try again",
+            registry=registry,
+        )
         self.ingest_phase_seconds = Counter(
             p + "ingestion_phase_seconds_total",
             "Where ingestion time goes: parse (and chunk), embed, upsert, reconcile",

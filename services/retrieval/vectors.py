@@ -158,6 +158,11 @@ class VectorIndex:
                 raise Unavailable("the vector database is unavailable; retry shortly") from exc
             raise
 
+    def ping(self, timeout: float = 2.0) -> None:
+        """A cheap call: returns if Milvus answers, raises Unavailable if it does not."""
+        with self._lock:
+            self._call(self.client.has_collection, self.collection, timeout=timeout)
+
     def upsert(self, rows: list[dict[str, Any]]) -> None:
         with self._lock:
             self._call(self.client.upsert, self.collection, rows, timeout=self.timeout)

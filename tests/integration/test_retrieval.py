@@ -429,6 +429,33 @@ def test_milvus_going_away_is_a_503_and_its_return_heals(tmp_path: Path) -> None
             assert httpx.get(f"{p.url}/ready").status_code == 200
 
 
+def test_ingestion_waits_out_a_milvus_outage_and_completes_exactly(tmp_path: Path) -> None:
+    var = tmp_path / "var"
+    port = _free_port()
+    text = "\n\n".join([(CORPUS / "caffeine.md").read_text()] * 3)
+    with (
+        milvus_lite(var, port) as milvus,
+        retrieval(var, milvus_uri=milvus.url, milvus_timeout_seconds=3) as p,
+    ):
+        c = Client(p.url, "frank")
+        file_id = c.file_id("caffeine.md", text.encode())
+        milvus.stop()  # killed, before the file is added
+        store = c.store(file_ids=[file_id])
+        deadline = time.monotonic() + 60
+        while _metric(p.url, "crucible_retrieval_ingestion_retries_total") < 1:
+            assert time.monotonic() < deadline, "ingestion never met the outage"
+            time.sleep(0.2)
+        f = c.http.get(f"/v1/vector_stores/{store}/files/{file_id}").json()
+        assert (f["status"], f["last_error"]) == ("in_progress", None)
+        with milvus_lite(var, port):  # back, on its data: the file completes by itself
+            body = c.wait(store, timeout=90)
+            assert body["file_counts"]["completed"] == 1, body
+            hits = c.search(store, query="caffeine half-life").json()["data"]
+            assert hits and hits[0]["file_id"] == file_id
+            rows = milvus_rows(var, f"http://127.0.0.1:{port}")
+    assert len(rows) == len({r["id"] for r in rows}) == expected_chunks(text)
+
+
 def _metric(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics").text
     return sum(
