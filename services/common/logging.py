@@ -44,7 +44,8 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error"):
+    # Libraries that install plain-text handlers of their own: their records go through ours.
+    for name in ("uvicorn", "uvicorn.error", "pymilvus", "pymilvus.milvus_client"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     # Access logs would carry query strings; our own middleware logs requests without them.

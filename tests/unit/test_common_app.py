@@ -154,3 +154,25 @@ def test_log_lines_are_json_with_request_id(caplog: pytest.LogCaptureFixture) ->
         request_id.reset(token)
     assert line["request_id"] == "rid-7" and line["route"] == "/v1/things/{thing_id}"
     assert line["status"] == 200 and line["service"] == "demo"
+
+
+def test_library_loggers_with_their_own_handlers_log_json(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import pymilvus  # noqa: F401  (installs its plain-text handlers on import)
+
+    from services.common.logging import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    lib = logging.getLogger("pymilvus")
+    lib_saved = lib.handlers[:], lib.propagate
+    try:
+        configure_logging("demo")
+        lib.error("RPC error: [search], connection refused")
+    finally:
+        root.handlers[:], root.level = saved
+        lib.handlers[:], lib.propagate = lib_saved
+    [line] = capsys.readouterr().err.splitlines()
+    event = json.loads(line)
+    assert (event["logger"], event["level"], event["service"]) == ("pymilvus", "error", "demo")
