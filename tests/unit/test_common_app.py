@@ -1,6 +1,7 @@
 """The shared app pieces every service uses: envelope, request ids, metrics, health, logs."""
 
 import asyncio
+import gc
 import json
 import logging
 
@@ -176,3 +177,25 @@ def test_library_loggers_with_their_own_handlers_log_json(
     [line] = capsys.readouterr().err.splitlines()
     event = json.loads(line)
     assert (event["logger"], event["level"], event["service"]) == ("pymilvus", "error", "demo")
+
+
+def test_what_startup_loads_is_left_out_of_later_collections() -> None:
+    from contextlib import asynccontextmanager
+
+    from fastapi.testclient import TestClient
+
+    held: list[object] = []
+
+    @asynccontextmanager
+    async def lifespan(app):  # a service loading its models
+        held.extend({"weight": i} for i in range(50_000))
+        yield
+
+    app = build_app("demo", lifespan=lifespan)
+    gc.unfreeze()
+    try:
+        with TestClient(app) as client:
+            assert client.get("/health").status_code == 200
+            assert gc.get_freeze_count() >= len(held)
+    finally:
+        gc.unfreeze()
