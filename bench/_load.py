@@ -85,9 +85,21 @@ def median(values: list[float]) -> float:
 def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
+        "cpu": _cpu_model(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
     }
+
+
+def _cpu_model() -> str:
+    """The CPU's name and whether it has int8 dot-product instructions (VNNI): int8 speed-ups
+    measured on one machine do not carry over to a CPU without them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "")
+    return f"{name} ({'with' if 'vnni' in info else 'without'} VNNI)"
 
 
 def write_result(name: str, data: dict[str, Any], out: Path | None = None) -> Path:

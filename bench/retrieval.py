@@ -1,6 +1,7 @@
 """Retrieval, measured side by side with its baselines in one run.
 
-    python bench/retrieval.py [--chunks 100000] [--rounds 3] [--smoke] [--out FILE]
+    python bench/retrieval.py [--chunks 100000] [--rounds 3] [--search-rounds 8] [--smoke]
+                              [--out FILE]
 
 1. search: at N chunks, the service's search (over HTTP, query embedding included) against raw
    Milvus Lite search on the same collection, dense and hybrid; recall@10 against exact numpy
@@ -53,6 +54,16 @@ WINDOW = 256
 
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
+
+
+def p95_difference_ci90(raw: list[float], svc: list[float], draws: int = 2000) -> list[float]:
+    """A 90% bootstrap interval (ms) for the service's p95 minus raw Milvus's: the pairs
+    (one query's two searches) are resampled together. A difference of two p95s over a few
+    hundred searches swings by tens of milliseconds on this machine; the interval says how far."""
+    a, b = np.asarray(raw), np.asarray(svc)
+    idx = np.random.default_rng(0).integers(0, len(a), (draws, len(a)))
+    diffs = np.percentile(b[idx], 95, axis=1) - np.percentile(a[idx], 95, axis=1)
+    return [round(float(np.percentile(diffs, q)) * 1000, 2) for q in (5, 95)]
 
 
 def ms(values: list[float]) -> dict[str, float]:
@@ -194,6 +205,19 @@ def search_side_by_side(
     finally:
         raw.close()
     return out
+
+
+def release_others(uri: str, keep: str) -> None:
+    """Only the collection searched stays loaded, as on a server holding the service's one."""
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri)
+    try:
+        for name in client.list_collections():
+            if name != keep:
+                client.release_collection(name)
+    finally:
+        client.close()
 
 
 def recall_and_latency(uri: str, collection: str, n: int, qvecs: np.ndarray) -> dict[str, Any]:
@@ -385,13 +409,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chunks", type=int, default=100_000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--search-rounds", type=int, default=8, help="rounds over the 40 queries, search part"
+    )
     p.add_argument("--copies", type=int, default=6, help="corpus copies for ingestion")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.smoke:
-        args.chunks, args.rounds, args.copies = 2000, 1, 1
-    result: dict[str, Any] = {"chunks": args.chunks, "rounds": args.rounds}
+        args.chunks, args.rounds, args.search_rounds, args.copies = 2000, 1, 1, 1
+    result: dict[str, Any] = {
+        "chunks": args.chunks,
+        "rounds": args.rounds,
+        "search_rounds": args.search_rounds,
+    }
     with tempfile.TemporaryDirectory(prefix="crucible-bench-") as tmp, ExitStack() as stack:
         var = Path(tmp)
         torch_embedder = Embedder(backend="torch")
@@ -402,10 +433,10 @@ def main(argv: list[str] | None = None) -> int:
         # Milvus Lite holds its file until its process ends: the build runs in children.
         for kind in INDEXES:
             in_child(build_collection, var, args.chunks, kind, store_id)
-        uri = stack.enter_context(milvus_server(var))
-        indexes = {
-            k: recall_and_latency(uri, collection_name(k), args.chunks, qvecs) for k in INDEXES
-        }
+        with milvus_server(var) as uri:
+            indexes = {
+                k: recall_and_latency(uri, collection_name(k), args.chunks, qvecs) for k in INDEXES
+            }
         # The choice is among what the service can create (CRUCIBLE_RETRIEVAL_DENSE_INDEX, inner
         # product); FLAT-COSINE is measured for comparison only.
         offered = {k: indexes[k] for k in ("FLAT", "HNSW")}
@@ -418,9 +449,17 @@ def main(argv: list[str] | None = None) -> int:
 
         # The service's fp32 ONNX export for small calls, made before it starts (a first start
         # makes it in the background, serving queries on torch until it is loaded).
-        export_onnx(packaged_model_dir(), var / "models" / "all-MiniLM-L6-v2-onnx-fp32", int8=False)
+        onnx_dir = var / "models" / "all-MiniLM-L6-v2-onnx-fp32"
+        in_child(export_onnx, packaged_model_dir(), onnx_dir, False)
+        # A fresh server holding only the collection searched, as `make up` runs it for the
+        # service: the three collections loaded at once made every search slower and its tail
+        # longer (BENCHMARKS.md).
+        uri = stack.enter_context(milvus_server(var))
+        release_others(uri, collection)
         with service(var, collection=collection, milvus_uri=uri) as client:
-            both = search_side_by_side(uri, client, collection, store_id, qvecs, texts, args.rounds)
+            both = search_side_by_side(
+                uri, client, collection, store_id, qvecs, texts, args.search_rounds
+            )
             file_ids, tokens = [], 0
             for path in CORPUS:
                 text = "\n\n".join([path.read_text()] * args.copies)
@@ -478,8 +517,12 @@ def main(argv: list[str] | None = None) -> int:
                 "service": ms(svc),
                 "p50_overhead_ms": round((pct(svc, 50) - pct(raw, 50)) * 1000, 2),
                 "p95_overhead_ms": round((pct(svc, 95) - pct(raw, 95)) * 1000, 2),
+                "p95_overhead_ci90_ms": p95_difference_ci90(raw, svc),
                 # The same query's two searches, back to back: what the service adds to each.
-                "paired_overhead_ms": ms([b - a for a, b in zip(raw, svc, strict=True)]),
+                "paired_overhead_ms": {
+                    **ms(paired := [b - a for a, b in zip(raw, svc, strict=True)]),
+                    "p5_ms": round(pct(paired, 5) * 1000, 2),
+                },
             }
         raw_tps = [tokens / s for s in ingest["raw_embedding"]]
         svc_tps = [tokens / s for s in ingest["service"]]
@@ -536,7 +579,15 @@ def compare_backends(
                 elapsed = _timed(partial(e.encode, [q]))
                 if r:
                     latency[name].append(elapsed)
-    qcos = (torch_embedder.encode(queries) * np.vstack([small.encode([q]) for q in queries])).sum(1)
+    reference = torch_embedder.encode(queries)
+    qcos = (reference * np.vstack([small.encode([q]) for q in queries])).sum(1)
+    # int8 quantizes activations per call: a query's vector depends on what it is batched with.
+    alone = np.vstack([onnx.encode([q]) for q in queries])
+    batched = onnx.encode(queries)
+    int8_query = {
+        "cosine_to_fp32_min": round(float((alone * reference).sum(1).min()), 4),
+        "alone_vs_in_batch_cosine_min": round(float((alone * batched).sum(1).min()), 4),
+    }
     return {
         "one_query": {
             **{k: ms(v) for k, v in latency.items()},
@@ -551,6 +602,7 @@ def compare_backends(
             statistics.median(tps["onnx_int8"]) / statistics.median(tps["torch_fp32"]), 3
         ),
         "cosine_to_fp32": {"min": round(float(cos.min()), 4), "mean": round(float(cos.mean()), 4)},
+        "onnx_int8_queries": int8_query,
         "hit_at_5": {
             "torch_fp32": hit_at_5(torch_embedder, chunks),
             "onnx_int8": hit_at_5(onnx, chunks),

@@ -38,7 +38,8 @@ class RetrievalSettings(ServiceSettings):
     # Embedding model: a sentence-transformers directory; default: the packaged all-MiniLM-L6-v2.
     embedding_model_dir: Path | None = None
     embedding_model_id: str = "all-MiniLM-L6-v2"
-    # torch fp32 won on this project's CPUs (BENCHMARKS.md); onnx-int8 is the measured alternative.
+    # torch fp32: one exact vector per text. onnx-int8 embeds batches ~1.7x faster on CPUs with
+    # VNNI (no faster without), within cosine ~0.99 and batch-dependent (BENCHMARKS.md).
     embedding_backend: Literal["torch", "onnx-int8"] = "torch"
     # Small calls (search queries) on an fp32 ONNX export of the same model: ~3x faster for one
     # query, identical vectors; exported under var/models at the first start, torch until then.

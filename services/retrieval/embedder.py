@@ -65,7 +65,7 @@ class _Model(Protocol):
 # Calls of at most this many texts (search queries, small embedding requests) go to the fp32
 # ONNX model when it is loaded: one query runs 2.5-3x faster there than in torch (framework
 # overhead per operator dominates a 15-token input), with the same vectors (cosine 1.000000).
-# Ingestion's full batches stay on torch, which measured faster for them (BENCHMARKS.md).
+# Full batches run on the configured backend (torch by default; BENCHMARKS.md).
 SMALL_CALL = 4
 
 
