@@ -48,7 +48,7 @@ class RetrievalMetrics:
         )
         self.ingest_retries = Counter(
             p + "ingestion_retries_total",
-            "Ingestion tries that met an unreachable vector database and will try again",
+            "Ingestion tries that met an unreachable vector database",
             registry=registry,
         )
         self.ingest_phase_seconds = Counter(
