@@ -159,9 +159,17 @@ class VectorIndex:
             raise
 
     def ping(self, timeout: float = 2.0) -> None:
-        """A cheap call: returns if Milvus answers, raises Unavailable if it does not."""
-        with self._lock:
+        """A cheap call: returns if Milvus answers, raises Unavailable if it does not.
+
+        It waits at most `timeout` for the lock: a call still holding it means Milvus is busy
+        answering that call (which raises Unavailable itself if Milvus is gone). Waiting behind
+        a long flush or count made `/ready` time out under ordinary load."""
+        if not self._lock.acquire(timeout=timeout):
+            return
+        try:
             self._call(self.client.has_collection, self.collection, timeout=timeout)
+        finally:
+            self._lock.release()
 
     def upsert(self, rows: list[dict[str, Any]]) -> None:
         with self._lock:

@@ -20,6 +20,7 @@ from pymilvus import MilvusClient
 
 from services.retrieval.chunking import chunk_text, resolve
 from services.retrieval.embedder import load_tokenizer, packaged_model_dir
+from services.retrieval.vectors import VectorIndex
 from services.stack import _free_port
 from tests.conftest import ROOT
 from tests.processes import Proc, milvus_lite, retrieval
@@ -427,6 +428,21 @@ def test_milvus_going_away_is_a_503_and_its_return_heals(tmp_path: Path) -> None
                 time.sleep(0.5)
             assert r.json()["data"] == before
             assert httpx.get(f"{p.url}/ready").status_code == 200
+
+
+def test_the_readiness_ping_does_not_queue_behind_a_long_milvus_call(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    index = VectorIndex(str(tmp_path / "milvus.db"), None, "crucible_chunks", 384)
+    try:
+        index.ensure()
+        index.ping()  # Milvus answers
+        with ThreadPoolExecutor(1) as pool, index._lock:  # a flush or count in progress
+            started = time.monotonic()
+            pool.submit(index.ping, 0.3).result(timeout=5)  # /ready's check: not stuck
+            assert time.monotonic() - started < 2
+    finally:
+        index.close()
 
 
 def test_ingestion_waits_out_a_milvus_outage_and_completes_exactly(tmp_path: Path) -> None:
