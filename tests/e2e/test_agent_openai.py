@@ -83,7 +83,15 @@ def test_every_step_is_schema_valid_and_every_tool_call_validated(
         for step in run["steps"]:
             if step["type"] == "model_call":
                 assert step["finish_reason"] == "stop"
-                jsonschema.validate(json.loads(step["content"]), schema)
+                try:
+                    action = json.loads(step["content"])
+                except ValueError:
+                    # vLLM's grammar can let a raw control character into a string (seen: a
+                    # NUL ending a SMILES), which strict JSON refuses: the agent must tell the
+                    # model so, and the output must otherwise still follow the schema.
+                    assert step["error"].startswith("your output is not JSON"), step
+                    action = json.loads(step["content"], strict=False)
+                jsonschema.validate(action, schema)
                 continue
             tool_calls += 1
             assert step["tool"] in TOOL_NAMES
