@@ -51,7 +51,13 @@ MULTIPART_OVERHEAD = 64 << 10
 # Request headers the services read; everything else (the client's key first) stays here.
 PASSED = (b"content-type", b"accept", b"idempotency-key")
 # Response headers worth relaying; hop-by-hop and server headers stay behind.
-RELAYED = {b"content-type", b"content-disposition", b"retry-after", b"cache-control"}
+RELAYED = {
+    b"content-type",
+    b"content-disposition",
+    b"retry-after",
+    b"cache-control",
+    b"server-timing",
+}
 
 
 def route_of(path: str) -> str | None:

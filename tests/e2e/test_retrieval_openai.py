@@ -126,6 +126,24 @@ def test_search_with_a_filter_returns_citable_results(
     assert all(r.score >= 0.99 for r in high.data)
 
 
+def test_a_search_says_where_its_time_went(
+    client: openai.OpenAI, chemistry_store: tuple[str, dict[str, str]]
+) -> None:
+    """`Server-Timing` through the gateway: the query embedding, Milvus, and the whole."""
+    store_id, _ = chemistry_store
+    raw = client.vector_stores.with_raw_response.search(store_id, query="caffeine half-life")
+    assert raw.parse().data
+    timing = {
+        name: float(dur.removeprefix("dur="))
+        for name, dur in (
+            part.strip().split(";") for part in raw.headers["server-timing"].split(",")
+        )
+    }
+    assert set(timing) == {"embed", "milvus", "total"}
+    assert timing["embed"] > 0 and timing["milvus"] > 0
+    assert timing["embed"] + timing["milvus"] <= timing["total"]
+
+
 def test_hit_at_5_on_the_labelled_chemistry_queries(
     client: openai.OpenAI, chemistry_store: tuple[str, dict[str, str]]
 ) -> None:

@@ -54,6 +54,9 @@ def test_retrieval_bench_smoke_measures_every_part(tmp_path: Path) -> None:
     for mode in ("dense", "hybrid"):
         assert data["search"][mode]["service"]["n"] > 0
         assert data["search"][mode]["raw_milvus"]["n"] > 0
+        own = data["search"][mode]["service_own_ms"]  # a search less its Milvus call
+        assert own["n"] == data["search"][mode]["service"]["n"]
+        assert 0 < own["p50_ms"] < data["search"][mode]["service"]["p50_ms"]
     assert data["ingestion"]["median_ratio_service_over_raw"] > 0
     assert set(data["ingestion"]["service_seconds_by_phase"]) >= {"parse", "embed", "upsert"}
     assert data["backends"]["cosine_to_fp32"]["min"] > 0.9
