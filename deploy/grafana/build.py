@@ -137,8 +137,18 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 "Search latency",
                 "s",
                 [
-                    (p95("crucible_retrieval_search_duration_seconds_bucket", "mode", 0.5), "p50 {{mode}}"),
-                    (p95("crucible_retrieval_search_duration_seconds_bucket", "mode"), "p95 {{mode}}"),
+                    (
+                        p95("crucible_retrieval_search_duration_seconds_bucket", "mode", 0.5),
+                        "p50 {{mode}}",
+                    ),
+                    (
+                        p95("crucible_retrieval_search_duration_seconds_bucket", "mode"),
+                        "p95 {{mode}}",
+                    ),
+                    (
+                        p95("crucible_retrieval_search_vector_db_duration_seconds_bucket", "mode"),
+                        "p95 {{mode}}, in the vector database",
+                    ),
                 ],
             ),
             (
@@ -180,7 +190,11 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
     "finetune": (
         "Crucible / Fine-tuning",
         [
-            ("Jobs by status", "short", [("sum by (status) (crucible_finetune_jobs)", "{{status}}")]),
+            (
+                "Jobs by status",
+                "short",
+                [("sum by (status) (crucible_finetune_jobs)", "{{status}}")],
+            ),
             ("Queue depth", "short", [("sum(crucible_finetune_queue_depth)", "queued in Redis")]),
             (
                 "Training tokens per second",

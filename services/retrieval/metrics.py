@@ -19,8 +19,16 @@ class RetrievalMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        for mode in ("dense", "hybrid"):
-            self.search_seconds.labels(mode)  # present from the start: rate() sees the first
+        self.search_vector_db_seconds = Histogram(
+            p + "search_vector_db_duration_seconds",
+            "The part of a vector store search spent in the vector database's calls",
+            ["mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        for mode in ("dense", "hybrid"):  # present from the start: rate() sees the first
+            self.search_seconds.labels(mode)
+            self.search_vector_db_seconds.labels(mode)
         self.embed_seconds = Histogram(
             p + "embedding_duration_seconds",
             "Time to embed one batch",

@@ -293,6 +293,7 @@ async def _search(
     ]
     total = time.perf_counter() - start
     state.metrics.search_seconds.labels(mode).observe(total)
+    state.metrics.search_vector_db_seconds.labels(mode).observe(in_milvus)
     # Where this search's time went (the gateway relays it): what Milvus took, and the rest is
     # the service's own (the query embedding first).
     response.headers["server-timing"] = (
