@@ -12,23 +12,20 @@ from services.common.metrics import LATENCY_BUCKETS
 class RetrievalMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         p = "crucible_retrieval_"
-        self.search_seconds = Histogram(
-            p + "search_duration_seconds",
-            "Vector store search, query embedding included",
-            ["mode"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+
+        def per_mode(name: str, doc: str) -> Histogram:
+            h = Histogram(p + name, doc, ["mode"], buckets=LATENCY_BUCKETS, registry=registry)
+            for mode in ("dense", "hybrid"):  # present from the start: rate() sees the first
+                h.labels(mode)
+            return h
+
+        self.search_seconds = per_mode(
+            "search_duration_seconds", "Vector store search, query embedding included"
         )
-        self.search_vector_db_seconds = Histogram(
-            p + "search_vector_db_duration_seconds",
+        self.search_vector_db_seconds = per_mode(
+            "search_vector_db_duration_seconds",
             "The part of a vector store search spent in the vector database's calls",
-            ["mode"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        for mode in ("dense", "hybrid"):  # present from the start: rate() sees the first
-            self.search_seconds.labels(mode)
-            self.search_vector_db_seconds.labels(mode)
         self.embed_seconds = Histogram(
             p + "embedding_duration_seconds",
             "Time to embed one batch",
