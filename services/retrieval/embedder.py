@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from tokenizers import Tokenizer
 
-from services.common.errors import RateLimited
+from services.common.errors import InvalidRequest, RateLimited
 
 log = logging.getLogger("crucible.retrieval.embedder")
 
@@ -124,6 +124,21 @@ class Embedder:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Word pieces per text, the two special tokens included (what the window counts)."""
         return [len(e.ids) for e in self.tokenizer.encode_batch(list(texts))]
+
+    def counted(self, texts: Sequence[str], param: str, listed: bool) -> list[int]:
+        """`count_tokens`, refusing (400, `context_length_exceeded`) the first text over the
+        window, named as the request names it (`input`, `query[1]`)."""
+        tokens = self.count_tokens(texts)
+        for i, n in enumerate(tokens):
+            if n > self.window:
+                where = f"{param}[{i}]" if listed else param
+                raise InvalidRequest(
+                    f"{where} has {n} tokens; the model reads at most {self.window} "
+                    "(split the text: it is never silently cut)",
+                    param=param,
+                    code="context_length_exceeded",
+                )
+        return tokens
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-length float32 vectors, one row per text. Raises TextTooLong, never truncates."""

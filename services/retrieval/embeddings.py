@@ -47,17 +47,7 @@ def router() -> APIRouter:
                 f"{model_id} has {queue.embedder.dim} dimensions only", param="dimensions"
             )
         texts = _texts(body.input, state.settings.max_inputs_per_request)
-        tokens = queue.embedder.count_tokens(texts)
-        window = queue.embedder.window
-        for i, n in enumerate(tokens):
-            if n > window:
-                where = f"input[{i}]" if isinstance(body.input, list) else "input"
-                raise InvalidRequest(
-                    f"{where} has {n} tokens; {model_id} reads at most {window} "
-                    "(split the text: it is never silently cut)",
-                    param="input",
-                    code="context_length_exceeded",
-                )
+        tokens = queue.embedder.counted(texts, "input", isinstance(body.input, list))
         start = time.perf_counter()
         vectors = await queue.embed(texts, priority=USER)
         metrics.embed_seconds.labels("request").observe(time.perf_counter() - start)

@@ -237,6 +237,7 @@ async def _search(
     if body.rewrite_query:
         raise InvalidRequest("rewrite_query is not supported", param="rewrite_query")
     queries = [body.query] if isinstance(body.query, str) else body.query
+    state.embed_queue.embedder.counted(queries, "query", isinstance(body.query, list))
     # The query embedding (the larger part of a search's own time) overlaps the catalog lookup.
     embedding = asyncio.ensure_future(state.embed_queue.embed(queries, priority=USER))
     try:

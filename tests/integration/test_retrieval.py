@@ -214,6 +214,43 @@ def test_text_over_the_models_window_is_refused_never_truncated(alice: Client) -
     assert "input[1] has 257 tokens" in err["message"]
 
 
+def test_a_search_query_over_the_models_window_is_refused(alice: Client) -> None:
+    store = alice.store(file_ids=[alice.file_id("w.md", b"water boils at 100 C")])
+    alice.wait(store)
+    ok = alice.search(store, query="water " * 254)
+    assert ok.status_code == 200 and ok.json()["data"], ok.text
+    for query, where in (("water " * 255, "query"), (["water", "water " * 300], "query[1]")):
+        r = alice.search(store, query=query)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded", r.text
+        assert err["message"].startswith(f"{where} has ") and err["param"] == "query"
+
+
+def test_a_search_with_several_queries_finds_each_chunk_once_at_its_best_score(
+    alice: Client,
+) -> None:
+    files = {"ring.md": b"Benzene is an aromatic ring.", "drink.md": b"Ethanol is an alcohol."}
+    store = alice.store(file_ids=[alice.file_id(n, d) for n, d in files.items()])
+    alice.wait(store)
+    queries = ["benzene aromatic ring", "ethanol alcohol", "ring", "alcohol", "benzene", "ethanol"]
+    r = alice.search(store, query=queries, ranking_options={"ranker": "none"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["search_query"] == queries
+    names = [d["filename"] for d in body["data"]]
+    assert sorted(names) == sorted(files)  # each chunk once, not once per query
+    scores = [d["score"] for d in body["data"]]
+    assert scores == sorted(scores, reverse=True)
+    # Each chunk's score is its best over the queries, each searched alone.
+    alone: dict[str, list[float]] = {name: [] for name in files}
+    for q in queries:
+        one = alice.search(store, query=q, ranking_options={"ranker": "none"}).json()["data"]
+        for x in one:
+            alone[x["filename"]].append(x["score"])
+    for d in body["data"]:
+        assert d["score"] == pytest.approx(max(alone[d["filename"]]), abs=1e-4), d["filename"]
+
+
 @pytest.mark.parametrize(
     ("name", "data", "purpose", "status", "pattern"),
     [
