@@ -49,6 +49,9 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
             s.var_dir / "models" / f"{s.embedding_model_id}-onnx-fp32"
             if s.small_calls_onnx
             else None,
+            s.var_dir / "models" / f"{s.embedding_model_id}-onnx-int8-blocks"
+            if s.search_queries_int8
+            else None,
         )
         queue = EmbedQueue(embedder, s.max_pending_embeddings)
         index = await open_index(s, embedder.dim)
@@ -64,6 +67,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
         )
         metrics.watch(lambda: ingestor.active, catalog.totals)
         metrics.small_calls_onnx.set_function(lambda: float(embedder.small_calls_on_onnx))
+        metrics.queries_int8.set_function(lambda: float(embedder.queries_on_int8))
         app.state.catalog, app.state.index, app.state.ingestor = catalog, index, ingestor
         app.state.embed_queue, app.state.metrics = queue, metrics
         swept = files.sweep(catalog, s.files_dir())

@@ -44,6 +44,9 @@ class RetrievalSettings(ServiceSettings):
     # Small calls (search queries) on an fp32 ONNX export of the same model: ~3x faster for one
     # query, identical vectors; exported under var/models at the first start, torch until then.
     small_calls_onnx: bool = True
+    # Search queries on an 8-bit export of that model (blocks of 32): ~1.5x faster again,
+    # within cosine 0.999 of fp32; made beside it at the first start. Needs small_calls_onnx.
+    search_queries_int8: bool = True
     embedding_batch_size: int = 32
     max_inputs_per_request: int = 2048
     # Requests waiting for the embedder beyond this are answered 429 at once, never queued.

@@ -67,7 +67,12 @@ class RetrievalMetrics:
         )
         self.small_calls_onnx = Gauge(
             p + "embedding_small_calls_onnx",
-            "1 once small calls (search queries) run on the fp32 ONNX model, 0 while on torch",
+            "1 once small embedding calls run on the fp32 ONNX model, 0 while on torch",
+            registry=registry,
+        )
+        self.queries_int8 = Gauge(
+            p + "embedding_queries_int8",
+            "1 once search queries run on the 8-bit ONNX model, 0 while on fp32",
             registry=registry,
         )
         self.stores = Gauge(p + "vector_stores", "Vector stores", registry=registry)

@@ -239,7 +239,7 @@ async def _search(
     queries = [body.query] if isinstance(body.query, str) else body.query
     state.embed_queue.embedder.counted(queries, "query", isinstance(body.query, list))
     # The query embedding (the larger part of a search's own time) overlaps the catalog lookup.
-    embedding = asyncio.ensure_future(state.embed_queue.embed(queries, priority=USER))
+    embedding = state.embed_queue.start(queries, priority=USER, queries=True)
     try:
         members = await asyncio.to_thread(state.catalog.members, owner, store_id)
     except BaseException:

@@ -205,6 +205,36 @@ def test_a_query_on_the_onnx_fast_path_embeds_as_a_batch_on_torch_does(
         assert float(a @ b) > 0.99999, text
 
 
+def test_search_queries_on_the_8_bit_model_score_and_rank_as_fp32_does(
+    svc: Proc, alice: Client
+) -> None:
+    deadline = time.monotonic() + 180  # quantized and loaded in the background at startup
+    while _metric(svc.url, "crucible_retrieval_embedding_queries_int8") < 1:
+        assert time.monotonic() < deadline, "the 8-bit query model never loaded"
+        time.sleep(0.5)
+    docs = {
+        "aspirin.md": "Aspirin inhibits cyclooxygenase and so reduces inflammation.",
+        "ethanol.md": "Ethanol boils at 78 degrees Celsius at sea level.",
+        "benzene.md": "Benzene is an aromatic ring of six carbon atoms.",
+        "gases.md": "Noble gases have full valence shells and rarely react.",
+    }
+    store = alice.store(file_ids=[alice.file_id(n, d.encode()) for n, d in docs.items()])
+    alice.wait(store)
+
+    def fp32(texts: list[str]) -> np.ndarray:
+        r = alice.http.post("/v1/embeddings", json={"model": MODEL, "input": texts})
+        return np.array([row["embedding"] for row in r.json()["data"]])
+
+    names = list(docs)
+    chunks = fp32([docs[n] for n in names])
+    for query in ("what does aspirin block?", "boiling point of alcohol", "inert gases", "ring"):
+        data = alice.search(store, query=query, ranking_options={"ranker": "none"}).json()["data"]
+        exact = dict(zip(names, (chunks @ fp32([query])[0]).tolist(), strict=True))
+        assert data[0]["filename"] == max(names, key=lambda n: exact[n]), query
+        for d in data:
+            assert d["score"] == pytest.approx(max(exact[d["filename"]], 0.0), abs=0.01), query
+
+
 def test_text_over_the_models_window_is_refused_never_truncated(alice: Client) -> None:
     ok = alice.http.post("/v1/embeddings", json={"model": MODEL, "input": "water " * 254})
     assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == 256
