@@ -60,6 +60,11 @@ def test_retrieval_bench_smoke_measures_every_part(tmp_path: Path) -> None:
     assert data["ingestion"]["median_ratio_service_over_raw"] > 0
     assert set(data["ingestion"]["service_seconds_by_phase"]) >= {"parse", "embed", "upsert"}
     assert data["backends"]["cosine_to_fp32"]["min"] > 0.9
+    # Search queries on the 8-bit block export: measured against torch, really quantized.
+    one = data["backends"]["one_query"]
+    assert one["onnx_int8_blocks"]["n"] == one["torch_fp32"]["n"] > 0
+    assert 0.99 < one["cosine_int8_blocks_to_torch"]["min"] < 0.99999
+    assert data["backends"]["hit_at_5"]["int8_blocks_queries"] > 0.5
     assert data["quality"]["hybrid"]["hit_at_5"] > 0.5
 
 
