@@ -179,13 +179,19 @@ def test_embedding_input_errors(
     assert r.status_code == status and r.json()["error"]["param"] == param
 
 
+def _wait_for_model(svc: Proc, gauge: str) -> None:
+    """Until `gauge` says the ONNX model it names is serving (each is exported or quantized and
+    loaded in the background at startup)."""
+    deadline = time.monotonic() + 180
+    while _metric(svc.url, gauge) < 1:
+        assert time.monotonic() < deadline, f"{gauge} never became 1"
+        time.sleep(0.5)
+
+
 def test_a_query_on_the_onnx_fast_path_embeds_as_a_batch_on_torch_does(
     svc: Proc, alice: Client
 ) -> None:
-    deadline = time.monotonic() + 120  # exported and loaded in the background at startup
-    while _metric(svc.url, "crucible_retrieval_embedding_small_calls_onnx") < 1:
-        assert time.monotonic() < deadline, "the ONNX model for small calls never loaded"
-        time.sleep(0.5)
+    _wait_for_model(svc, "crucible_retrieval_embedding_small_calls_onnx")
     texts = [
         "What is the boiling point of ethanol?",
         "Aspirin inhibits cyclooxygenase.",
@@ -208,10 +214,7 @@ def test_a_query_on_the_onnx_fast_path_embeds_as_a_batch_on_torch_does(
 def test_search_queries_on_the_8_bit_model_score_and_rank_as_fp32_does(
     svc: Proc, alice: Client
 ) -> None:
-    deadline = time.monotonic() + 180  # quantized and loaded in the background at startup
-    while _metric(svc.url, "crucible_retrieval_embedding_queries_int8") < 1:
-        assert time.monotonic() < deadline, "the 8-bit query model never loaded"
-        time.sleep(0.5)
+    _wait_for_model(svc, "crucible_retrieval_embedding_queries_int8")
     docs = {
         "aspirin.md": "Aspirin inhibits cyclooxygenase and so reduces inflammation.",
         "ethanol.md": "Ethanol boils at 78 degrees Celsius at sea level.",
