@@ -41,10 +41,10 @@ class RetrievalSettings(ServiceSettings):
     # torch fp32: one exact vector per text. onnx-int8 embeds batches ~1.7x faster on CPUs with
     # VNNI (no faster without), within cosine ~0.99 and batch-dependent (BENCHMARKS.md).
     embedding_backend: Literal["torch", "onnx-int8"] = "torch"
-    # Small calls (search queries) on an fp32 ONNX export of the same model: ~3x faster for one
-    # query, identical vectors; exported under var/models at the first start, torch until then.
+    # Small calls (at most 4 texts) on an fp32 ONNX export of the same model: ~3x faster for one
+    # text, identical vectors; exported under var/models at the first start, torch until then.
     small_calls_onnx: bool = True
-    # Search queries on an 8-bit export of that model (blocks of 32): ~1.5x faster again,
+    # Search queries on an 8-bit export of that model (blocks of 32): ~1.3x faster again,
     # within cosine 0.999 of fp32; made beside it at the first start. Needs small_calls_onnx.
     search_queries_int8: bool = True
     embedding_batch_size: int = 32

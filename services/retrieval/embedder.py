@@ -8,7 +8,7 @@ One worker thread runs the model (torch already uses every core for one batch); 
 a priority queue where user-facing embeddings go before ingestion batches, so a search is never
 stuck behind a large upload; small user calls (search queries) run on an fp32 ONNX export beside
 that thread, so not even the batch in progress delays them. Search queries go to an 8-bit
-export of that model instead (weights and activations quantized in blocks of 32): ~1.5x faster
+export of that model instead (weights and activations quantized in blocks of 32): ~1.3x faster
 again, within cosine 0.999 of fp32. The queue is bounded: beyond it, callers get 429 at once.
 """
 
