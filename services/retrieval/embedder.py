@@ -68,9 +68,6 @@ class _Model(Protocol):
 # overhead per operator dominates a 15-token input), with the same vectors (cosine 1.000000).
 # Full batches run on the configured backend (torch by default; BENCHMARKS.md).
 SMALL_CALL = 4
-# A search's queries (at most 8) on the 8-bit query model, each alone: its vector never
-# depends on what it was batched with.
-QUERY_CALL = 8
 
 
 class Embedder:
@@ -121,7 +118,7 @@ class Embedder:
 
     def _model_for(self, texts: Sequence[str], queries: bool = False) -> _Model:
         query, small = self._query, self._small
-        if queries and query is not None and len(texts) <= QUERY_CALL:
+        if queries and query is not None:  # a search's few queries, each alone (`encode`)
             return query
         return small if small is not None and len(texts) <= SMALL_CALL else self._model
 
@@ -177,6 +174,7 @@ class Embedder:
         # Batches of similar lengths pad little; results go back in the callers' order.
         order = np.argsort(lengths, kind="stable")
         model = self._model_for(texts, queries)
+        # One query at a time on the 8-bit model: its vector never depends on its neighbours.
         batch = 1 if model is self._query else self.batch_size
         for i in range(0, len(texts), batch):
             rows = order[i : i + batch]
