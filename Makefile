@@ -37,6 +37,7 @@ bench: up
 	@$(PY) bench/inference.py
 	@$(PY) bench/gateway.py --stack-var-dir var --stack-ports 8000 8080
 	@$(PY) bench/retrieval.py
+	@$(PY) bench/milvus_alloc.py
 	@$(PY) bench/gc_pause.py
 	@$(PY) bench/finetune.py
 	@$(PY) bench/agent.py

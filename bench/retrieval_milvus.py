@@ -138,8 +138,9 @@ def recall_and_latency(
 
 
 @contextmanager
-def milvus_server(var: Path) -> Iterator[str]:
-    """Milvus Lite's server on the bench's data, as `make up` runs it (services/milvuslite.py)."""
+def milvus_server(var: Path, *options: str) -> Iterator[str]:
+    """Milvus Lite's server on the bench's data, as `make up` runs it (services/milvuslite.py),
+    with `options` added to its command line."""
     port = _free_port()
     with open(var / "milvus.log", "ab") as log:
         proc = subprocess.Popen(
@@ -151,6 +152,7 @@ def milvus_server(var: Path) -> Iterator[str]:
                 str(var / "milvus.db"),
                 "--port",
                 str(port),
+                *options,
             ],
             cwd=ROOT,
             stdout=log,

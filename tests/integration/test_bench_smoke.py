@@ -68,6 +68,20 @@ def test_retrieval_bench_smoke_measures_every_part(tmp_path: Path) -> None:
     assert data["quality"]["hybrid"]["hit_at_5"] > 0.5
 
 
+def test_milvus_allocator_bench_smoke_measures_both_servers(tmp_path: Path) -> None:
+    from bench import milvus_alloc
+
+    out = tmp_path / "milvus_alloc.json"
+    assert milvus_alloc.main(["--chunks", "2000", "--blocks", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    for server in ("glibc_default", "kept_heap"):
+        for mode in ("dense", "hybrid"):
+            assert data["search"][server][mode]["n"] == 38  # 40 queries less 2 warm-ups
+            assert data["search"][server][mode]["p50_ms"] > 0
+        assert len(data["server_rss_mib"][server]) == 1 and data["server_rss_mib"][server][0] > 0
+    assert data["ratio_default_to_kept"]["dense"]["p95_ms"] > 0
+
+
 def test_finetune_bench_smoke_compares_the_worker_with_a_direct_call(
     gateway_url: str, admin_key: str, tmp_path: Path
 ) -> None:
