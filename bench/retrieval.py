@@ -1,6 +1,6 @@
 """Retrieval, measured side by side with its baselines in one run.
 
-    python bench/retrieval.py [--chunks 100000] [--rounds 3] [--search-rounds 8] [--smoke]
+    python bench/retrieval.py [--chunks 100000] [--rounds 3] [--search-rounds 12] [--smoke]
                               [--out FILE]
 
 1. search: at N chunks, the service's search (over HTTP, query embedding included) against raw
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", type=int, default=100_000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
-        "--search-rounds", type=int, default=8, help="rounds over the 40 queries, search part"
+        "--search-rounds", type=int, default=12, help="rounds over the 40 queries, search part"
     )
     p.add_argument("--copies", type=int, default=6, help="corpus copies for ingestion")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
