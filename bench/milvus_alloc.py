@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                             if i >= 2:  # the first searches of a server warm it up
                                 times[kind][mode].append(time.perf_counter() - t)
                     client.close()
-                    (server,) = (
+                    (server,) = (  # this server, not a stack's beside it
                         c
                         for c in psutil.Process().children()
-                        if "services.milvuslite" in c.cmdline()
+                        if str(var / "milvus.db") in c.cmdline()
                     )
                     rss[kind].append(round(server.memory_info().rss / 2**20))
     result = {
