@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from pymilvus import MilvusClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -69,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         for block in range(args.blocks):
             for kind in list(SERVERS) if block % 2 == 0 else list(SERVERS)[::-1]:
                 with milvus_server(var, *SERVERS[kind]) as uri:
-                    from pymilvus import MilvusClient
-
                     client = MilvusClient(uri)
                     client.load_collection(collection)
                     for i, (v, text) in enumerate(zip(vectors, texts, strict=True)):

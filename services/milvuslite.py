@@ -35,7 +35,7 @@ def keep_freed_memory() -> bool:
     from one heap (gRPC's worker threads would otherwise each get an arena of their own, capped
     at 64 MiB), nothing is mmapped alone, and up to 1 GiB freed at the heap's top stays mapped:
     the next search reuses pages already in place. The cost is that the process keeps its peak
-    footprint (a few hundred MB at 100k chunks). False where the C library has no `mallopt`
+    footprint (~100 MiB more at 100k chunks). False where the C library has no `mallopt`
     (macOS): its allocator runs as it is."""
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
