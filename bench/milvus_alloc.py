@@ -25,7 +25,7 @@ from pymilvus import MilvusClient
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._load import write_result
-from bench.retrieval import QUERIES, in_child
+from bench.retrieval import QUERIES, in_child, ms, pct
 from bench.retrieval_milvus import (
     OWNER,
     build_collection,
@@ -41,13 +41,10 @@ SERVERS = {"glibc_default": ("--plain-malloc",), "kept_heap": ()}
 
 
 def summary(seconds: list[float]) -> dict[str, float]:
-    ms = np.asarray(seconds) * 1000
     return {
-        "p50_ms": round(float(np.percentile(ms, 50)), 1),
-        "p95_ms": round(float(np.percentile(ms, 95)), 1),
-        "p99_ms": round(float(np.percentile(ms, 99)), 1),
-        "sd_ms": round(float(ms.std()), 1),
-        "n": len(ms),
+        **ms(seconds),
+        "p99_ms": round(pct(seconds, 99) * 1000, 2),
+        "sd_ms": round(float(np.std(seconds)) * 1000, 2),
     }
 
 
@@ -62,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     collection = collection_name("FLAT")
     expr = _scope(OWNER, [STORE])
     times: dict[str, dict[str, list[float]]] = {k: {"dense": [], "hybrid": []} for k in SERVERS}
-    rss: dict[str, list[float]] = {k: [] for k in SERVERS}
+    rss: dict[str, list[int]] = {k: [] for k in SERVERS}
     with tempfile.TemporaryDirectory(prefix="crucible-bench-") as tmp:
         var = Path(tmp)
         print(f"building {args.chunks} chunks ...", file=sys.stderr)
