@@ -4,12 +4,17 @@
                          [--max-concurrency 32] [--admin]
     crucible keys list [--owner alice]
     crucible keys revoke KEY_ID
+    crucible db upgrade [--schema gateway] [--revision head]
+    crucible db current [--schema gateway]
+    crucible db downgrade --schema agent --revision agent_0001
+    crucible db revision --schema agent -m "what changed"   (for developers: a new migration)
     crucible plan --profile gpu-ep [--max-model-len N]
     crucible plan --model DIR|config.json --gpus 5090,pro6000 [--tp 2] [--pp 1] [--dp 1] [--ep]
                   [--memory-fraction 0.9] [--max-model-len 32768] [--quantization fp8]
 
 Keys are written to the gateway's database (CRUCIBLE_GATEWAY_DATABASE_URL, or SQLite under
 CRUCIBLE_VAR_DIR); a running gateway sees a revocation within its key cache TTL (5 s).
+`crucible db` finds each service's database the same way (CRUCIBLE_<SERVICE>_DATABASE_URL).
 """
 
 from __future__ import annotations
@@ -51,6 +56,42 @@ def _keys(args: argparse.Namespace) -> int:
             print(f"revoked {args.key_id}")
     finally:
         store.engine.dispose()
+    return 0
+
+
+def _db_url(schema: str) -> str:
+    """The database a service would open, from the same settings (and environment) it reads."""
+    from services.agent.config import AgentSettings
+    from services.finetune.config import FinetuneSettings
+    from services.retrieval.config import RetrievalSettings
+
+    settings = {
+        "gateway": GatewaySettings,
+        "retrieval": RetrievalSettings,
+        "finetune": FinetuneSettings,
+        "agent": AgentSettings,
+    }[schema]
+    return settings().db_url()
+
+
+def _db(args: argparse.Namespace) -> int:
+    from services.common import migrations
+    from services.common.db import make_engine
+
+    if args.action == "revision":
+        print(migrations.revision(args.schema, args.message))
+        return 0
+    for schema in [args.schema] if args.schema else list(migrations.SCHEMAS):
+        engine = make_engine(_db_url(schema))
+        try:
+            if args.action == "upgrade":
+                migrations.upgrade(engine, schema, args.revision or "head")
+            elif args.action == "downgrade":
+                migrations.downgrade(engine, schema, args.revision)
+            at, head = migrations.current(engine, schema), migrations.head(schema)
+            print(f"{schema}: {at or 'empty'}" + ("" if at == head else f" (head: {head})"))
+        finally:
+            engine.dispose()
     return 0
 
 
@@ -112,6 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     lst.add_argument("--owner")
     revoke = ksub.add_parser("revoke")
     revoke.add_argument("key_id")
+    db = sub.add_parser("db", help="database migrations: upgrade, current, downgrade, revision")
+    dsub = db.add_subparsers(dest="action", required=True)
+    schemas = ["gateway", "retrieval", "finetune", "agent"]
+    for action in ("upgrade", "current"):
+        p = dsub.add_parser(action)
+        p.add_argument("--schema", choices=schemas, help="one service's database (default: all)")
+        p.add_argument("--revision", help=argparse.SUPPRESS if action == "current" else "head")
+    down = dsub.add_parser("downgrade")
+    down.add_argument("--schema", choices=schemas, required=True)
+    down.add_argument("--revision", required=True, help="the revision to go back to, or base")
+    rev = dsub.add_parser("revision")
+    rev.add_argument("--schema", choices=schemas, required=True)
+    rev.add_argument("-m", "--message", required=True)
     plan = sub.add_parser("plan", help="check that a model fits the GPUs before launching vLLM")
     plan.add_argument("--profile", help="a launch profile (deploy/inference/NAME.yaml)")
     plan.add_argument("--model", help="a model directory or its config.json")
@@ -127,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "plan":
         return _plan(args)
+    if args.command == "db":
+        return _db(args)
     return _keys(args)
 
 

@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from services.common import migrations
 from services.common.db import make_engine, make_sessionmaker
 from services.common.errors import NotFound
 from services.common.pagination import PageQuery, listing, page
@@ -50,7 +51,7 @@ class RunRow(Base):
     messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     tools: Mapped[list[str]] = mapped_column(JSON)
     # "required": the first step must call a tool (say, search before answering); then "auto".
-    tool_choice: Mapped[str] = mapped_column(String(16), default="auto")
+    tool_choice: Mapped[str] = mapped_column(String(16), default="auto", server_default="auto")
     vector_store_ids: Mapped[list[str]] = mapped_column(JSON)
     budgets: Mapped[dict[str, int]] = mapped_column(JSON)
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
@@ -110,7 +111,7 @@ def run_object(row: RunRow, steps: list[dict[str, Any]] | None = None) -> dict[s
 class RunStore:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        migrations.upgrade(self.engine, "agent")
         self.sessions = make_sessionmaker(self.engine)
 
     def create(self, row: RunRow) -> RunRow:

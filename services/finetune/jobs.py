@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from services.common import migrations
 from services.common.db import make_engine, make_sessionmaker
 from services.common.errors import NotFound
 from services.common.pagination import PageQuery, listing, page
@@ -157,7 +158,7 @@ def checkpoint_object(row: CheckpointRow, fine_tuned: str) -> dict[str, Any]:
 class JobStore:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        migrations.upgrade(self.engine, "finetune")
         self.session = make_sessionmaker(self.engine)
 
     def create(self, row: JobRow) -> tuple[JobRow, bool]:

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, DateTime, Engine, Integer, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from services.common import migrations
 from services.common.db import make_engine, make_sessionmaker
 
 KEY_PREFIX = "sk-cru-"
@@ -99,7 +100,7 @@ class KeyStore:
         self.engine = (
             make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
         )
-        Base.metadata.create_all(self.engine)
+        migrations.upgrade(self.engine, "gateway")
         self.sessions = make_sessionmaker(self.engine)
         self.default_rpm = default_rpm
         self.default_max_concurrency = default_max_concurrency

@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from services.common import migrations
 from services.common.db import make_engine, make_sessionmaker
 from services.common.errors import NotFound
 from services.common.pagination import Order, PageQuery, listing, page
@@ -158,7 +159,7 @@ def store_file_object(row: StoreFileRow) -> dict[str, Any]:
 class Catalog:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        migrations.upgrade(self.engine, "retrieval")
         self.session = make_sessionmaker(self.engine)
 
     # --- files ---------------------------------------------------------------------------------
