@@ -99,6 +99,20 @@ def test_events_checkpoints_and_listing(client: openai.OpenAI, finished_job: Any
     assert finished_job.id in [j.id for j in client.fine_tuning.jobs.list(limit=100)]
 
 
+def test_event_pages_follow_their_cursor_and_a_bad_cursor_is_400(
+    client: openai.OpenAI, finished_job: Any
+) -> None:
+    first = client.fine_tuning.jobs.list_events(finished_job.id, limit=2)
+    assert len(first.data) == 2 and first.has_more
+    second = client.fine_tuning.jobs.list_events(finished_job.id, limit=2, after=first.data[-1].id)
+    assert second.data and not {e.id for e in second.data} & {e.id for e in first.data}
+    assert second.data[0].created_at <= first.data[-1].created_at
+    for cursor in ("x", "ftevent-", "ftevent-99999999999999999999999"):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.fine_tuning.jobs.list_events(finished_job.id, after=cursor)
+        assert bad.value.body["param"] == "after"  # type: ignore[index]
+
+
 def test_malformed_training_data_fails_with_line_numbers_before_training(
     client: openai.OpenAI, tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from services.gateway.keys import ON_BEHALF_HEADER, KeyStore
 from services.stack import _free_port
 from tests.processes import Proc, fake_upstream, gateway, make_key
 
@@ -343,3 +344,23 @@ def test_a_client_that_disconnects_cancels_the_upstream_stream(
         while httpx.get(f"{fake.url}/stats").json()["disconnects"] == before:
             assert time.monotonic() - dropped < 2, "the upstream stream was not cancelled"
             time.sleep(0.05)
+
+
+def test_acting_on_behalf_of_an_admin_key_never_grants_admin(gw: Proc) -> None:
+    """The internal token lets a Crucible service (the agent) act as a user's key, never as an
+    admin: a leaked token must not mint keys."""
+    admin = make_key(gw.log.parent, "ops", admin=True)
+    store = KeyStore(f"sqlite:///{gw.log.parent / 'gateway.db'}")
+    try:
+        found = store.lookup(admin)
+        assert found is not None and found.is_admin
+    finally:
+        store.engine.dispose()
+    as_admin = {"authorization": f"Bearer {admin}"}
+    assert httpx.get(f"{gw.url}/admin/keys", headers=as_admin).status_code == 200
+    on_behalf = {"authorization": "Bearer dev-internal-token", ON_BEHALF_HEADER: found.id}
+    r = httpx.post(f"{gw.url}/admin/keys", headers=on_behalf, json={"owner": "mallory"})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    assert httpx.get(f"{gw.url}/admin/keys", headers=on_behalf).status_code == 403
+    # The same header still acts as that key for what the key itself may do.
+    assert httpx.get(f"{gw.url}/v1/models", headers=on_behalf).status_code == 200
