@@ -29,7 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.common import migrations
 from services.common.db import make_engine, make_sessionmaker
-from services.common.errors import NotFound
+from services.common.errors import InvalidRequest, NotFound
 from services.common.pagination import PageQuery, listing, page
 
 ACTIVE = ("validating_files", "queued", "running")
@@ -141,6 +141,14 @@ def event_object(row: EventRow) -> dict[str, Any]:
         "type": row.type,
         "data": row.data,
     }
+
+
+def _event_number(event_id: str) -> int:
+    """The row number inside an event id (`ftevent-000000000042`), for an `after` cursor."""
+    prefix, _, digits = event_id.partition("-")
+    if prefix != "ftevent" or not digits.isascii() or not digits.isdigit() or len(digits) > 18:
+        raise InvalidRequest(f"`after` is not an event id: {event_id[:64]!r}", param="after")
+    return int(digits)
 
 
 def checkpoint_object(row: CheckpointRow, fine_tuned: str) -> dict[str, Any]:
@@ -276,7 +284,7 @@ class JobStore:
         self.get(job_id, owner)
         stmt = select(EventRow).where(EventRow.job_id == job_id)
         if after:
-            stmt = stmt.where(EventRow.id < int(after.rsplit("-", 1)[-1]))
+            stmt = stmt.where(EventRow.id < _event_number(after))
         with self.session() as s:
             rows = list(s.scalars(stmt.order_by(EventRow.id.desc()).limit(limit + 1)))
         return {

@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -177,7 +177,10 @@ class KeyStore:
         and limits apply, and revoking it stops its runs."""
         internal = self.internal_token
         if on_behalf_of is not None and internal and _same(secret, internal):
-            return await self.alookup_id(on_behalf_of)
+            key = await self.alookup_id(on_behalf_of)
+            # Never admin: whoever holds the internal token must not be able to mint keys or
+            # use every owner's adapters by naming an admin key's id (ids are not secrets).
+            return replace(key, is_admin=False) if key is not None and key.is_admin else key
         return await self.alookup(secret)
 
     async def alookup_id(self, key_id: str) -> ApiKey | None:
