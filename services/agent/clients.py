@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from pydantic import SecretStr
@@ -92,7 +93,8 @@ class RetrievalClient:
 
     async def store_exists(self, owner: str, store_id: str) -> bool:
         resp = await self.http.get(
-            f"/v1/vector_stores/{store_id}", headers=internal_headers(self.token, owner)
+            f"/v1/vector_stores/{quote(store_id, safe='')}",
+            headers=internal_headers(self.token, owner),
         )
         if resp.status_code == 404:
             return False
@@ -101,7 +103,7 @@ class RetrievalClient:
 
     async def search(self, owner: str, store_id: str, query: str, k: int) -> list[dict[str, Any]]:
         resp = await self.http.post(
-            f"/v1/vector_stores/{store_id}/search",
+            f"/v1/vector_stores/{quote(store_id, safe='')}/search",
             json={"query": query, "max_num_results": k},
             headers=internal_headers(self.token, owner),
         )

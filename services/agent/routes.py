@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from services.agent import prompt
 from services.agent.clients import KEY_HEADER
@@ -53,11 +53,13 @@ class RunCreate(BaseModel):
     messages: Annotated[list[Message], Field(min_length=1, max_length=100)]
     instructions: Annotated[str, Field(max_length=10_000)] | None = None
     tools: Annotated[list[ToolName], Field(max_length=len(TOOLS))] = []
-    vector_store_ids: Annotated[list[StrictStr], Field(max_length=10)] = []
+    vector_store_ids: Annotated[
+        list[Annotated[StrictStr, Field(min_length=1, max_length=128)]], Field(max_length=10)
+    ] = []
     mode: Literal["auto", "structured", "native"] = "auto"
     tool_choice: Literal["auto", "required"] = "auto"
     budgets: Budgets = Field(default_factory=Budgets)
-    stream: bool = False
+    stream: StrictBool = False  # 0 or "no" must not pass for false
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("crucible.errors")
@@ -178,6 +179,19 @@ def install_error_handlers(app: FastAPI) -> None:
             # Starlette names only the first matching route's methods; list every one.
             headers["allow"] = ", ".join(sorted(_allowed_methods(request)))
         return JSONResponse(err.body(), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(DataError)
+    async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
+        # PostgreSQL refuses what SQLite stores: a NUL character in text, a value longer than
+        # its column. Such input can name nothing stored and be stored nowhere: the client's.
+        log.info("unstorable value on %s: %s", request.url.path, type(exc.orig).__name__)
+        message = (
+            "a value in this request cannot be stored or looked up: text may not contain NUL"
+            " characters, and ids, names and other fields have length limits"
+        )
+        return JSONResponse(
+            envelope(message, "invalid_request_error", None, "invalid_value"), status_code=400
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

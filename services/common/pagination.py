@@ -17,6 +17,8 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from services.common.errors import InvalidRequest
 
 Order = Literal["asc", "desc"]
+Cursor = Annotated[str | None, Query(min_length=1, max_length=128)]
+"""An `after` or `before` query parameter: an id the caller saw."""
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,8 @@ class PageQuery:
 def _page_query(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     order: Order = "desc",
-    after: str | None = None,
-    before: str | None = None,
+    after: Cursor = None,
+    before: Cursor = None,
 ) -> PageQuery:
     return PageQuery(limit, order, after, before)
 

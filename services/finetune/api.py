@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from services.common.errors import Conflict, InvalidRequest, NotFound
-from services.common.pagination import PageParams
+from services.common.pagination import Cursor, PageParams
 from services.common.tenancy import Owner, internal_only
 from services.finetune.files import file_info, file_text
 from services.finetune.jobs import JobRow, JobStore, job_object, new_job_id
@@ -112,7 +112,7 @@ def router() -> APIRouter:
         request: Request,
         owner: Owner,
         limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-        after: str | None = None,
+        after: Cursor = None,
     ) -> dict[str, Any]:
         return request.app.state.jobs.events(job_id, owner, limit, after)
 

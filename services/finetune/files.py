@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import httpx
 from pydantic import SecretStr
 
@@ -11,9 +13,11 @@ from services.common.tenancy import internal_headers
 
 def file_info(base_url: str, token: SecretStr, owner: str, file_id: str) -> dict[str, object]:
     r = httpx.get(
-        f"{base_url}/v1/files/{file_id}", headers=internal_headers(token, owner), timeout=10
+        f"{base_url}/v1/files/{quote(file_id, safe='')}",
+        headers=internal_headers(token, owner),
+        timeout=10,
     )
-    if r.status_code == 404:
+    if r.status_code in (400, 404):  # 400: a value no file id can be (a NUL, say)
         raise NotFound(f"No such File object: {file_id}", param="training_file")
     r.raise_for_status()
     info: dict[str, object] = r.json()
@@ -26,7 +30,9 @@ def file_info(base_url: str, token: SecretStr, owner: str, file_id: str) -> dict
 
 def file_text(base_url: str, token: SecretStr, owner: str, file_id: str) -> str:
     r = httpx.get(
-        f"{base_url}/v1/files/{file_id}/content", headers=internal_headers(token, owner), timeout=60
+        f"{base_url}/v1/files/{quote(file_id, safe='')}/content",
+        headers=internal_headers(token, owner),
+        timeout=60,
     )
     r.raise_for_status()
     return r.content.decode("utf-8-sig")

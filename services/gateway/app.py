@@ -13,6 +13,8 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from starlette.types import Receive, Scope, Send
 
@@ -24,7 +26,7 @@ from services.gateway.forward import ServiceForwarder, route_of
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey, KeyStore
 from services.gateway.limits import RateLimiter
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.openapi import build_openapi
+from services.gateway.openapi import PublicDocument
 from services.gateway.owners import ModelOwners
 from services.gateway.proxy import Proxy
 from services.gateway.routing import Router
@@ -101,16 +103,15 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
         ready_checks=[("inference", backend_ready), ("redis", redis_ready)],
         title="Crucible gateway",
         version="0.1.0",
+        # Served by `_routes` instead: the document joins the services' own (openapi.py).
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     api.include_router(_routes())
-    api.openapi = lambda: api.openapi_schema or _cache_openapi(api, s)  # type: ignore[method-assign]
+    api.state.document = PublicDocument(api, s)
     gateway = Gateway(api)
     return gateway
-
-
-def _cache_openapi(api: FastAPI, s: GatewaySettings) -> dict[str, Any]:
-    api.openapi_schema = build_openapi(api, s)
-    return api.openapi_schema
 
 
 # --- the cold routes ---------------------------------------------------------------------------
@@ -162,6 +163,14 @@ def _routes() -> Any:
     from fastapi import APIRouter
 
     r = APIRouter()
+
+    @r.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(await request.app.state.document.get())
+
+    @r.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Crucible API")
 
     @r.get("/v1/models")
     async def list_models(request: Request, key: KeyDep) -> dict[str, Any]:

@@ -52,6 +52,7 @@ MULTIPART_OVERHEAD = 64 << 10
 PASSED = (b"content-type", b"accept", b"idempotency-key")
 # Response headers worth relaying; hop-by-hop and server headers stay behind.
 RELAYED = {
+    b"allow",  # a 405's methods (RFC 9110)
     b"content-type",
     b"content-disposition",
     b"retry-after",

@@ -1,18 +1,30 @@
-"""The gateway's OpenAPI document: FastAPI's for the cold routes, plus the two proxied routes
-(served by the ASGI hot path, so FastAPI does not see them), with our real error responses.
+"""The whole public API in one OpenAPI document, served by the gateway at `/openapi.json`.
 
-Request schemas cover what the gateway itself checks; other OpenAI and vLLM fields pass through
-(additionalProperties), as OpenAI's own schema allows.
+It joins FastAPI's document of the gateway's own routes, the two proxied routes (served by the
+ASGI hot path, so FastAPI does not see them), and the forwarded services' routes, read from each
+service's own document, all with the error responses the gateway really gives.
+
+Request schemas of the proxied routes cover what the gateway itself checks; other OpenAI and vLLM
+fields pass through (additionalProperties), as OpenAI's own schema allows.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import logging
+import re
+import time
 from typing import Any
 
+import httpx
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from services.gateway.config import GatewaySettings
+from services.gateway.forward import SERVICE_ROUTES, route_of
+
+log = logging.getLogger("crucible.gateway")
 
 ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 ERROR_STATUSES = {
@@ -22,7 +34,9 @@ ERROR_STATUSES = {
     "404": "Unknown or foreign id, or model",
     "405": "Method not allowed",
     "408": "Body not received in time",
+    "409": "Conflicts with the object's state",
     "413": "Body too large",
+    "415": "Unsupported media type",
     "429": "Limited (see retry-after)",
     "502": "The backend broke",
     "503": "No backend reachable",
@@ -131,6 +145,11 @@ def _proxied(request: str, summary: str) -> dict[str, Any]:
     }
 
 
+# What the gateway itself may answer on a forwarded route, besides what the service declares.
+FORWARDED_ERRORS = ("400", "401", "404", "408", "409", "413", "415", "429", "502", "503", "504")
+REF = "#/components/schemas/"
+
+
 def build_openapi(app: FastAPI, s: GatewaySettings) -> dict[str, Any]:
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
     for path in doc.get("paths", {}).values():
@@ -149,3 +168,124 @@ def build_openapi(app: FastAPI, s: GatewaySettings) -> dict[str, Any]:
         components["schemas"].pop(unused, None)
     components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return doc
+
+
+def merge_service(doc: dict[str, Any], service: str, part: dict[str, Any]) -> None:
+    """Add a service's forwarded paths (only those) and the schemas they use to `doc`; a schema
+    whose name the document already uses for another shape is renamed `<service>_<name>`."""
+    part = copy.deepcopy(part)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    renames = {}
+    for name, schema in part.get("components", {}).get("schemas", {}).items():
+        if name in ("HTTPValidationError", "ValidationError"):
+            continue
+        if name in schemas and schemas[name] != schema:
+            renames[name] = f"{service}_{name}"
+    if renames:
+        part = _renamed(part, renames)
+    for name, schema in part.get("components", {}).get("schemas", {}).items():
+        if name not in ("HTTPValidationError", "ValidationError"):
+            schemas.setdefault(name, schema)
+    for path, ops in part.get("paths", {}).items():
+        prefix = route_of(path)
+        if prefix is None or SERVICE_ROUTES[prefix] != service:
+            continue
+        for op in ops.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)  # validation errors are 400 in the OpenAI envelope
+            for code, response in _errors(*FORWARDED_ERRORS).items():
+                responses.setdefault(code, response)
+            op["security"] = [{"bearer": []}]
+        doc["paths"][path] = ops
+
+
+def add_links(doc: dict[str, Any]) -> None:
+    """OpenAPI links from each create (a POST on a collection answering an object with an `id`)
+    to the operations on that object, so clients and the fuzzer can follow a made object."""
+    paths = doc["paths"]
+    for path, ops in paths.items():
+        post = ops.get("post")
+        if post is None or path.endswith("}"):
+            continue
+        known = re.findall(r"{(\w+)}", path)
+        for target, target_ops in paths.items():
+            rest = target[len(path) :]
+            m = re.match(r"/{(\w+)}(/|$)", rest)
+            if not target.startswith(path) or m is None:
+                continue
+            params = {p: f"$request.path.{p}" for p in known} | {m[1]: "$response.body#/id"}
+            for method, op in target_ops.items():
+                if "operationId" not in op or len(re.findall(r"{\w+}", target)) != len(params):
+                    continue
+                for code in ("200", "201"):
+                    if code in post["responses"]:
+                        links = post["responses"][code].setdefault("links", {})
+                        links[f"{method}_{op['operationId']}"[:120]] = {
+                            "operationId": op["operationId"],
+                            "parameters": params,
+                        }
+
+
+def _renamed(node: Any, renames: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if k == "$ref" and isinstance(v, str) and v.startswith(REF):
+                v = REF + renames.get(v[len(REF) :], v[len(REF) :])
+            elif k == "schemas" and isinstance(v, dict):
+                v = {renames.get(n, n): _renamed(x, renames) for n, x in v.items()}
+                out[k] = v
+                continue
+            out[k] = _renamed(v, renames)
+        return out
+    if isinstance(node, list):
+        return [_renamed(x, renames) for x in node]
+    return node
+
+
+class PublicDocument:
+    """The merged document, built on first request and kept once every service answered; while
+    one is down its routes are missing and the next request tries again (at most every 5 s)."""
+
+    RETRY_S = 5.0
+
+    def __init__(self, app: FastAPI, s: GatewaySettings) -> None:
+        self.app, self.s = app, s
+        self.urls = {"retrieval": s.retrieval_url, "finetune": s.finetune_url, "agent": s.agent_url}
+        self._doc: dict[str, Any] | None = None
+        self._complete = False
+        self._tried = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> dict[str, Any]:
+        if self._complete and self._doc is not None:
+            return self._doc
+        async with self._lock:
+            if self._doc is None or (
+                not self._complete and time.monotonic() - self._tried > self.RETRY_S
+            ):
+                self._doc, self._complete = await self._build()
+                self._tried = time.monotonic()
+        return self._doc
+
+    async def _build(self) -> tuple[dict[str, Any], bool]:
+        doc = build_openapi(self.app, self.s)
+        token = self.s.internal_token.get_secret_value()
+        async with httpx.AsyncClient(
+            timeout=3.0, headers={"authorization": f"Bearer {token}"}
+        ) as client:
+            parts = await asyncio.gather(
+                *(client.get(f"{url}/openapi.json") for url in self.urls.values()),
+                return_exceptions=True,
+            )
+        missing = []
+        for service, part in zip(self.urls, parts, strict=True):
+            if isinstance(part, httpx.Response) and part.status_code == 200:
+                merge_service(doc, service, part.json())
+            else:
+                missing.append(service)
+        add_links(doc)
+        if missing:
+            log.warning("openapi: services not reachable", extra={"services": missing})
+            doc["info"]["x-crucible-missing"] = missing
+        return doc, not missing

@@ -20,9 +20,10 @@ from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from services.common.errors import InvalidRequest
+from services.common.pagination import Cursor
 from services.common.tenancy import Owner
 from services.retrieval.catalog import Catalog, file_object, new_id
-from services.retrieval.parsing import PURPOSES, check_upload
+from services.retrieval.parsing import Purpose, check_upload
 
 
 def clean_filename(name: str | None) -> str:
@@ -51,12 +52,8 @@ def router() -> APIRouter:
 
     @r.post("/v1/files")
     async def upload(
-        request: Request, owner: Owner, file: UploadFile, purpose: Annotated[str, Form()]
+        request: Request, owner: Owner, file: UploadFile, purpose: Annotated[Purpose, Form()]
     ) -> dict[str, Any]:
-        if purpose not in PURPOSES:
-            raise InvalidRequest(
-                f"purpose must be one of {', '.join(sorted(PURPOSES))}", param="purpose"
-            )
         catalog: Catalog = request.app.state.catalog
         files_dir: Path = request.app.state.settings.files_dir()
         filename = clean_filename(file.filename)
@@ -71,7 +68,7 @@ def router() -> APIRouter:
         purpose: str | None = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
         order: Literal["asc", "desc"] = "desc",
-        after: str | None = None,
+        after: Cursor = None,
     ) -> dict[str, Any]:
         return request.app.state.catalog.list_files(owner, purpose, limit, order, after)
 

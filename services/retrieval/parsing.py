@@ -9,12 +9,13 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Literal
 
 from services.common.errors import InvalidRequest, UnsupportedMediaType
 
 TEXT_TYPES = {".txt", ".md", ".markdown", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".html"}
 SUPPORTED = TEXT_TYPES | {".pdf"}
-PURPOSES = {"assistants", "batch", "fine-tune", "vision", "user_data", "evals"}
+Purpose = Literal["assistants", "batch", "fine-tune", "vision", "user_data", "evals"]
 
 
 def extension(filename: str) -> str:
