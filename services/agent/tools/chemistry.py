@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.agent.tools.base import ToolContext, ToolError
+from services.common.config import scrubbed_env
 
 log = logging.getLogger("crucible.agent")
 
@@ -77,6 +78,7 @@ class ChemSandbox:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
+            env=scrubbed_env(),  # no internal token or database URL within its reach
             limit=1 << 20,
         )
         w = _Worker(proc)
@@ -90,6 +92,9 @@ class ChemSandbox:
             raise RuntimeError("the chemistry worker did not start")
         self._all.add(w)
         self._idle.put_nowait(w)
+
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self._all]
 
     def _replace(self, w: _Worker) -> None:
         w.kill()

@@ -1,0 +1,31 @@
+"""The RDKit sandbox's worker processes, real ones: what they can reach of the agent's secrets."""
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from services.agent.tools.chemistry import ChemSandbox
+
+
+def test_chemistry_workers_inherit_no_token_or_database_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hostile SMILES that escaped RDKit must find no internal token or database URL."""
+    monkeypatch.setenv("CRUCIBLE_INTERNAL_TOKEN", "canary-internal-token")
+    monkeypatch.setenv("CRUCIBLE_AGENT_DATABASE_URL", "postgresql://u:canary-password@db/agent")
+
+    async def scenario() -> tuple[dict[str, object], list[bytes]]:
+        sandbox = ChemSandbox(workers=1, timeout_s=30)
+        await sandbox.start()
+        try:
+            result = await sandbox.call("molecule_info", {"smiles": "CCO"}, time.monotonic() + 30)
+            return result, [Path(f"/proc/{pid}/environ").read_bytes() for pid in sandbox.pids()]
+        finally:
+            await sandbox.close()
+
+    result, environs = asyncio.run(scenario())
+    assert result["formula"] == "C2H6O"  # the worker still works without them
+    assert environs and all(b"PATH=" in env for env in environs)
+    assert not any(b"canary" in env for env in environs)
