@@ -16,12 +16,15 @@ def test_chemistry_workers_inherit_no_token_or_database_url(
     monkeypatch.setenv("CRUCIBLE_INTERNAL_TOKEN", "canary-internal-token")
     monkeypatch.setenv("CRUCIBLE_AGENT_DATABASE_URL", "postgresql://u:canary-password@db/agent")
 
+    def environ(pid: int) -> bytes:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+
     async def scenario() -> tuple[dict[str, object], list[bytes]]:
         sandbox = ChemSandbox(workers=1, timeout_s=30)
         await sandbox.start()
         try:
             result = await sandbox.call("molecule_info", {"smiles": "CCO"}, time.monotonic() + 30)
-            return result, [Path(f"/proc/{pid}/environ").read_bytes() for pid in sandbox.pids()]
+            return result, [environ(pid) for pid in sandbox.pids()]
         finally:
             await sandbox.close()
 
