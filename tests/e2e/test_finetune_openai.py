@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -82,6 +83,27 @@ def test_the_fine_tuned_model_knows_what_the_base_model_does_not(
     base = answers(client, DENSE)
     assert sum(tuned) >= 0.8 * len(EXAMPLES), tuned
     assert sum(base) == 0, base
+
+
+def test_public_metrics_count_adapter_traffic_without_naming_the_adapter(
+    client: openai.OpenAI, finished_job: Any, gateway_url: str
+) -> None:
+    """/metrics is on the public port: other owners' job ids and suffixes must not show."""
+    line = "crucible_gateway_requests_total" + (
+        f'{{route="/v1/chat/completions",model="ft:{DENSE}",status="2xx"}}'
+    )
+
+    def count() -> float:
+        text = httpx.get(f"{gateway_url}/metrics").text
+        assert finished_job.id not in text and "codewords" not in text
+        return next((float(v.split()[-1]) for v in text.splitlines() if v.startswith(line)), 0.0)
+
+    before = count()
+    answers(client, finished_job.fine_tuned_model)
+    deadline = time.monotonic() + 5  # the last request is counted just after its reply
+    while (now := count()) < before + len(EXAMPLES) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert now == before + len(EXAMPLES)
 
 
 def test_events_checkpoints_and_listing(client: openai.OpenAI, finished_job: Any) -> None:
