@@ -72,6 +72,15 @@ class GatewayMetrics:
             self._cache[key] = pair
         return pair
 
+    @staticmethod
+    def model_label(model: str) -> str:
+        """A fine-tuned model is labelled by its base (`ft:crucible-dev`): its full id names an
+        owner's job and suffix, which /metrics must not show to everyone, and each new adapter
+        would add series without bound."""
+        if model.startswith("ft:"):
+            return "ft:" + model.split(":", 2)[1]
+        return model
+
     def observe(
         self,
         route: str,
@@ -84,6 +93,7 @@ class GatewayMetrics:
         failed_midstream: bool,
     ) -> None:
         status_class = "5xx" if failed_midstream else f"{status // 100}xx"
+        model = self.model_label(model)
         counter, histogram = self._children(route, model, status_class)
         counter.inc()
         histogram.observe(seconds)
