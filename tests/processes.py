@@ -144,3 +144,19 @@ def make_key(var_dir: Path, owner: str = "tester", **kw: object) -> str:
     finally:
         store.engine.dispose()
     return secret
+
+
+@contextmanager
+def redis_server(tmp: Path, *args: str, port: int | None = None) -> Iterator[Proc]:
+    """A `redis-server` of a test's own (its own port, its files under `tmp`); `args` are its
+    settings (`--requirepass x`, `--appendonly yes`, ...)."""
+    port = port or _free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    argv = ["redis-server", "--port", str(port), "--dir", str(tmp), "--save", "", *args]
+    log = tmp / f"redis-{port}.log"
+    proc = Proc(f"redis://127.0.0.1:{port}", port, _spawn(argv, {}, log), log)
+    try:
+        _wait(lambda: _port_busy(port), "redis-server")
+        yield proc
+    finally:
+        proc.stop()
