@@ -156,7 +156,9 @@ class RateLimiter:
         # Don't pay a timeout on every request while Redis is down: retry it in a second.
         self._skip_until = now + 1.0
         self.errors += 1
-        log.warning("rate limiter: redis unavailable", extra={"error": type(exc).__name__})
+        # Redis's own words say why (NOAUTH, WRONGPASS, a bad database); they hold no secret.
+        why = str(exc)[:200] if isinstance(exc, RedisReplyError) else type(exc).__name__
+        log.warning("rate limiter: redis unavailable", extra={"error": why})
         return self._outage()
 
     async def _gcra(self, key: str, rpm: int, want: int) -> list[int]:

@@ -11,13 +11,17 @@ import asyncio
 import collections
 import contextlib
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import hiredis
 
 
 class RedisReplyError(Exception):
     """Redis answered with an error (e.g. NOSCRIPT)."""
+
+
+class RedisSetupError(RedisReplyError):
+    """AUTH or SELECT was refused on a new connection: a setting to fix, not an outage."""
 
 
 def _pack(*args: bytes | str | int) -> bytes:
@@ -59,7 +63,9 @@ class Redis:
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 6379
         self.db = int(parts.path.lstrip("/") or 0)
-        self.password = parts.password
+        # redis://[user[:password]@]host: a password alone, or an ACL user and its password.
+        self.username = unquote(parts.username) if parts.username and parts.password else None
+        self.password = unquote(parts.password or parts.username or "") or None
         self.timeout = timeout
         self._conn: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
@@ -72,12 +78,27 @@ class Redis:
             if self._conn is None or self._conn.closed:
                 loop = asyncio.get_running_loop()
                 _, proto = await loop.create_connection(_Protocol, self.host, self.port)
+                try:
+                    await self._setup(proto)
+                except BaseException:
+                    assert proto.transport is not None
+                    proto.transport.close()
+                    raise
                 self._conn = proto
-                if self.password:
-                    await self._send(proto, "AUTH", self.password)
-                if self.db:
-                    await self._send(proto, "SELECT", self.db)
         return self._conn
+
+    async def _setup(self, proto: _Protocol) -> None:
+        """AUTH and SELECT, each checked: a refused one must not leave a connection that
+        answers NOAUTH (or writes to database 0) to every later command."""
+        if self.password:
+            user = [self.username] if self.username else []
+            reply = await self._send(proto, "AUTH", *user, self.password)
+            if isinstance(reply, RedisReplyError):
+                raise RedisSetupError(f"redis AUTH failed: {reply}")  # Redis never echoes it
+        if self.db:
+            reply = await self._send(proto, "SELECT", self.db)
+            if isinstance(reply, RedisReplyError):
+                raise RedisSetupError(f"redis SELECT {self.db} failed: {reply}")
 
     async def _send(self, proto: _Protocol, *args: bytes | str | int) -> Any:
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
