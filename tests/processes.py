@@ -56,7 +56,9 @@ def _wait(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
 
 
 @contextmanager
-def fake_upstream(tmp: Path, port: int | None = None, slow_s: float = 5.0) -> Iterator[Proc]:
+def fake_upstream(
+    tmp: Path, port: int | None = None, slow_s: float = 5.0, api_key: str | None = None
+) -> Iterator[Proc]:
     port = port or _free_port()
     popen = _spawn(
         [
@@ -67,6 +69,7 @@ def fake_upstream(tmp: Path, port: int | None = None, slow_s: float = 5.0) -> It
             str(port),
             "--slow-s",
             str(slow_s),
+            *(["--api-key", api_key] if api_key else []),
         ],
         {},
         tmp / f"fake-{port}.log",

@@ -40,22 +40,26 @@ def admission_problems(
     return problems
 
 
-def served_models(url: str, timeout: float = 5.0) -> set[str]:
-    r = httpx.get(f"{url}/v1/models", timeout=timeout)
+Headers = dict[str, str]  # vLLM's API key, where it has one (FinetuneSettings.inference_headers)
+
+
+def served_models(url: str, headers: Headers, timeout: float = 5.0) -> set[str]:
+    r = httpx.get(f"{url}/v1/models", headers=headers, timeout=timeout)
     r.raise_for_status()
     return {m["id"] for m in r.json()["data"]}
 
 
-def base_models(url: str, timeout: float = 5.0) -> set[str]:
+def base_models(url: str, headers: Headers, timeout: float = 5.0) -> set[str]:
     """The base models a server serves (adapters name their parent in `parent`)."""
-    r = httpx.get(f"{url}/v1/models", timeout=timeout)
+    r = httpx.get(f"{url}/v1/models", headers=headers, timeout=timeout)
     r.raise_for_status()
     return {m["id"] for m in r.json()["data"] if not m.get("parent")}
 
 
-def load(url: str, name: str, path: Path, timeout: float = 60.0) -> None:
+def load(url: str, headers: Headers, name: str, path: Path, timeout: float = 60.0) -> None:
     r = httpx.post(
         f"{url}/v1/load_lora_adapter",
+        headers=headers,
         json={"lora_name": name, "lora_path": str(path)},
         timeout=timeout,
     )
@@ -63,19 +67,19 @@ def load(url: str, name: str, path: Path, timeout: float = 60.0) -> None:
         raise RuntimeError(f"vLLM refused adapter {name}: {r.status_code} {r.text[:300]}")
 
 
-def restore(store: JobStore, urls: list[str]) -> int:
+def restore(store: JobStore, urls: list[str], headers: Headers) -> int:
     """Load every registered adapter a server lacks (it restarted); returns how many."""
     adapters = store.adapters()
     loaded = 0
     for url in urls:
         try:
-            present = served_models(url)
+            present = served_models(url, headers)
         except httpx.HTTPError:
             continue  # that server is down; the next round tries again
         for a in adapters:
             if a.model not in present and a.base_model in present:
                 try:
-                    load(url, a.model, Path(a.path))
+                    load(url, headers, a.model, Path(a.path))
                     loaded += 1
                 except (httpx.HTTPError, RuntimeError) as exc:
                     log.warning(
@@ -84,14 +88,14 @@ def restore(store: JobStore, urls: list[str]) -> int:
     return loaded
 
 
-def register(store: JobStore, row: AdapterRow, urls: list[str]) -> list[str]:
+def register(store: JobStore, row: AdapterRow, urls: list[str], headers: Headers) -> list[str]:
     """Record the adapter (so restarts restore it) and load it everywhere it can be served;
     returns the servers that could not take it now (the reconciler retries them)."""
     store.register_adapter(row)
     failed = []
     for url in urls:
         try:
-            load(url, row.model, Path(row.path))
+            load(url, headers, row.model, Path(row.path))
         except (httpx.HTTPError, RuntimeError) as exc:
             log.warning("adapter not loaded", extra={"model": row.model, "error": str(exc)[:200]})
             failed.append(url)

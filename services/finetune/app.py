@@ -83,7 +83,7 @@ def reconcile(jobs: JobStore, d: Dispatcher, s: FinetuneSettings, metrics: ApiMe
             jobs.event(job.id, "Queue message lost (broker restarted); queued again")
             d.send(job.id)
             metrics.requeued.labels("message_lost").inc()
-    restored = adapters.restore(jobs, s.inference_urls)
+    restored = adapters.restore(jobs, s.inference_urls, s.inference_headers())
     if restored:
         metrics.adapters_restored.inc(restored)
 

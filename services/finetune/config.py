@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import ServiceSettings
@@ -23,6 +23,7 @@ class FinetuneSettings(ServiceSettings):
     retrieval_url: str = "http://127.0.0.1:8001"
     # vLLM servers that serve the fine-tuned adapters (loaded through their internal LoRA route).
     inference_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])
+    inference_api_key: SecretStr | None = None  # vLLM's --api-key (compose sets one)
     models_dir: Path | None = None  # default: var/models
     adapters_dir: Path | None = None  # default: var/adapters; vLLM must see the same path
     # What the served engine accepts (its --max-lora-rank and the modules vLLM can adapt).
@@ -40,6 +41,11 @@ class FinetuneSettings(ServiceSettings):
     max_attempts: int = 3
     visibility_timeout_s: int = 12 * 3600
     worker_metrics_port: int = 8012
+
+    def inference_headers(self) -> dict[str, str]:
+        if self.inference_api_key is None:
+            return {}
+        return {"authorization": f"Bearer {self.inference_api_key.get_secret_value()}"}
 
     def db_url(self) -> str:
         return self.database_url or self.sqlite_url("finetune")

@@ -103,7 +103,9 @@ def _train_and_register(
     store.event(job.id, f"Training finished after {result.steps} steps", type="metrics", data=done)
     name = adapters.model_id(job.model, job.suffix, job.id)
     try:
-        served = set().union(*(adapters.base_models(u) for u in s.inference_urls))
+        served = set().union(
+            *(adapters.base_models(u, s.inference_headers()) for u in s.inference_urls)
+        )
     except httpx.HTTPError:
         served = {job.model}  # no server reachable now: the reconciler loads it later
     problems = adapters.admission_problems(
@@ -120,7 +122,7 @@ def _train_and_register(
         path=str(result.adapter_dir.resolve()),
         created_at=job.created_at,
     )
-    pending = adapters.register(store, row, s.inference_urls)
+    pending = adapters.register(store, row, s.inference_urls, s.inference_headers())
     if pending:
         store.event(
             job.id,

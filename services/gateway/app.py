@@ -72,6 +72,7 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
             s.inference_urls,
             refresh_interval=s.routing_refresh_s,
             on_probe=lambda b: metrics.backend_up.labels(b.url).set(int(b.healthy)),
+            headers=s.inference_headers(),
         )
         limiter = RateLimiter(s.redis_url, on_error=s.rate_limit_on_redis_error)
         await router.start()

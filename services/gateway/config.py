@@ -25,7 +25,12 @@ class GatewaySettings(ServiceSettings):
     finetune_url: str = "http://127.0.0.1:8002"
     agent_url: str = "http://127.0.0.1:8003"
     # Sent to the backends if they were started with --api-key (never the client's key).
-    inference_api_key: SecretStr | None = None
+    inference_api_key: SecretStr | None = None  # vLLM's --api-key (compose sets one)
+
+    def inference_headers(self) -> list[tuple[bytes, bytes]]:
+        if self.inference_api_key is None:
+            return []
+        return [(b"authorization", b"Bearer " + self.inference_api_key.get_secret_value().encode())]
 
     # Bounded everything: a body, a request's cost, and how long anything may take.
     max_body_bytes: int = 4 << 20

@@ -83,6 +83,7 @@ class Proxy:
         self.limiter = limiter
         self.metrics = metrics
         self.concurrency = Concurrency(settings.max_concurrency)
+        self.inference_headers = settings.inference_headers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rid = _incoming_request_id(scope) or uuid.uuid4().hex
@@ -245,13 +246,7 @@ class Proxy:
     async def _open(self, path: bytes, body: bytes, backends: list[Backend], rid: str) -> Response:
         """Send to the best backend; on a connect failure, mark it down and try the next."""
         headers = [(b"content-type", b"application/json"), (b"x-request-id", rid.encode())]
-        if self.s.inference_api_key:
-            headers.append(
-                (
-                    b"authorization",
-                    b"Bearer " + self.s.inference_api_key.get_secret_value().encode(),
-                )
-            )
+        headers += self.inference_headers
         tried: list[Backend] = []
         while (backend := choose(backends, tried)) is not None:
             backend.outstanding += 1

@@ -59,8 +59,10 @@ class Router:
         *,
         refresh_interval: float = 5.0,
         on_probe: Callable[[Backend], None] | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         self.backends = [Backend(u.rstrip("/"), Pool(u)) for u in urls]
+        self.headers = list(headers)  # vLLM's API key, where it has one
         self.on_probe = on_probe
         self.refresh_interval = refresh_interval
         self._table: dict[str, list[Backend]] = {}
@@ -122,7 +124,9 @@ class Router:
         """List the backend's models; this is also how a down backend is probed back up."""
         try:
             async with asyncio.timeout(2.0):
-                resp = await b.pool.request(b"GET", b"/v1/models", b"", [], connect_timeout=1.0)
+                resp = await b.pool.request(
+                    b"GET", b"/v1/models", b"", self.headers, connect_timeout=1.0
+                )
                 body = await resp.read()
             if resp.status != 200:
                 raise UpstreamProtocolError(f"/v1/models answered {resp.status}")

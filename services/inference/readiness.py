@@ -7,6 +7,7 @@ Standard library only: this runs in the vLLM image as its healthcheck, too.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -21,6 +22,8 @@ def _call(url: str, body: dict[str, Any] | None, timeout: float) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     # Only our own http:// URLs reach here (from a profile and a port), never user input.
     headers = {"content-type": "application/json"}
+    if key := os.environ.get("VLLM_API_KEY"):  # the key this vLLM was started with
+        headers["authorization"] = f"Bearer {key}"
     req = urllib.request.Request(url, data=data, headers=headers)  # noqa: S310
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
@@ -57,7 +60,6 @@ def is_ready(base_url: str, model: str, timeout: float = 5.0) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Healthcheck: exit 0 when the profile's server is ready (CRUCIBLE_INFERENCE_* defaults)."""
     import argparse
-    import os
 
     from services.inference import profiles
 

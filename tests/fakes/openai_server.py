@@ -76,8 +76,10 @@ def _chunk(model: str, delta: dict[str, Any] | None, usage: bool = False) -> byt
 
 
 class FakeUpstream:
-    def __init__(self, slow_s: float = 5.0) -> None:
+    def __init__(self, slow_s: float = 5.0, api_key: str | None = None) -> None:
         self.slow_s = slow_s
+        # Like vLLM's --api-key: every /v1 route needs `Authorization: Bearer <key>`.
+        self.auth = f"Bearer {api_key}".encode() if api_key else None
         self.disconnects = 0
         self.script: list[dict[str, Any]] = []
         self.seen: list[dict[str, Any]] = []
@@ -89,6 +91,13 @@ class FakeUpstream:
             await send({"type": "lifespan.shutdown.complete"})
             return
         path = scope["path"]
+        if (
+            self.auth
+            and path.startswith("/v1/")
+            and dict(scope["headers"]).get(b"authorization") != self.auth
+        ):
+            await _respond(send, 401, b'{"error": "Unauthorized"}')
+            return
         if path == "/stats":
             await _respond(send, 200, orjson.dumps({"disconnects": self.disconnects}))
             return
@@ -245,9 +254,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--slow-s", type=float, default=5.0)
+    p.add_argument("--api-key")
     args = p.parse_args()
     uvicorn.run(
-        FakeUpstream(args.slow_s),
+        FakeUpstream(args.slow_s, args.api_key),
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",

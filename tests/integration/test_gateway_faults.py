@@ -10,8 +10,12 @@ import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
+from pydantic import SecretStr
 
+from services.finetune import adapters
+from services.finetune.config import FinetuneSettings
 from services.gateway.keys import ON_BEHALF_HEADER, KeyStore
+from services.inference import readiness
 from services.stack import _free_port
 from tests.processes import Proc, fake_upstream, gateway, make_key
 
@@ -364,3 +368,34 @@ def test_acting_on_behalf_of_an_admin_key_never_grants_admin(gw: Proc) -> None:
     assert httpx.get(f"{gw.url}/admin/keys", headers=on_behalf).status_code == 403
     # The same header still acts as that key for what the key itself may do.
     assert httpx.get(f"{gw.url}/v1/models", headers=on_behalf).status_code == 200
+
+
+def test_an_engine_behind_an_api_key_is_probed_and_called_with_it(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compose starts vLLM with an API key only the gateway and fine-tuning hold."""
+    with fake_upstream(tmp_path, api_key="engine-key") as engine:
+        # The gateway: its probe learns the models and its requests are let in.
+        with gateway(
+            tmp_path / "holds", [engine.url], redis_url, inference_api_key="engine-key"
+        ) as g:
+            reply = sdk(g, make_key(g.log.parent, rpm=0)).chat.completions.create(
+                model="fake", messages=HI
+            )
+            assert reply.choices[0].message.content
+        with gateway(tmp_path / "lacks", [engine.url], redis_url) as g:
+            with pytest.raises(openai.NotFoundError):  # its probe was refused: no models known
+                sdk(g, make_key(g.log.parent, rpm=0)).chat.completions.create(
+                    model="fake", messages=HI
+                )
+            down = f'crucible_gateway_backend_up{{backend="{engine.url}"}} 0.0'
+            assert down in httpx.get(f"{g.url}/metrics").text
+        # Fine-tuning lists and loads adapters with it.
+        headers = FinetuneSettings(inference_api_key=SecretStr("engine-key")).inference_headers()
+        assert "fake" in adapters.served_models(engine.url, headers)
+        with pytest.raises(httpx.HTTPStatusError):
+            adapters.served_models(engine.url, {})
+        # The engine's own healthcheck, in its container, reads the key vLLM reads.
+        assert not readiness.is_ready(engine.url, "fake")
+        monkeypatch.setenv("VLLM_API_KEY", "engine-key")
+        assert readiness.is_ready(engine.url, "fake")

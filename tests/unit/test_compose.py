@@ -22,6 +22,10 @@ COMPOSE_ONLY = {
     "CRUCIBLE_FINETUNE_DATABASE_URL",
     "CRUCIBLE_AGENT_DATABASE_URL",
     "CRUCIBLE_AGENT_NATIVE_TOOL_MODELS",  # the GPU profiles' models; the dev model has none
+    "VLLM_API_KEY",
+    "CRUCIBLE_GATEWAY_INFERENCE_API_KEY",
+    "CRUCIBLE_FINETUNE_INFERENCE_API_KEY",
+    "REDISCLI_AUTH",
 }
 
 
@@ -107,3 +111,32 @@ def test_inference_reserves_gpus_and_stays_on_the_internal_network() -> None:
     assert "ports" not in inference
     assert COMPOSE["networks"]["backend"]["internal"] is True
     assert Path(ROOT / inference["build"]["dockerfile"]).exists()
+
+
+def _holders(secret: str) -> set[str]:
+    return {
+        name
+        for name, spec in COMPOSE["services"].items()
+        if secret in str(spec.get("environment", {})) or secret in str(spec.get("command", ""))
+    }
+
+
+def test_redis_requires_a_password_that_only_its_clients_hold() -> None:
+    redis = COMPOSE["services"]["redis"]
+    assert "--requirepass" in redis["command"]
+    assert _holders("${REDIS_PASSWORD") == {
+        "redis",
+        "gateway",
+        "finetune",
+        "finetune-worker",
+        "redis-exporter",
+    }
+    for name in ("gateway", "finetune"):
+        url = next(v for k, v in COMPOSE["services"][name]["environment"].items() if "REDIS" in k)
+        assert url.startswith("redis://:${REDIS_PASSWORD:?")
+
+
+def test_vllm_answers_only_the_gateway_and_fine_tuning() -> None:
+    """The agent and retrieval reach models through the gateway, as a key; never vLLM itself."""
+    assert _holders("${VLLM_API_KEY") == {"inference", "gateway", "finetune", "finetune-worker"}
+    assert "VLLM_API_KEY" in COMPOSE["services"]["inference"]["environment"]
