@@ -17,7 +17,12 @@ from pydantic import SecretStr
 from services.common.http import make_client
 from services.common.logging import request_id
 from services.common.tenancy import internal_headers
-from services.common.upstream import Pool, UpstreamConnectError, UpstreamProtocolError
+from services.common.upstream import (
+    Pool,
+    UpstreamBusy,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+)
 
 KEY_HEADER = "x-crucible-key-id"
 RETRYABLE = (429, 503)
@@ -61,8 +66,8 @@ class ModelClient:
                         data = await resp.read()
                     finally:
                         resp.release()
-            except UpstreamConnectError:
-                raise ModelCallError(503, "the gateway is unreachable") from None
+            except (UpstreamConnectError, UpstreamBusy):
+                raise ModelCallError(503, "the gateway is unreachable or saturated") from None
             except UpstreamProtocolError:
                 raise ModelCallError(502, "the gateway broke the connection") from None
             if resp.status == 200:

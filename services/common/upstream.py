@@ -4,6 +4,12 @@ httpx costs a few hundred microseconds a request in pure Python; the gateway's b
 work is one millisecond. This client does only what forwarding needs: one request per pooled
 keep-alive connection, the body relayed chunk by chunk as it arrives (chunked or content-length),
 and clean failure: a connection that saw an error is closed, never reused.
+
+What it promises (tests/integration/test_upstream_client.py, against raw sockets):
+- a request whose bytes were written is sent again only if its method is idempotent;
+- a stream that stays silent longer than its idle timeout fails, instead of holding a slot;
+- at most `max_open` exchanges per backend; past that a request waits, then is `UpstreamBusy`;
+- HEAD is answered from the headers alone; a body framed by closing the connection is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +39,15 @@ class UpstreamProtocolError(Exception):
     """The connection broke or the upstream sent something that is not HTTP."""
 
 
+class UpstreamBusy(Exception):
+    """Every connection the pool may open to this backend is in use (it is up, but saturated)."""
+
+
+# Methods a server must treat the same when repeated (RFC 9110 9.2.2): only these are sent again
+# after their bytes went out on a connection that then turned out closed.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -40,6 +55,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.idle_since = time.monotonic()
         self.reused = False
+        self.expect_body = True
         self._reset()
 
     def _reset(self) -> None:
@@ -78,6 +94,14 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        if not self.expect_body:
+            # A HEAD's response has a content-length but no body: it ends here. The parser
+            # cannot be told so, hence the connection is not reused after it.
+            self.complete, self.keep_alive = True, False
+            self.data_event.set()
+        elif not _framed(self.status, self.headers):
+            self._fail(UpstreamProtocolError("upstream sent a body without a length or chunks"))
+            return
         if not self.headers_done.done():
             self.headers_done.set_result(None)
 
@@ -111,6 +135,14 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+def _framed(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the body's end is known without the connection closing (HTTP/1.1 framing)."""
+    if status < 200 or status in (204, 304):
+        return True
+    names = {k for k, _ in headers}
+    return b"content-length" in names or b"transfer-encoding" in names
+
+
 class Response:
     """An upstream response whose headers have arrived; the body is read or streamed after."""
 
@@ -121,7 +153,9 @@ class Response:
         self._released = False
         self.on_release: Callable[[], None] | None = None
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
+    async def iter_chunks(self, idle_timeout: float | None = None) -> AsyncIterator[bytes]:
+        """The body as it arrives; with `idle_timeout`, a silence that long between two reads
+        breaks the exchange (UpstreamProtocolError), whatever the overall deadline."""
         conn = self._conn
         while True:
             while conn.chunks:
@@ -135,9 +169,14 @@ class Response:
                 self.release()
                 return
             if conn.error is not None:
+                self.release()
                 raise conn.error
             conn.data_event.clear()
-            await conn.data_event.wait()
+            try:
+                async with asyncio.timeout(idle_timeout):
+                    await conn.data_event.wait()
+            except TimeoutError:
+                conn._fail(UpstreamProtocolError(f"upstream sent nothing for {idle_timeout:g}s"))
 
     async def read(self) -> bytes:
         return b"".join([c async for c in self.iter_chunks()])
@@ -150,6 +189,7 @@ class Response:
         if self.on_release is not None:
             self.on_release()
         conn = self._conn
+        conn.pool.slots.release()
         if conn.complete and conn.error is None and conn.keep_alive:
             self._conn.pool.put_back(conn)
         else:
@@ -159,7 +199,7 @@ class Response:
 class Pool:
     """Keep-alive connections to one backend (scheme http, host, port)."""
 
-    def __init__(self, base_url: str, *, max_idle: int = 128) -> None:
+    def __init__(self, base_url: str, *, max_idle: int = 128, max_open: int = 1024) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"backend URL must be http://host:port, got {base_url!r}")
@@ -170,6 +210,8 @@ class Pool:
         self.idle: collections.deque[_Connection] = collections.deque()
         self.max_idle = max_idle
         self.open: set[_Connection] = set()
+        # One exchange per connection: this bounds both (held until the response is released).
+        self.slots = asyncio.Semaphore(max_open)
 
     async def _connect(self, limit: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -234,19 +276,33 @@ class Pool:
             head += [name, b": ", value, b"\r\n"]
         head.append(b"\r\n")
         payload = b"".join(head) + body
+        try:
+            async with asyncio.timeout(connect_timeout):
+                await self.slots.acquire()
+        except TimeoutError:
+            raise UpstreamBusy(f"all connections to {self.base_url} are busy") from None
+        try:
+            return await self._send(method, payload, connect_timeout)
+        except BaseException:
+            self.slots.release()  # a returned Response releases it instead
+            raise
+
+    async def _send(self, method: bytes, payload: bytes, connect_timeout: float) -> Response:
         conn = self._take_idle()
         if conn is not None:
             try:
-                return await self._exchange(conn, payload)
+                return await self._exchange(conn, method, payload)
             except UpstreamProtocolError:
-                # A reused connection the server had already closed, before any byte of a
-                # response: the request was not processed, so one retry on a new one is safe.
-                if conn.got_bytes:
+                # A reused connection the server had closed, before any byte of a response.
+                # The server may still have read the request, so only an idempotent one is
+                # sent again (a POST could start a second generation or job).
+                if conn.got_bytes or method not in IDEMPOTENT:
                     raise
-        return await self._exchange(await self._connect(connect_timeout), payload)
+        return await self._exchange(await self._connect(connect_timeout), method, payload)
 
-    async def _exchange(self, conn: _Connection, payload: bytes) -> Response:
+    async def _exchange(self, conn: _Connection, method: bytes, payload: bytes) -> Response:
         conn._reset()
+        conn.expect_body = method != b"HEAD"
         assert conn.transport is not None
         conn.transport.write(payload)
         try:

@@ -47,6 +47,9 @@ class GatewaySettings(ServiceSettings):
     body_timeout_s: float = 30.0
     # One total deadline per request (streams included), spent across failover attempts.
     request_timeout_s: float = 600.0
+    # A stream (or forwarded body) silent this long between two reads fails at once, instead of
+    # holding its slot until the deadline. Long enough for a queued request's first token.
+    stream_idle_timeout_s: float = 120.0
 
     # Defaults for keys created without their own limits.
     default_rpm: int = 600

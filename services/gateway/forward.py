@@ -29,7 +29,12 @@ from services.common.errors import (
 from services.common.logging import request_id
 from services.common.metrics import _incoming_request_id
 from services.common.tenancy import OWNER_HEADER
-from services.common.upstream import Pool, UpstreamConnectError, UpstreamProtocolError
+from services.common.upstream import (
+    Pool,
+    UpstreamBusy,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+)
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey
 from services.gateway.proxy import ClientGone, Proxy, read_body, send_error
@@ -175,7 +180,7 @@ class ServiceForwarder:
                 try:
                     relayed = [(k, v) for k, v in resp.headers if k in RELAYED]
                     relayed.append((b"x-request-id", rid.encode()))
-                    chunks = resp.iter_chunks()
+                    chunks = resp.iter_chunks(self.s.stream_idle_timeout_s)
                     await send(
                         {"type": "http.response.start", "status": resp.status, "headers": relayed}
                     )
@@ -185,8 +190,9 @@ class ServiceForwarder:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 finally:
                     resp.release()
-        except UpstreamConnectError:
-            self.proxy.metrics.upstream_errors.labels("connect").inc()
+        except (UpstreamConnectError, UpstreamBusy) as exc:
+            kind = "busy" if isinstance(exc, UpstreamBusy) else "connect"
+            self.proxy.metrics.upstream_errors.labels(kind).inc()
             raise Unavailable(f"the {service} service is unavailable; try again shortly") from None
         except (UpstreamProtocolError, TimeoutError) as exc:
             kind = "timeout" if isinstance(exc, TimeoutError) else "protocol"

@@ -33,6 +33,7 @@ from services.common.logging import request_id
 from services.common.metrics import _incoming_request_id
 from services.common.upstream import (
     Response,
+    UpstreamBusy,
     UpstreamConnectError,
     UpstreamProtocolError,
 )
@@ -248,12 +249,20 @@ class Proxy:
         headers = [(b"content-type", b"application/json"), (b"x-request-id", rid.encode())]
         headers += self.inference_headers
         tried: list[Backend] = []
+        busy = False
         while (backend := choose(backends, tried)) is not None:
             backend.outstanding += 1
             try:
                 resp = await backend.pool.request(
                     b"POST", path, body, headers, connect_timeout=self.s.connect_timeout_s
                 )
+            except UpstreamBusy:
+                # Up but saturated: another backend may take it; this one is not marked down.
+                backend.outstanding -= 1
+                self.metrics.upstream_errors.labels("busy").inc()
+                tried.append(backend)
+                busy = True
+                continue
             except (UpstreamConnectError, UpstreamProtocolError) as exc:
                 # Nothing reached the client yet: mark the backend down and try the next one.
                 # (A protocol error means it took the request and broke: it may be dying.)
@@ -268,6 +277,10 @@ class Proxy:
                 raise
             resp.on_release = backend.request_done
             return resp
+        if busy:
+            full = Unavailable("every inference backend for this model is busy; try again shortly")
+            full.headers["retry-after"] = "1"
+            raise full
         raise Unavailable("no inference backend is reachable for this model; try again shortly")
 
     async def _relay(
@@ -302,7 +315,7 @@ class Proxy:
     async def _relay_stream(
         self, resp: Response, send: Send, rid: str, out: Outcome, start: float
     ) -> None:
-        chunks = resp.iter_chunks()
+        chunks = resp.iter_chunks(self.s.stream_idle_timeout_s)
         try:
             # Peek: until the first byte is sent, a failure is still an honest status code.
             first = await anext(chunks)

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from services.common.upstream import Pool, UpstreamConnectError, UpstreamProtocolError
+from services.common.upstream import Pool, UpstreamBusy, UpstreamConnectError, UpstreamProtocolError
 
 log = logging.getLogger("crucible.gateway.routing")
 
@@ -127,7 +127,10 @@ class Router:
                 resp = await b.pool.request(
                     b"GET", b"/v1/models", b"", self.headers, connect_timeout=1.0
                 )
-                body = await resp.read()
+                try:
+                    body = await resp.read()
+                finally:
+                    resp.release()  # also when the read timed out: its slot and connection
             if resp.status != 200:
                 raise UpstreamProtocolError(f"/v1/models answered {resp.status}")
             data = orjson.loads(body).get("data", [])
@@ -135,6 +138,8 @@ class Router:
             if not b.healthy:
                 log.info("backend up", extra={"backend": b.url})
             b.healthy = True
+        except UpstreamBusy:
+            return  # up, but every connection is taken: no news either way
         except (UpstreamConnectError, UpstreamProtocolError, TimeoutError, ValueError) as exc:
             # Keep its models in the table: requests then get 503 (backend down), not 404.
             log.debug("probe failed", extra={"backend": b.url, "error": str(exc)})
