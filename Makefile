@@ -39,6 +39,7 @@ bench: up
 	@$(PY) bench/retrieval.py
 	@$(PY) bench/milvus_alloc.py
 	@$(PY) bench/gc_pause.py
+	@$(PY) bench/clients.py
 	@$(PY) bench/finetune.py
 	@$(PY) bench/agent.py
 

@@ -108,3 +108,15 @@ def test_agent_bench_smoke_measures_the_loop_and_the_tools(redis_url: str, tmp_p
     assert data["loop"]["client_ms_per_step"]["direct_model_call"]["p50"] > 0
     for tool in ("molecule_info", "similarity", "substructure_match"):
         assert data["rdkit"][tool]["sandbox_ms"]["p50"] > 0
+
+
+def test_clients_bench_smoke_measures_ours_beside_the_maintained_clients(tmp_path: Path) -> None:
+    from bench import clients
+
+    out = tmp_path / "clients.json"
+    assert clients.main(["--rounds", "2", "--requests", "50", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["http"]["median_cpu_us"]) == {"ours", "httpx"}
+    assert set(data["redis"]["median_cpu_us"]) == {"ours", "redis-py"}
+    for part in ("http", "redis"):
+        assert all(len(v) == 2 and min(v) > 0 for v in data[part]["cpu_us_per_request"].values())
