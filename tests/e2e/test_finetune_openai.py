@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.gateway.keys import KeyStore
 from services.stack import Stack
@@ -89,14 +90,17 @@ def test_public_metrics_count_adapter_traffic_without_naming_the_adapter(
     client: openai.OpenAI, finished_job: Any, gateway_url: str
 ) -> None:
     """/metrics is on the public port: other owners' job ids and suffixes must not show."""
-    line = "crucible_gateway_requests_total" + (
-        f'{{route="/v1/chat/completions",model="ft:{DENSE}",status="2xx"}}'
-    )
+    wanted = {"route": "/v1/chat/completions", "model": f"ft:{DENSE}", "status": "2xx"}
 
     def count() -> float:
         text = httpx.get(f"{gateway_url}/metrics").text
         assert finished_job.id not in text and "codewords" not in text
-        return next((float(v.split()[-1]) for v in text.splitlines() if v.startswith(line)), 0.0)
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "crucible_gateway_requests_total" and sample.labels == wanted
+        )
 
     before = count()
     answers(client, finished_job.fine_tuned_model)

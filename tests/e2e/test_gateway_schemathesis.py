@@ -55,6 +55,7 @@ def _services_on(db: str, tmp: Path, gw_port: int, redis_url: str, es: ExitStack
             "finetune",
             tmp / "finetune",
             {"database_url": db, "redis_url": redis_url, "retrieval_url": r.url},
+            timeout=120,  # the suite's stack shares the machine's two cores
         )
     )
     a = es.enter_context(
@@ -66,6 +67,7 @@ def _services_on(db: str, tmp: Path, gw_port: int, redis_url: str, es: ExitStack
                 "gateway_url": f"http://127.0.0.1:{gw_port}",
                 "retrieval_url": r.url,
             },
+            timeout=120,
         )
     )
     return {"retrieval_url": r.url, "finetune_url": f.url, "agent_url": a.url}
