@@ -15,36 +15,25 @@ import json
 import os
 import re
 import subprocess
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
 
 from services.gateway.keys import KeyStore
 from services.stack import Stack, _free_port
 from tests.conftest import ROOT
-from tests.processes import retrieval, service
+from tests.processes import postgres_database, retrieval, service
 
 HERE = Path(__file__).parent
-PG_URL = os.environ.get("CRUCIBLE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture
 def pg_database() -> Iterator[str]:
-    name = f"crucible_fuzz_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"))
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with postgres_database() as url:
+        yield url
 
 
 def _services_on(db: str, tmp: Path, gw_port: int, redis_url: str, es: ExitStack) -> dict[str, str]:

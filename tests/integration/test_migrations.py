@@ -6,17 +6,15 @@ them (its agent database predates the `tool_choice` column, added then without a
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 
 from services import cli
 from services.agent.runs import RunRow, RunStore
@@ -26,9 +24,9 @@ from services.common.pagination import PageQuery
 from services.finetune.jobs import JobStore
 from services.gateway.keys import KeyStore
 from services.retrieval.catalog import Catalog
+from tests.processes import postgres_database
 
 DUMPS = Path(__file__).resolve().parents[1] / "data" / "pre-migrations"
-PG_URL = os.environ.get("CRUCIBLE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SCHEMAS = list(migrations.SCHEMAS)
 
 # What the dumps hold (the secrets were fixed when they were made).
@@ -131,18 +129,10 @@ def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]
         yield engine
         engine.dispose()
         return
-    name = f"crucible_mig_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"))
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = make_engine(PG_URL.rsplit("/", 1)[0] + f"/{name}")
-    try:
+    with postgres_database() as url:
+        engine = make_engine(url)
         yield engine
-    finally:
         engine.dispose()
-        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.execute(text(f'DROP DATABASE "{name}"'))
-        admin.dispose()
 
 
 @pytest.mark.parametrize("schema", SCHEMAS)

@@ -1,13 +1,11 @@
 """The SQL helper against a real PostgreSQL (CI machines run one; `.ci/run` starts it if down)."""
 
-import os
 import uuid
 
 from sqlalchemy import text
 
 from services.common.db import make_engine
-
-PG_URL = os.environ.get("CRUCIBLE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+from tests.processes import PG_URL
 
 
 def test_postgres_round_trip_through_the_same_helper() -> None:
