@@ -276,11 +276,14 @@ class Pool:
             head += [name, b": ", value, b"\r\n"]
         head.append(b"\r\n")
         payload = b"".join(head) + body
-        try:
-            async with asyncio.timeout(connect_timeout):
-                await self.slots.acquire()
-        except TimeoutError:
-            raise UpstreamBusy(f"all connections to {self.base_url} are busy") from None
+        if self.slots.locked():  # full: wait for a slot, as long as a connect may take
+            try:
+                async with asyncio.timeout(connect_timeout):
+                    await self.slots.acquire()
+            except TimeoutError:
+                raise UpstreamBusy(f"all connections to {self.base_url} are busy") from None
+        else:
+            await self.slots.acquire()  # free: returns at once, no timer on the hot path
         try:
             return await self._send(method, payload, connect_timeout)
         except BaseException:
