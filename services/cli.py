@@ -8,6 +8,8 @@
     crucible db current [--schema gateway]
     crucible db downgrade --schema agent --revision agent_0001
     crucible db revision --schema agent -m "what changed"   (for developers: a new migration)
+    crucible backup DIR          every database, file and adapter of this deployment into DIR
+    crucible restore DIR         into an empty deployment (Milvus is re-indexed from the files)
     crucible plan --profile gpu-ep [--max-model-len N]
     crucible plan --model DIR|config.json --gpus 5090,pro6000 [--tp 2] [--pp 1] [--dp 1] [--ep]
                   [--memory-fraction 0.9] [--max-model-len 32768] [--quantization fp8]
@@ -95,6 +97,27 @@ def _db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from services import backup
+
+    dep = backup.Deployment.from_settings()
+    try:
+        if args.command == "backup":
+            manifest = backup.backup(dep, Path(args.dir))
+        else:
+            manifest = backup.restore(dep, Path(args.dir))
+    except backup.BackupError as exc:
+        print(f"crucible {args.command}: {exc}", file=sys.stderr)
+        return 1
+    for schema, info in manifest["schemas"].items():
+        print(f"{schema}: {sum(info['rows'].values())} rows at {info['revision']}")
+    if args.command == "restore":
+        print("retrieval re-indexes every vector store file when it starts", file=sys.stderr)
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from pathlib import Path
@@ -166,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     rev = dsub.add_parser("revision")
     rev.add_argument("--schema", choices=schemas, required=True)
     rev.add_argument("-m", "--message", required=True)
+    for name, what in (("backup", "into this empty directory"), ("restore", "from this backup")):
+        sub.add_parser(name, help=f"{name} every database, file and adapter").add_argument(
+            "dir", help=what
+        )
     plan = sub.add_parser("plan", help="check that a model fits the GPUs before launching vLLM")
     plan.add_argument("--profile", help="a launch profile (deploy/inference/NAME.yaml)")
     plan.add_argument("--model", help="a model directory or its config.json")
@@ -183,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         return _plan(args)
     if args.command == "db":
         return _db(args)
+    if args.command in ("backup", "restore"):
+        return _backup(args)
     return _keys(args)
 
 

@@ -86,6 +86,8 @@ def test_stateful_services_keep_their_data_in_volumes() -> None:
 
 def test_every_service_has_a_healthcheck_and_a_restart_policy() -> None:
     for name, spec in COMPOSE["services"].items():
+        if "tools" in spec.get("profiles", []):  # one-shot commands, never left running
+            continue
         assert spec.get("healthcheck", {}).get("test"), name
         assert spec.get("restart") == "unless-stopped", name
 
@@ -140,3 +142,18 @@ def test_vllm_answers_only_the_gateway_and_fine_tuning() -> None:
     """The agent and retrieval reach models through the gateway, as a key; never vLLM itself."""
     assert _holders("${VLLM_API_KEY") == {"inference", "gateway", "finetune", "finetune-worker"}
     assert "VLLM_API_KEY" in COMPOSE["services"]["inference"]["environment"]
+
+
+def test_the_backup_tool_sees_every_database_and_the_file_and_adapter_volumes() -> None:
+    tool = COMPOSE["services"]["backup"]
+    assert tool["profiles"] == ["tools"]
+    for service in ("gateway", "retrieval", "finetune", "agent"):
+        name = f"CRUCIBLE_{service.upper()}_DATABASE_URL"
+        assert tool["environment"][name] == COMPOSE["services"][service]["environment"][name]
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in tool["volumes"]}
+    var = tool["environment"]["CRUCIBLE_VAR_DIR"]
+    # Where retrieval and the worker keep them, seen from the tool's own var dir.
+    assert mounts["retrieval-files"] == var and "retrieval-files:" + var in str(
+        COMPOSE["services"]["retrieval"]["volumes"]
+    )
+    assert mounts["adapters"] == f"{var}/adapters"

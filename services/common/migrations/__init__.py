@@ -67,8 +67,12 @@ def head(schema: str) -> str:
 def current(engine: Engine, schema: str) -> str | None:
     """The revision the database is at; None for a database no migration has touched."""
     with engine.connect() as conn:
-        ctx = MigrationContext.configure(conn, opts={"version_table": version_table(schema)})
-        return ctx.get_current_revision()
+        return current_on(conn, schema)
+
+
+def current_on(conn: Connection, schema: str) -> str | None:
+    ctx = MigrationContext.configure(conn, opts={"version_table": version_table(schema)})
+    return ctx.get_current_revision()
 
 
 def upgrade(engine: Engine, schema: str, revision: str = "head") -> None:
@@ -83,8 +87,7 @@ def _adopt(conn: Connection, cfg: Config, schema: str) -> None:
     """Release 52bf93e and earlier made their tables with `create_all` and kept no version: such
     a database is at the first revision, which is that schema (later columns are added by
     revisions that check for them)."""
-    ctx = MigrationContext.configure(conn, opts={"version_table": version_table(schema)})
-    if ctx.get_current_revision() is not None:
+    if current_on(conn, schema) is not None:
         return
     existing = set(inspect(conn).get_table_names())
     if existing & set(metadata(schema).tables):
