@@ -10,6 +10,7 @@ training one, which the fine-tuning e2e tests do).
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,20 +24,35 @@ from services.common.pagination import PageQuery
 from services.finetune.jobs import AdapterRow, JobRow, JobStore
 from services.gateway.keys import KeyStore
 from services.retrieval.catalog import Catalog
-from tests.processes import gateway, postgres_database, retrieval
+from services.stack import _free_port
+from tests.processes import postgres_database, retrieval, service
 
 NOTES = b"Aspirin is acetylsalicylic acid. Caffeine is a methylxanthine stimulant.\n"
 ALL = PageQuery(limit=100, order="asc", after=None, before=None)
 
 
 @contextlib.contextmanager
-def user_side(var: Path, redis_url: str) -> Iterator[tuple[openai.OpenAI, str]]:
-    """Retrieval and a gateway on `var`: the official SDK, and the URL of retrieval."""
-    with (
-        retrieval(var) as r,
-        gateway(var, ["http://127.0.0.1:9"], redis_url, retrieval_url=r.url) as g,
-    ):
-        yield openai.OpenAI(base_url=f"{g.url}/v1", api_key="unset", max_retries=0), r.url
+def user_side(var: Path, redis_url: str) -> Iterator[openai.OpenAI]:
+    """Retrieval, fine-tuning (its API), the agent and a gateway on `var`: the official SDK."""
+    gw_port = _free_port()
+    with contextlib.ExitStack() as es:
+        r = es.enter_context(retrieval(var))
+        engine = {"inference_urls": json.dumps(["http://127.0.0.1:9"])}  # none: not needed here
+        f = es.enter_context(
+            service("finetune", var, {"redis_url": redis_url, "retrieval_url": r.url, **engine})
+        )
+        a = es.enter_context(
+            service(
+                "agent",
+                var,
+                {"gateway_url": f"http://127.0.0.1:{gw_port}", "retrieval_url": r.url},
+                timeout=120,
+            )
+        )
+        wiring = {"retrieval_url": r.url, "finetune_url": f.url, "agent_url": a.url}
+        settings: dict[str, object] = {"redis_url": redis_url, **engine, **wiring}
+        g = es.enter_context(service("gateway", var, settings, port=gw_port))
+        yield openai.OpenAI(base_url=f"{g.url}/v1", api_key="unset", max_retries=0)
 
 
 def _completed(client: openai.OpenAI, store_id: str) -> None:
@@ -50,7 +66,7 @@ def _make_source(var: Path, redis_url: str) -> dict[str, object]:
     keys = KeyStore(f"sqlite:///{var / 'gateway.db'}")
     secret, _ = keys.create("alice", rpm=0)
     keys.engine.dispose()
-    with user_side(var, redis_url) as (client, _):
+    with user_side(var, redis_url) as client:
         client.api_key = secret
         upload = client.files.create(file=("notes.txt", NOTES), purpose="assistants")
         store = client.vector_stores.create(name="chemistry", file_ids=[upload.id])
@@ -85,6 +101,7 @@ def _make_source(var: Path, redis_url: str) -> dict[str, object]:
         )
     )  # fmt: skip
     runs.add_steps("run_backup", [{"index": 0, "type": "answer"}], {"total_tokens": 9})
+    runs.finish("run_backup", "completed", output={"text": "done"})
     runs.engine.dispose()
     return {"key": secret, "file": upload.id, "store": store.id, "top": top}
 
@@ -134,9 +151,18 @@ def test_a_restored_deployment_answers_as_before(
         s: f"sqlite:///{target / f'{s}.db'}" for s in ("gateway", "retrieval", "finetune", "agent")
     }
     _same_records(urls, target / "adapters", src)
-    with user_side(target, redis_url) as (client, _):
+    with user_side(target, redis_url) as client:
         client.api_key = str(src["key"])  # the same key still works
         assert client.files.content(str(src["file"])).read() == NOTES
+        job = client.fine_tuning.jobs.retrieve("ftjob-backup")
+        assert (
+            job.status == "succeeded" and job.fine_tuned_model == "ft:crucible-dev:x:ftjob-backup"
+        )
+        events = [e.message for e in client.fine_tuning.jobs.list_events("ftjob-backup")]
+        assert "Job succeeded" in events and "a new event after the restore" in events
+        run = client.get("/agent/runs/run_backup", cast_to=object)
+        assert (run["status"], run["output"]) == ("completed", {"text": "done"})  # type: ignore[index]
+        assert run["steps"] == [{"index": 0, "type": "answer"}]  # type: ignore[index]
         _completed(client, str(src["store"]))  # Milvus re-indexed from the restored file
         hits = client.vector_stores.search(str(src["store"]), query="what is caffeine")
         assert hits.data[0].content[0].text == src["top"]
