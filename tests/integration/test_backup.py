@@ -2,9 +2,9 @@
 into PostgreSQL), answers as before: keys, files, vector stores and their search, jobs with
 their events, adapters, agent runs.
 
-A user's side runs through a gateway and a retrieval service with the official `openai` client;
-jobs, adapters and runs are written with the services' own stores (making a real adapter means
-training one, which the fine-tuning e2e tests do).
+A user's side runs through a gateway (with retrieval, fine-tuning's API and the agent behind it)
+and the official `openai` client. The job, its adapter and the run are written with the
+services' own stores: a real adapter means training one, which the fine-tuning e2e tests do.
 """
 
 from __future__ import annotations
