@@ -178,8 +178,7 @@ def test_a_full_pool_makes_the_next_request_wait_then_busy() -> None:
         with pytest.raises(UpstreamBusy):
             await pool.request(b"GET", b"/b", b"", [], connect_timeout=0.2)
         assert 0.2 <= time.monotonic() - start < 1 and len(seen) == 1  # never sent
-        waiting = asyncio.create_task(get(pool, path=b"/c"))
-        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(get(pool, path=b"/c"))  # blocks until `held` is released
         release.set()
         assert await held.read() == b"ok"
         held.release()  # its slot goes to the request that waited
