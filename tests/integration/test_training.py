@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -73,3 +74,41 @@ def test_validation_loss_is_reported_at_checkpoints_and_at_the_end(tmp_path: Pat
     )
     assert result.valid_loss is not None and result.valid_loss > 0
     assert set(seen) == {3} and seen[3]["valid_loss"] > 0
+
+
+def test_the_training_process_holds_no_token_or_database_url_and_stops_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the job runner runs: training in a child started with a scrubbed environment,
+    reporting through the same hooks, and stopping between steps when the runner says so."""
+    from services.finetune import trainproc
+
+    monkeypatch.setenv("CRUCIBLE_INTERNAL_TOKEN", "canary-internal-token")
+    monkeypatch.setenv("CRUCIBLE_FINETUNE_DATABASE_URL", "postgresql://u:canary-pw@db/jobs")
+    pid: list[int] = []
+    environ: list[bytes] = []
+    steps: list[int] = []
+    checkpoints: list[int] = []
+
+    def on_step(step: int, *_: Any) -> None:
+        steps.append(step)
+        if not environ:
+            environ.append(Path(f"/proc/{pid[0]}/environ").read_bytes())
+
+    stopped = trainproc.run(
+        spec(tmp_path / "stopped", n_epochs=20),
+        Hooks(on_step=on_step, should_stop=lambda: len(steps) >= 2),
+        on_start=pid.append,
+    )
+    assert stopped.adapter_dir is None and 2 <= stopped.steps < 10  # of 60
+    assert b"PATH=" in environ[0] and b"canary" not in environ[0]
+    steps.clear()
+    whole = trainproc.run(
+        spec(tmp_path / "whole"),
+        Hooks(on_step=on_step, on_checkpoint=lambda s, *_: checkpoints.append(s)),
+    )
+    assert whole.adapter_dir == tmp_path / "whole" / "adapter" and whole.steps == 6
+    assert steps == [1, 2, 3, 4, 5, 6] and checkpoints == [3]
+    in_process = train(spec(tmp_path / "in-process"))  # the same run, without the child
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "in-process")
+    assert in_process.steps == 6 and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
