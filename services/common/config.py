@@ -13,17 +13,24 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ROOT = Path(__file__).resolve().parents[2]
 VAR = ROOT / "var"
 
-# What a sandboxed child process (RDKit workers) may inherit: how to run Python and numeric
-# libraries, never a service's settings. The internal token, database and Redis URLs stay behind.
+# What a sandboxed child process (RDKit workers, training) may inherit: how to run Python and
+# numeric libraries, never a service's settings. The internal token, database and Redis URLs
+# stay behind.
 _CHILD_ENV = re.compile(
     r"PATH|HOME|LANG|LC_\w+|TZ|TMPDIR|VIRTUAL_ENV|PYTHON(PATH|HOME|HASHSEED|UNBUFFERED)"
     r"|OMP_NUM_THREADS|OPENBLAS_\w+|MKL_NUM_THREADS"
 )
 
 
-def scrubbed_env() -> dict[str, str]:
-    """The environment for a child that runs untrusted input: an allow-list of the parent's."""
-    return {k: v for k, v in os.environ.items() if _CHILD_ENV.fullmatch(k)}
+def scrubbed_env(also: str | None = None) -> dict[str, str]:
+    """The environment for a child that runs untrusted input: an allow-list of the parent's,
+    plus the names `also` matches (a regular expression)."""
+    extra = re.compile(also) if also else None
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if _CHILD_ENV.fullmatch(k) or (extra is not None and extra.fullmatch(k))
+    }
 
 
 class ServiceSettings(BaseSettings):

@@ -11,11 +11,11 @@ from typing import Any
 
 import httpx
 
-from services.finetune import adapters
+from services.finetune import adapters, trainproc
 from services.finetune.config import FinetuneSettings
 from services.finetune.files import file_text
 from services.finetune.jobs import AdapterRow, JobRow, JobStore
-from services.finetune.training import Hooks, TrainSpec, train
+from services.finetune.training import Hooks, TrainSpec
 from services.finetune.validation import TrainingFileError, parse
 
 log = logging.getLogger("crucible.finetune.runner")
@@ -90,7 +90,7 @@ def _train_and_register(
         return
     spec = _spec(job, s, examples, valid)
     store.event(job.id, f"Training started: {len(spec.train)} examples, {spec.n_epochs} epochs")
-    result = train(spec, _hooks(store, job.id, watch, metrics))
+    result = trainproc.run(spec, _hooks(store, job.id, watch, metrics))
     if result.adapter_dir is None:  # stopped: a cancel, or the job moved to another worker
         if store.get(job.id).cancel_requested and store.transition(
             job.id, "cancelled", only_from=("running",), message="Job cancelled during training"
