@@ -61,30 +61,17 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _db_url(schema: str) -> str:
-    """The database a service would open, from the same settings (and environment) it reads."""
-    from services.agent.config import AgentSettings
-    from services.finetune.config import FinetuneSettings
-    from services.retrieval.config import RetrievalSettings
-
-    settings = {
-        "gateway": GatewaySettings,
-        "retrieval": RetrievalSettings,
-        "finetune": FinetuneSettings,
-        "agent": AgentSettings,
-    }[schema]
-    return settings().db_url()
-
-
 def _db(args: argparse.Namespace) -> int:
+    from services.backup import Deployment
     from services.common import migrations
     from services.common.db import make_engine
 
     if args.action == "revision":
         print(migrations.revision(args.schema, args.message))
         return 0
+    databases = Deployment.from_settings().databases  # what each service would open
     for schema in [args.schema] if args.schema else list(migrations.SCHEMAS):
-        engine = make_engine(_db_url(schema))
+        engine = make_engine(databases[schema])
         try:
             if args.action == "upgrade":
                 migrations.upgrade(engine, schema, args.revision or "head")

@@ -25,7 +25,7 @@ class GatewaySettings(ServiceSettings):
     finetune_url: str = "http://127.0.0.1:8002"
     agent_url: str = "http://127.0.0.1:8003"
     # Sent to the backends if they were started with --api-key (never the client's key).
-    inference_api_key: SecretStr | None = None  # vLLM's --api-key (compose sets one)
+    inference_api_key: SecretStr | None = None
 
     def inference_headers(self) -> list[tuple[bytes, bytes]]:
         if self.inference_api_key is None:

@@ -23,7 +23,6 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, MetaData, inspect, text
-from sqlalchemy.engine import make_url
 
 SERVICES = Path(__file__).resolve().parents[2]
 
@@ -108,8 +107,8 @@ def revision(schema: str, message: str) -> str:
 
     engine = create_engine("sqlite://")
     with engine.begin() as conn:
-        command.upgrade(config(schema, conn), "head")
         cfg = config(schema, conn)
+        command.upgrade(cfg, "head")
         script = ScriptDirectory.from_config(cfg)
         number = len(list(script.walk_revisions())) + 1
         made = command.revision(cfg, message, autogenerate=True, rev_id=f"{schema}_{number:04d}")
@@ -128,7 +127,7 @@ def _exclusive(engine: Engine, schema: str) -> Iterator[Connection]:
             conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": schema})
             yield conn
         return
-    path = make_url(str(url)).database
+    path = url.database
     if not path or path == ":memory:":
         with engine.begin() as conn:
             yield conn
