@@ -185,3 +185,27 @@ def postgres_database() -> Iterator[str]:
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
             c.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@contextmanager
+def behind_a_gateway(
+    var: Path,
+    redis_url: str,
+    gateway_port: int,
+    inference_url: str = "http://127.0.0.1:9",  # none: enough where no model is called
+    **common: object,
+) -> Iterator[dict[str, object]]:
+    """Retrieval, fine-tuning's API and the agent on `var`, each with the `common` settings (a
+    database URL, say), the agent calling back the gateway that will listen on `gateway_port`;
+    yields the gateway settings that reach them."""
+    import json
+
+    with contextlib.ExitStack() as es:
+        r = es.enter_context(retrieval(var, **common))
+        finetune = {"redis_url": redis_url, "retrieval_url": r.url}
+        finetune["inference_urls"] = json.dumps([inference_url])
+        # The suite's stack shares the machine's two cores: give them time to start.
+        f = es.enter_context(service("finetune", var, {**common, **finetune}, timeout=120))
+        agent = {"gateway_url": f"http://127.0.0.1:{gateway_port}", "retrieval_url": r.url}
+        a = es.enter_context(service("agent", var, {**common, **agent}, timeout=120))
+        yield {"retrieval_url": r.url, "finetune_url": f.url, "agent_url": a.url}

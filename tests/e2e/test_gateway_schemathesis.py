@@ -25,7 +25,7 @@ import pytest
 from services.gateway.keys import KeyStore
 from services.stack import Stack, _free_port
 from tests.conftest import ROOT
-from tests.processes import postgres_database, retrieval, service
+from tests.processes import behind_a_gateway, postgres_database, service
 
 HERE = Path(__file__).parent
 
@@ -34,32 +34,6 @@ HERE = Path(__file__).parent
 def pg_database() -> Iterator[str]:
     with postgres_database() as url:
         yield url
-
-
-def _services_on(db: str, tmp: Path, gw_port: int, redis_url: str, es: ExitStack) -> dict[str, str]:
-    """Retrieval, fine-tuning and the agent on database `db`; their URLs as gateway settings."""
-    r = es.enter_context(retrieval(tmp / "retrieval", database_url=db))
-    f = es.enter_context(
-        service(
-            "finetune",
-            tmp / "finetune",
-            {"database_url": db, "redis_url": redis_url, "retrieval_url": r.url},
-            timeout=120,  # the suite's stack shares the machine's two cores
-        )
-    )
-    a = es.enter_context(
-        service(
-            "agent",
-            tmp / "agent",
-            {
-                "database_url": db,
-                "gateway_url": f"http://127.0.0.1:{gw_port}",
-                "retrieval_url": r.url,
-            },
-            timeout=120,
-        )
-    )
-    return {"retrieval_url": r.url, "finetune_url": f.url, "agent_url": a.url}
 
 
 # What PostgreSQL refuses and SQLite stores: a NUL in an id, a cursor or a stored name.
@@ -100,7 +74,10 @@ def test_schemathesis_finds_no_failure_on_any_route(
     with ExitStack() as es:
         if database == "postgresql":
             db = request.getfixturevalue("pg_database")
-            wiring = _services_on(db, tmp_path, gw_port, redis_url, es)
+            services = behind_a_gateway(
+                tmp_path / "services", redis_url, gw_port, inference_url, database_url=db
+            )
+            wiring = es.enter_context(services)
             key_db = db
         else:
             ports = stack.config.ports

@@ -10,7 +10,6 @@ services' own stores: a real adapter means training one, which the fine-tuning e
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,39 +19,23 @@ import pytest
 
 from services import cli
 from services.agent.runs import RunRow, RunStore
-from services.common.pagination import PageQuery
 from services.finetune.jobs import AdapterRow, JobRow, JobStore
 from services.gateway.keys import KeyStore
 from services.retrieval.catalog import Catalog
 from services.stack import _free_port
-from tests.processes import postgres_database, retrieval, service
+from tests.processes import behind_a_gateway, postgres_database, service
 
 NOTES = b"Aspirin is acetylsalicylic acid. Caffeine is a methylxanthine stimulant.\n"
-ALL = PageQuery(limit=100, order="asc", after=None, before=None)
 
 
 @contextlib.contextmanager
 def user_side(var: Path, redis_url: str) -> Iterator[openai.OpenAI]:
     """Retrieval, fine-tuning (its API), the agent and a gateway on `var`: the official SDK."""
     gw_port = _free_port()
-    with contextlib.ExitStack() as es:
-        r = es.enter_context(retrieval(var))
-        engine = {"inference_urls": json.dumps(["http://127.0.0.1:9"])}  # none: not needed here
-        f = es.enter_context(
-            service("finetune", var, {"redis_url": redis_url, "retrieval_url": r.url, **engine})
-        )
-        a = es.enter_context(
-            service(
-                "agent",
-                var,
-                {"gateway_url": f"http://127.0.0.1:{gw_port}", "retrieval_url": r.url},
-                timeout=120,
-            )
-        )
-        wiring = {"retrieval_url": r.url, "finetune_url": f.url, "agent_url": a.url}
-        settings: dict[str, object] = {"redis_url": redis_url, **engine, **wiring}
-        g = es.enter_context(service("gateway", var, settings, port=gw_port))
-        yield openai.OpenAI(base_url=f"{g.url}/v1", api_key="unset", max_retries=0)
+    with behind_a_gateway(var, redis_url, gw_port) as wiring:
+        settings = {"redis_url": redis_url, "inference_urls": '["http://127.0.0.1:9"]', **wiring}
+        with service("gateway", var, settings, port=gw_port) as g:
+            yield openai.OpenAI(base_url=f"{g.url}/v1", api_key="unset", max_retries=0)
 
 
 def _completed(client: openai.OpenAI, store_id: str) -> None:
