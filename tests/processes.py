@@ -58,7 +58,11 @@ def _wait(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
 
 @contextmanager
 def fake_upstream(
-    tmp: Path, port: int | None = None, slow_s: float = 5.0, api_key: str | None = None
+    tmp: Path,
+    port: int | None = None,
+    slow_s: float = 5.0,
+    api_key: str | None = None,
+    token_interval_ms: float = 20.0,
 ) -> Iterator[Proc]:
     port = port or _free_port()
     popen = _spawn(
@@ -70,6 +74,8 @@ def fake_upstream(
             str(port),
             "--slow-s",
             str(slow_s),
+            "--token-interval-ms",
+            str(token_interval_ms),
             *(["--api-key", api_key] if api_key else []),
         ],
         {},

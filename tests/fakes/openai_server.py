@@ -11,6 +11,9 @@ measurement. The model name scripts the behaviour:
 | fake-drop      | streams two chunks, then drops the connection                    |
 | fake-long      | streams a chunk every 50 ms for a minute; `GET /stats` counts the |
 |                | streams whose client went away before the end                    |
+| fake-paced     | streams like vLLM: a role chunk, then `max_completion_tokens`    |
+|                | (or `max_tokens`, default 16) one-token events, one every        |
+|                | `--token-interval-ms`, a finish event, usage when asked, [DONE]  |
 | scripted       | chat answers from a script: `POST /script` sets the replies, each |
 |                | `{"content": ...}` or `{"tool_calls": [{"name", "arguments"}]}`, |
 |                | optional `"delay_s"`, `"repeat": true` (kept for every later     |
@@ -37,6 +40,7 @@ MODELS = [
     "fake-garbage",
     "fake-drop",
     "fake-long",
+    "fake-paced",
     "scripted",
 ]
 JSON = [(b"content-type", b"application/json")]
@@ -76,8 +80,11 @@ def _chunk(model: str, delta: dict[str, Any] | None, usage: bool = False) -> byt
 
 
 class FakeUpstream:
-    def __init__(self, slow_s: float = 5.0, api_key: str | None = None) -> None:
+    def __init__(
+        self, slow_s: float = 5.0, api_key: str | None = None, token_interval_s: float = 0.02
+    ) -> None:
         self.slow_s = slow_s
+        self.token_interval_s = token_interval_s
         # Like vLLM's --api-key: every /v1 route needs `Authorization: Bearer <key>`.
         self.auth = f"Bearer {api_key}".encode() if api_key else None
         self.disconnects = 0
@@ -130,6 +137,8 @@ class FakeUpstream:
             await _respond(send, 200, b"<html>definitely not json")
         elif model == "fake-long":
             await self._long_stream(receive, send)
+        elif model == "fake-paced":
+            await self._paced_stream(send, req, chat)
         elif req.get("stream"):
             await self._stream(send, model, drop=model == "fake-drop")
         else:
@@ -181,6 +190,53 @@ class FakeUpstream:
             await asyncio.sleep(0.05)
         gone.cancel()
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    async def _paced_stream(self, send: Send, req: dict[str, Any], chat: bool) -> None:
+        """A generation at a fixed rate, shaped like vLLM's (one event per token)."""
+        n = int(req.get("max_completion_tokens") or req.get("max_tokens") or 16)
+        usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        prompt = len(orjson.dumps(req.get("messages") or req.get("prompt") or "")) // 4
+        head = {"id": "chatcmpl-paced", "created": int(time.time()), "model": "fake-paced"}
+        head["object"] = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choice: dict[str, Any] | None, **extra: Any) -> bytes:
+            body = {**head, "choices": [] if choice is None else [choice], **extra}
+            return b"data: " + orjson.dumps(body) + b"\n\n"
+
+        def token(text: str, finish: str | None = None) -> dict[str, Any]:
+            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+            if chat:
+                choice["delta"] = {"content": text} if finish is None else {}
+            else:
+                choice["text"] = text
+            return choice
+
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+
+        async def emit(body: bytes) -> None:
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+
+        if chat:
+            role = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+            await emit(event({**role, "logprobs": None, "finish_reason": None}))
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        for i in range(n):
+            await emit(event(token(f" tok{i}")))
+            due += self.token_interval_s
+            await asyncio.sleep(max(0.0, due - loop.time()))
+        await emit(event(token("", "length")))
+        if usage:
+            counts = {"prompt_tokens": prompt, "completion_tokens": n}
+            await emit(event(None, usage={**counts, "total_tokens": prompt + n}))
+        await emit(b"data: [DONE]\n\n")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _script(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] == "POST":
@@ -255,9 +311,10 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--slow-s", type=float, default=5.0)
     p.add_argument("--api-key")
+    p.add_argument("--token-interval-ms", type=float, default=20.0)
     args = p.parse_args()
     uvicorn.run(
-        FakeUpstream(args.slow_s, args.api_key),
+        FakeUpstream(args.slow_s, args.api_key, args.token_interval_ms / 1000),
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",

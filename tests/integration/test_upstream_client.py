@@ -205,3 +205,110 @@ def test_head_ends_at_the_headers_and_a_close_framed_body_is_refused() -> None:
         return head
 
     assert run(handler, scenario) == (200, b"")
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+async def no_drain() -> None:
+    raise AssertionError("the sink never said it was full")
+
+
+def collect(into: list[bytes]) -> Callable[[bytes], bool]:
+    """A sink that keeps what it is given and is never full."""
+
+    def sink(data: bytes) -> bool:
+        into.append(data)
+        return True
+
+    return sink
+
+
+def test_relay_hands_every_byte_to_the_sink_in_order_and_keeps_the_connection() -> None:
+    events = [b"data: %d\n\n" % i for i in range(200)]
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, seen: list[bytes]) -> None:
+        for _ in range(2):
+            await read_request(r)
+            w.write(CHUNKED)
+            for i, event in enumerate(events):
+                w.write(chunk(event))
+                if i % 7 == 0:  # some reads bring one event, some several
+                    await w.drain()
+                    await asyncio.sleep(0.001)
+            w.write(b"0\r\n\r\n")
+            await w.drain()
+            seen.append(b"served")
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> tuple[list[bytes], int]:
+        writes: list[bytes] = []
+        for _ in range(2):
+            resp = await pool.request(b"POST", b"/s", b"{}", [], connect_timeout=1.0)
+            await resp.relay(collect(writes), no_drain, idle_timeout=5)
+        return writes, len(pool.open)
+
+    writes, connections = run(handler, scenario)
+    assert b"".join(writes) == b"".join(events) * 2
+    assert len(writes) < 2 * len(events)  # what one read brings is one write
+    assert connections == 1  # the keep-alive connection was reused for the second exchange
+
+
+def test_a_full_sink_waits_for_its_drain_longer_than_the_idle_timeout_and_loses_nothing() -> None:
+    big = [b"x" * 1000 + b"%06d" % i for i in range(3000)]  # ~3 MB, beyond any socket buffer
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, seen: list[bytes]) -> None:
+        await read_request(r)
+        w.write(CHUNKED)
+        for part in big:
+            w.write(chunk(part))
+            await w.drain()
+        w.write(b"0\r\n\r\n")
+        await w.drain()
+
+    async def scenario(pool: Pool, _: list[bytes]) -> tuple[bytes, int]:
+        got: list[bytes] = []
+        drains = 0
+
+        def sink(data: bytes) -> bool:
+            got.append(data)
+            return len(got) % 3 != 0  # "full" now and then
+
+        async def drain() -> None:
+            nonlocal drains
+            drains += 1
+            # A slow client, slower than the idle timeout: this wait is not upstream silence.
+            await asyncio.sleep(0.4 if drains < 3 else 0)
+
+        resp = await pool.request(b"POST", b"/s", b"{}", [], connect_timeout=1.0)
+        await resp.relay(sink, drain, idle_timeout=0.3)
+        return b"".join(got), drains
+
+    body, drains = run(handler, scenario)
+    assert body == b"".join(big) and drains > 0
+
+
+def test_a_silent_relay_fails_after_its_idle_timeout() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, seen: list[bytes]) -> None:
+        await read_request(r)
+        w.write(CHUNKED + chunk(b"first"))
+        await w.drain()
+        await asyncio.sleep(0.2)
+        w.write(chunk(b"second"))  # within the limit: the clock starts again
+        await w.drain()
+        await asyncio.Event().wait()  # then nothing
+
+    async def scenario(pool: Pool, _: list[bytes]) -> tuple[list[bytes], float, int]:
+        resp = await pool.request(b"POST", b"/s", b"{}", [], connect_timeout=1.0)
+        got: list[bytes] = []
+        start = time.monotonic()
+        with pytest.raises(UpstreamProtocolError, match=r"sent nothing for 0\.3s"):
+            await resp.relay(collect(got), no_drain, idle_timeout=0.3)
+        return got, time.monotonic() - start, len(pool.idle)
+
+    got, waited, idle = run(handler, scenario)
+    assert got == [b"first", b"second"] and 0.5 <= waited < 2
+    assert idle == 0  # a broken exchange's connection is closed, never reused

@@ -1,0 +1,156 @@
+"""What a streaming client receives through the gateway is what the engine sent: every event, in
+order, the usage chunk, the end, under both relays (`stream_relay`: "direct" writes from the
+upstream's read callback into the client's socket, "asgi" sends each read through ASGI), and
+with a client too slow to keep up."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.processes import Proc, fake_upstream, gateway, make_key
+
+RELAYS = ["direct", "asgi"]
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    # No pause between tokens: as fast as the upstream can write.
+    with fake_upstream(tmp_path_factory.mktemp("fake"), token_interval_ms=0) as f:
+        yield f
+
+
+@pytest.fixture(scope="module", params=RELAYS)
+def gw(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    fake: Proc,
+    redis_url: str,
+) -> Iterator[Proc]:
+    with gateway(
+        tmp_path_factory.mktemp(f"gw-{request.param}"),
+        [fake.url],
+        redis_url,
+        stream_relay=request.param,
+        max_tokens_cap=40_000,
+    ) as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def key(gw: Proc) -> str:
+    return make_key(gw.log.parent, rpm=0)
+
+
+def body(tokens: int, usage: bool = True) -> dict[str, object]:
+    return {
+        "model": "fake-paced",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": tokens,
+        "stream": True,
+        **({"stream_options": {"include_usage": True}} if usage else {}),
+    }
+
+
+def events(raw: bytes) -> list[bytes]:
+    """The SSE events, with the one field that differs between two requests (`created`)."""
+    return [re.sub(rb'"created":\d+', b'"created":0', e) for e in raw.split(b"\n\n") if e]
+
+
+def completion_tokens(gw: Proc) -> float:
+    for family in text_string_to_metric_families(httpx.get(f"{gw.url}/metrics").text):
+        if family.name == "crucible_gateway_tokens":
+            return sum(
+                s.value
+                for s in family.samples
+                if s.labels.get("kind") == "completion" and s.labels.get("model") == "fake-paced"
+            )
+    return 0.0
+
+
+def test_every_event_arrives_as_the_engine_sent_it(gw: Proc, fake: Proc, key: str) -> None:
+    auth = {"authorization": f"Bearer {key}"}
+    for tokens, usage in ((1, True), (300, True), (40, False)):
+        direct = httpx.post(f"{fake.url}/v1/chat/completions", json=body(tokens, usage))
+        before = completion_tokens(gw)
+        relayed = httpx.post(
+            f"{gw.url}/v1/chat/completions", json=body(tokens, usage), headers=auth
+        )
+        assert relayed.status_code == 200
+        assert relayed.headers["content-type"].startswith("text/event-stream")
+        sent = events(direct.content)
+        assert len(sent) == tokens + 3 + usage  # role, tokens, finish, [usage], [DONE]
+        assert events(relayed.content) == sent
+        if usage:  # counted from the usage chunk, whichever read it arrived in
+            assert completion_tokens(gw) - before == tokens
+
+
+def test_the_official_client_reads_the_whole_stream_and_its_usage(gw: Proc, key: str) -> None:
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=30)
+    stream = client.chat.completions.create(
+        model="fake-paced",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=120,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage, finish = "", None, None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert text == "".join(f" tok{i}" for i in range(120))
+    assert finish == "length" and usage is not None and usage.completion_tokens == 120
+
+
+def test_a_client_slower_than_the_engine_holds_the_engine_back_and_loses_nothing(
+    gw: Proc, fake: Proc, key: str
+) -> None:
+    """30,000 events (~5.7 MB, more than the sockets between can hold) to a client that stops
+    reading after the first bytes: the gateway must stop reading from the engine (whose socket
+    then backs up) rather than buffer it all, and deliver every event in order once read."""
+    tokens = 30_000
+    host, port = gw.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.connect()
+    assert conn.sock is not None
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    conn.request("POST", "/v1/chat/completions", orjson.dumps(body(tokens)), headers)
+    resp = conn.getresponse()
+    assert resp.status == 200
+    first = resp.read(4096)  # a little, then nothing for a while
+    held_back = _until_unsent_bytes_on(fake)
+    got = events(first + resp.read())
+    conn.close()
+    assert held_back, "the engine's socket never backed up: the gateway buffered the stream"
+    deltas = [orjson.loads(e[6:])["choices"][0]["delta"]["content"] for e in got[1 : tokens + 1]]
+    assert deltas == [f" tok{i}" for i in range(tokens)]
+    assert got[-1] == b"data: [DONE]" and b'"completion_tokens":%d' % tokens in got[-2]
+
+
+def _until_unsent_bytes_on(server: Proc) -> bool:
+    """Wait until a socket of `server` holds over 256 KiB its peer has not taken (/proc/net/tcp's
+    tx_queue; a stream the peer keeps reading holds a few KiB at most): here, the engine's
+    socket to a gateway that stopped reading from it."""
+    port = server.port
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            local, queues = line.split()[1], line.split()[4]
+            if int(local.split(":")[1], 16) == port and int(queues.split(":")[0], 16) > 256 << 10:
+                return True
+        time.sleep(0.05)
+    return False
