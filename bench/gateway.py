@@ -139,12 +139,14 @@ async def ttft(url: str, key: str, model: str) -> float:
     return first
 
 
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(
+    argv: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
     with open(log, "ab") as f:
         return subprocess.Popen(
             argv,
             env={**os.environ, **env},
-            cwd=ROOT,
+            cwd=cwd,
             stdout=f,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -18,7 +18,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -61,15 +61,27 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
-        self.chunks: collections.deque[bytes] = collections.deque()
+        self.chunks: list[bytes] = []
         self.buffered = 0
         self.headers_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.data_event = asyncio.Event()
+        # The reader's future while it waits for body bytes (None while it is not waiting): one
+        # future per wait, resolved by the next callback, instead of an Event's set/clear.
+        self.waiter: asyncio.Future[None] | None = None
         self.complete = False
         self.keep_alive = False
         self.error: Exception | None = None
         self.got_bytes = False
+        self.last_data = 0.0  # time.monotonic() of the last bytes read
         self.paused = False
+        # Set while Response.relay runs: body bytes go to it from data_received, not to `chunks`.
+        self.sink: Callable[[bytes], bool] | None = None
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -78,10 +90,24 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
+        self.last_data = time.monotonic()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"malformed response from upstream: {exc}"))
+        if self.sink is not None and self.chunks:
+            self._to_sink(self.sink)
+
+    def _to_sink(self, sink: Callable[[bytes], bool]) -> None:
+        """Everything read so far to the sink, in one piece; a full sink pauses reading."""
+        chunks = self.chunks
+        self.chunks = []
+        self.buffered = 0
+        if not sink(chunks[0] if len(chunks) == 1 else b"".join(chunks)) and not self.paused:
+            self.paused = True
+            if self.transport:
+                self.transport.pause_reading()
+            self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.discard(self)
@@ -98,7 +124,7 @@ class _Connection(asyncio.Protocol):
             # A HEAD's response has a content-length but no body: it ends here. The parser
             # cannot be told so, hence the connection is not reused after it.
             self.complete, self.keep_alive = True, False
-            self.data_event.set()
+            self._wake()
         elif not _framed(self.status, self.headers):
             self._fail(UpstreamProtocolError("upstream sent a body without a length or chunks"))
             return
@@ -107,8 +133,10 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
+        if self.sink is not None:
+            return  # data_received hands what this read brought to the sink, once
         self.buffered += len(body)
-        self.data_event.set()
+        self._wake()
         if self.buffered > HIGH_WATER and self.transport and not self.paused:
             self.paused = True
             self.transport.pause_reading()
@@ -118,7 +146,7 @@ class _Connection(asyncio.Protocol):
         # message and reports False.
         self.keep_alive = self.parser.should_keep_alive()
         self.complete = True
-        self.data_event.set()
+        self._wake()
 
     def _fail(self, exc: Exception) -> None:
         if self.error is None:
@@ -126,7 +154,7 @@ class _Connection(asyncio.Protocol):
         if not self.headers_done.done():
             self.headers_done.set_exception(exc)
             self.headers_done.exception()  # mark retrieved: the caller may already be gone
-        self.data_event.set()
+        self._wake()
         if self.transport:
             self.transport.close()
 
@@ -153,30 +181,80 @@ class Response:
         self._released = False
         self.on_release: Callable[[], None] | None = None
 
-    async def iter_chunks(self, idle_timeout: float | None = None) -> AsyncIterator[bytes]:
-        """The body as it arrives; with `idle_timeout`, a silence that long between two reads
-        breaks the exchange (UpstreamProtocolError), whatever the overall deadline."""
+    async def iter_chunks(self, idle_timeout: float | None = None) -> AsyncGenerator[bytes, None]:
+        """The body as it arrives, everything buffered since the last step in one piece (a
+        relay then writes once per wake-up, not once per upstream chunk); with `idle_timeout`,
+        a silence that long while waiting breaks the exchange (UpstreamProtocolError), whatever
+        the overall deadline."""
         conn = self._conn
-        while True:
-            while conn.chunks:
-                chunk = conn.chunks.popleft()
-                conn.buffered -= len(chunk)
-                if conn.paused and conn.buffered < HIGH_WATER // 2 and conn.transport:
+        loop = asyncio.get_running_loop()
+        watchdog = _IdleWatchdog(self, loop, idle_timeout) if idle_timeout is not None else None
+        try:
+            while True:
+                if conn.chunks:
+                    chunks = conn.chunks
+                    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    conn.chunks = []
+                    conn.buffered = 0
+                    if conn.paused and conn.transport:
+                        conn.paused = False
+                        conn.transport.resume_reading()
+                    yield data
+                    continue
+                if conn.complete:
+                    self.release()
+                    return
+                if conn.error is not None:
+                    self.release()
+                    raise conn.error
+                conn.waiter = waiter = loop.create_future()
+                if watchdog is not None:
+                    watchdog.waiting_since = time.monotonic()
+                await waiter
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+
+    async def relay(
+        self,
+        sink: Callable[[bytes], bool],
+        drain: Callable[[], Awaitable[object]],
+        idle_timeout: float | None = None,
+    ) -> None:
+        """The body into `sink` as it arrives, called from the connection's own read callback:
+        no task wakes up for a chunk, which is most of a streamed token's cost in `iter_chunks`.
+        Each call gets everything one read brought. `sink` returns False when its reader is
+        full: reading from the upstream pauses until `drain()` returns. Returns at the body's
+        end; raises UpstreamProtocolError when the exchange breaks or stays silent for
+        `idle_timeout` seconds."""
+        conn = self._conn
+        loop = asyncio.get_running_loop()
+        watchdog = _IdleWatchdog(self, loop, idle_timeout) if idle_timeout is not None else None
+        conn.sink = sink
+        try:
+            if conn.chunks:
+                conn._to_sink(sink)
+            while True:
+                if conn.paused:
+                    await drain()
                     conn.paused = False
-                    conn.transport.resume_reading()
-                yield chunk
-            if conn.complete:
-                self.release()
-                return
-            if conn.error is not None:
-                self.release()
-                raise conn.error
-            conn.data_event.clear()
-            try:
-                async with asyncio.timeout(idle_timeout):
-                    await conn.data_event.wait()
-            except TimeoutError:
-                conn._fail(UpstreamProtocolError(f"upstream sent nothing for {idle_timeout:g}s"))
+                    if conn.transport:
+                        conn.transport.resume_reading()
+                elif conn.complete:
+                    self.release()
+                    return
+                elif conn.error is not None:
+                    self.release()
+                    raise conn.error
+                else:
+                    conn.waiter = waiter = loop.create_future()
+                    if watchdog is not None:
+                        watchdog.waiting_since = time.monotonic()
+                    await waiter
+        finally:
+            conn.sink = None
+            if watchdog is not None:
+                watchdog.cancel()
 
     async def read(self) -> bytes:
         return b"".join([c async for c in self.iter_chunks()])
@@ -194,6 +272,33 @@ class Response:
             self._conn.pool.put_back(conn)
         else:
             conn.close()
+
+
+class _IdleWatchdog:
+    """Fails an exchange whose reader has waited `limit` seconds with no bytes read. One timer
+    per `limit` (re-armed for what is left when it fires early), not one per chunk: arming and
+    cancelling a timer for every token was a measurable share of a streamed token's cost."""
+
+    def __init__(self, resp: Response, loop: asyncio.AbstractEventLoop, limit: float) -> None:
+        self.resp, self.loop, self.limit = resp, loop, limit
+        self.waiting_since = time.monotonic()
+        self.handle = loop.call_later(limit, self.check)
+
+    def check(self) -> None:
+        if self.resp._released:  # the exchange is over (its reader may never have closed us)
+            return
+        conn = self.resp._conn
+        waiting = conn.waiter is not None
+        quiet = time.monotonic() - max(self.waiting_since, conn.last_data)
+        if waiting and quiet >= self.limit:
+            conn._fail(UpstreamProtocolError(f"upstream sent nothing for {self.limit:g}s"))
+            return
+        self.handle = self.loop.call_later(
+            self.limit - quiet if waiting else self.limit, self.check
+        )
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 class Pool:

@@ -50,6 +50,11 @@ class GatewaySettings(ServiceSettings):
     # A stream (or forwarded body) silent this long between two reads fails at once, instead of
     # holding its slot until the deadline. Long enough for a queued request's first token.
     stream_idle_timeout_s: float = 120.0
+    # How a stream's events reach the client. "direct": from the upstream connection's read
+    # callback straight into the client's socket, framed as uvicorn frames them (no task wakes
+    # up per token; bench/streaming.py measures both); "asgi": one ASGI send per read. "direct"
+    # falls back to "asgi" where the server is not uvicorn's httptools protocol.
+    stream_relay: Literal["direct", "asgi"] = "direct"
 
     # Defaults for keys created without their own limits.
     default_rpm: int = 600

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,6 +233,9 @@ class Proxy:
                 raise
             out.status = 499  # client closed the request; upstream was cancelled by closing
             self.metrics.upstream_errors.labels("client_disconnected").inc()
+        except ClientGone:  # seen by the direct relay before the watcher's cancel arrived
+            out.status = 499
+            self.metrics.upstream_errors.labels("client_disconnected").inc()
         except TimeoutError:
             self.metrics.upstream_errors.labels("timeout").inc()
             if out.status == 200:  # mid-stream: the status is already sent
@@ -331,18 +335,70 @@ class Proxy:
                 "headers": [*SSE_HEADERS, (b"x-request-id", rid.encode())],
             }
         )
-        chunk = first
+        if b'"completion_tokens"' in first:
+            _count_usage(first, out)
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        client = direct_client(send) if self.s.stream_relay == "direct" else None
         try:
-            while True:
-                if b'"completion_tokens"' in chunk:
-                    _count_usage(chunk, out)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                chunk = await anext(chunks)
-        except StopAsyncIteration:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if client is None:
+                async for chunk in chunks:
+                    if b'"completion_tokens"' in chunk:
+                        _count_usage(chunk, out)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            else:
+                await chunks.aclose()
+                await resp.relay(
+                    client.sink(out), client.drain_or_gone, self.s.stream_idle_timeout_s
+                )
         except UpstreamProtocolError:
             self.metrics.upstream_errors.labels("stream_broken").inc()
             await _stream_error(send, UpstreamError("the inference backend broke the stream"), out)
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class DirectClient:
+    """The client's side of uvicorn's httptools protocol, for relaying a stream's body without
+    an ASGI send per read. It writes what uvicorn's `send` would write for a body message with
+    `more_body` (one chunk of chunked encoding) to the same transport, and keeps uvicorn's own
+    flow control: a full socket pauses the upstream until uvicorn says it drained. The response
+    start and end still go through `send`, so uvicorn's state stays true."""
+
+    def __init__(self, cycle: Any) -> None:
+        self.transport = cycle.transport
+        self.flow = cycle.flow
+
+    def sink(self, out: Outcome) -> Callable[[bytes], bool]:
+        transport, flow = self.transport, self.flow
+
+        def write(data: bytes) -> bool:
+            if b'"completion_tokens"' in data:
+                _count_usage(data, out)
+            if transport.is_closing():
+                return False  # gone: drain_or_gone ends the relay
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            return not flow.write_paused
+
+        return write
+
+    async def drain_or_gone(self) -> None:
+        if self.transport.is_closing():
+            raise ClientGone
+        await self.flow.drain()
+
+
+def direct_client(send: Send) -> DirectClient | None:
+    """The uvicorn httptools cycle behind `send`, if that is what it is and its response is
+    chunked (the only framing this relay writes); else None, and the ASGI path is used."""
+    cycle = getattr(send, "__self__", None)
+    if (
+        type(cycle).__module__ == "uvicorn.protocols.http.httptools_impl"
+        and getattr(cycle, "chunked_encoding", None) is True
+        and hasattr(cycle, "transport")
+        and hasattr(cycle, "flow")
+    ):
+        return DirectClient(cycle)
+    return None
 
 
 def _count_usage(chunk: bytes, out: Outcome) -> None:

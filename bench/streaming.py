@@ -1,0 +1,298 @@
+"""The gateway's cost per streamed token at lab load, measured with vLLM's own load generator.
+
+vLLM's `bench serve` (backend openai-chat, random prompts, `ignore_eos`, streamed) runs at each
+concurrency in rounds: one run straight at the upstream and one through a gateway per relay
+(`stream_relay`: direct, asgi), the order rotating round by round. Around each gateway run that
+gateway process's CPU time is read from /proc (user + system), so the figure is CPU per
+streamed token: stable run to run, unlike the throughput ratio, which on a shared CPU swings
+with the host (it is reported per round, with whether the median falls in the direct runs'
+range).
+
+A. `fake`: gateways of their own in front of the fake upstream streaming one token every
+   `--interval-ms` (tests/fakes/openai_server.py, model fake-paced): the gateway alone, without
+   the engine's noise. The TPOT it adds is the latency the relay adds per event.
+B. `vllm`: the dev stack's gateway (the default relay) in front of the real engine, CPU-bound
+   here, so the gateway's CPU is taken from generation; a gateway per other relay runs beside
+   it. `--stack-var-dir/--stack-ports` reuse a running stack.
+
+    python bench/streaming.py [--concurrency 16 64 128] [--pairs 3] [--skip-vllm] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._load import write_result
+from bench.gateway import _bench_key, _spawn, _until
+from services.gateway.config import GatewaySettings
+from services.stack import Ports, Stack, StackConfig, _free_port, _http_ok
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE_PY = ROOT / ".venv-vllm" / "bin" / "python"
+TOKENIZER = ROOT / "var" / "models" / "crucible-dev"
+
+
+def plan_runs(
+    args: argparse.Namespace, model: str, direct: str, gateways: dict[str, tuple[str, int]]
+) -> dict[str, Any]:
+    """Rounds of one run straight at the upstream and one through each gateway (`gateways`:
+    label -> (url, pid)), the order rotating round by round."""
+    common = [
+        "--backend",
+        "openai-chat",
+        "--endpoint",
+        "/v1/chat/completions",
+        "--model",
+        model,
+        "--tokenizer",
+        str(args.tokenizer),
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(args.input_len),
+        "--random-output-len",
+        str(args.output_len),
+        "--ignore-eos",
+        "--ready-check-timeout-sec",
+        "0",
+        "--disable-tqdm",
+        "--percentile-metrics",
+        "ttft,tpot,itl",
+        "--metric-percentiles",
+        "50,99",
+    ]
+    runs = []
+    for c in args.concurrency:
+        prompts = args.prompts or max(256, 4 * c)
+        sizes = ["--max-concurrency", str(c), "--num-prompts", str(prompts)]
+        for i in range(args.pairs):
+            round_: list[dict[str, Any]] = [
+                {"label": f"direct c={c}", "base_url": direct, "args": sizes}
+            ]
+            for label, (url, pid) in gateways.items():
+                round_.append(
+                    {"label": f"{label} c={c}", "base_url": url, "args": sizes, "cpu_pid": pid}
+                )
+            k = i % len(round_)
+            runs += round_[k:] + round_[:k]
+    return {"common": common, "runs": runs}
+
+
+def run_plan(plan: dict[str, Any], key: str, tmp: Path) -> list[dict[str, Any]]:
+    (tmp / "plan.json").write_text(json.dumps(plan))
+    out = tmp / "runs.json"
+    subprocess.run(
+        [str(ENGINE_PY), str(ROOT / "bench" / "_vllm_serve.py"), str(tmp / "plan.json"), str(out)],
+        env={**os.environ, "OPENAI_API_KEY": key},
+        check=True,
+    )
+    runs: list[dict[str, Any]] = json.loads(out.read_text())
+    return runs
+
+
+def summarise(
+    runs: list[dict[str, Any]], concurrency: list[int], gateways: list[str]
+) -> list[dict[str, Any]]:
+    levels = []
+    for c in concurrency:
+        direct = [r for r in runs if r["label"] == f"direct c={c}"]
+        d_tput = [r["output_throughput"] for r in direct]
+        level: dict[str, Any] = {
+            "concurrency": c,
+            "requests_per_run": direct[0]["completed"] + direct[0]["failed"],
+            "direct": {
+                "failed": sum(r["failed"] for r in direct),
+                "tpot_p50_ms": _med(direct, "median_tpot_ms"),
+                "tpot_p99_ms": _med(direct, "p99_tpot_ms"),
+                "ttft_p50_ms": _med(direct, "median_ttft_ms"),
+                "ttft_p99_ms": _med(direct, "p99_ttft_ms"),
+                "output_tok_s": [round(x) for x in d_tput],
+            },
+        }
+        for label in gateways:
+            gw = [r for r in runs if r["label"] == f"{label} c={c}"]
+            cpu_us = [r["cpu_ns"] / 1000 / r["total_output_tokens"] for r in gw]
+            g_tput = [r["output_throughput"] for r in gw]
+            ratios = [g / d for g, d in zip(g_tput, d_tput, strict=True)]
+            added = [
+                g["median_tpot_ms"] - d["median_tpot_ms"] for g, d in zip(gw, direct, strict=True)
+            ]
+            level[label] = {
+                "failed": sum(r["failed"] for r in gw),
+                "cpu_us_per_token": [round(x, 1) for x in cpu_us],
+                "median_cpu_us_per_token": round(statistics.median(cpu_us), 1),
+                "tpot_p50_ms": _med(gw, "median_tpot_ms"),
+                "tpot_p99_ms": _med(gw, "p99_tpot_ms"),
+                "ttft_p50_ms": _med(gw, "median_ttft_ms"),
+                "ttft_p99_ms": _med(gw, "p99_ttft_ms"),
+                "median_tpot_added_ms": round(statistics.median(added), 3),
+                "output_tok_s": [round(x) for x in g_tput],
+                "throughput_ratio_per_round": [round(x, 3) for x in ratios],
+                "median_throughput_ratio": round(statistics.median(ratios), 3),
+                "median_within_direct_range": min(d_tput)
+                <= statistics.median(g_tput)
+                <= max(d_tput),
+            }
+        levels.append(level)
+    return levels
+
+
+def _med(runs: list[dict[str, Any]], key: str) -> float:
+    return round(statistics.median(r[key] for r in runs), 2)
+
+
+def _gateway(
+    tmp: Path, name: str, upstream: str, relay: str, env: dict[str, str], code: Path = ROOT
+) -> Any:
+    """A gateway process on a free port, running the code in `code` (a checkout)."""
+    port = _free_port()
+    proc = _spawn(
+        [sys.executable, "-m", "services.gateway"],
+        {
+            "CRUCIBLE_GATEWAY_PORT": str(port),
+            "CRUCIBLE_GATEWAY_INFERENCE_URLS": f'["{upstream}"]',
+            "CRUCIBLE_GATEWAY_STREAM_RELAY": relay,
+            **env,
+        },
+        tmp / f"{name}.log",
+        cwd=code,
+    )
+    _until(lambda: _http_ok(f"http://127.0.0.1:{port}/ready"), name)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def part_fake(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    fake_port = _free_port()
+    upstream = f"http://127.0.0.1:{fake_port}"
+    argv = [sys.executable, "-m", "tests.fakes.openai_server", "--port", str(fake_port)]
+    argv += ["--token-interval-ms", str(args.interval_ms)]
+    procs = [_spawn(argv, {}, tmp / "fake.log")]
+    env = {"CRUCIBLE_VAR_DIR": str(tmp), "CRUCIBLE_GATEWAY_REDIS_URL": args.redis_url}
+    gateways: dict[str, tuple[str, int]] = {}
+    try:
+        for relay in args.relays:
+            proc, url = _gateway(tmp, f"gateway-{relay}", upstream, relay, env)
+            procs.append(proc)
+            gateways[f"gateway-{relay}"] = (url, proc.pid)
+        if args.baseline:
+            proc, url = _gateway(tmp, "gateway-baseline", upstream, "asgi", env, args.baseline)
+            procs.append(proc)
+            gateways["gateway-baseline"] = (url, proc.pid)
+        plan = plan_runs(args, "fake-paced", upstream, gateways)
+        runs = run_plan(plan, _bench_key(tmp), tmp)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+    levels = summarise(runs, args.concurrency, list(gateways))
+    return {"token_interval_ms": args.interval_ms, "levels": levels}
+
+
+def part_vllm(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
+    """The stack's own gateway (the default relay) and, beside it, a gateway for each other
+    relay on the same engine, key store and Redis."""
+    pid = stack.pid("gateway")
+    if pid is None:
+        raise RuntimeError("the stack's gateway is not running")
+    ports = stack.config.ports
+    upstream = f"http://127.0.0.1:{ports.inference}"
+    default = GatewaySettings.model_fields["stream_relay"].default
+    gateways = {f"gateway-{default}": (f"http://127.0.0.1:{ports.gateway}", pid)}
+    procs = []
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            env = {
+                "CRUCIBLE_VAR_DIR": str(stack.config.var_dir),
+                "CRUCIBLE_GATEWAY_REDIS_URL": f"redis://127.0.0.1:{ports.redis}/0",
+            }
+            for relay in args.relays:
+                if relay != default:
+                    proc, url = _gateway(Path(d), f"gateway-{relay}", upstream, relay, env)
+                    procs.append(proc)
+                    gateways[f"gateway-{relay}"] = (url, proc.pid)
+            if args.baseline:
+                proc, url = _gateway(Path(d), "baseline", upstream, "asgi", env, args.baseline)
+                procs.append(proc)
+                gateways["gateway-baseline"] = (url, proc.pid)
+            plan = plan_runs(args, "crucible-dev", upstream, gateways)
+            runs = run_plan(plan, _bench_key(stack.config.var_dir), Path(d))
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(10)
+    return {"levels": summarise(runs, args.concurrency, list(gateways))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 128])
+    p.add_argument("--pairs", type=int, default=3, help="rounds per concurrency")
+    p.add_argument("--relays", nargs="+", default=["direct", "asgi"], help="gateways to compare")
+    p.add_argument("--prompts", type=int, help="per run (default: max(256, 4 x concurrency))")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of an earlier revision (git worktree): its gateway runs in the same "
+        "rounds as `gateway-baseline`",
+    )
+    p.add_argument("--interval-ms", type=float, default=20.0, help="the fake's time per token")
+    p.add_argument("--tokenizer", type=Path, default=TOKENIZER)
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--skip-vllm", action="store_true", help="part A only")
+    p.add_argument("--skip-fake", action="store_true", help="part B only")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
+    p.add_argument("--stack-var-dir", type=Path, help="use a running stack with this var dir")
+    p.add_argument("--stack-ports", type=int, nargs=2, metavar=("INFERENCE", "GATEWAY"))
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.concurrency, args.pairs, args.prompts = [4], 1, 8
+        args.input_len, args.output_len = 16, 8
+    result: dict[str, Any] = {
+        "protocol": "vllm.benchmarks.serve, openai-chat, random prompts, ignore_eos, streamed; "
+        "direct and gateway runs alternate in pairs",
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+    }
+    if not args.skip_fake:
+        with tempfile.TemporaryDirectory() as d:
+            result["fake"] = part_fake(args, Path(d))
+        print(json.dumps(result["fake"], indent=1))
+    if not args.skip_vllm:
+        if args.stack_var_dir:
+            inference, gateway = args.stack_ports
+            stack = Stack(
+                StackConfig(
+                    var_dir=args.stack_var_dir,
+                    ports=dataclasses.replace(Ports(), inference=inference, gateway=gateway),
+                )
+            )
+            result["vllm"] = part_vllm(args, stack)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                stack = Stack(StackConfig(var_dir=Path(d), ports=Ports.free()))
+                try:
+                    stack.up(echo=lambda _: None)
+                    result["vllm"] = part_vllm(args, stack)
+                finally:
+                    stack.down()
+        print(json.dumps(result["vllm"], indent=1))
+    print(f"wrote {write_result('streaming', result, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
