@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._load import write_result
 from bench.gateway import _bench_key, _spawn, _until
 from services.gateway.config import GatewaySettings
-from services.stack import Ports, Stack, StackConfig, _free_port, _http_ok
+from services.stack import Ports, Stack, StackConfig, _free_port, _http_ok, _port_busy
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -122,7 +122,7 @@ def summarise(
         }
         for label in gateways:
             gw = [r for r in runs if r["label"] == f"{label} c={c}"]
-            cpu_us = [r["cpu_ns"] / 1000 / r["total_output_tokens"] for r in gw]
+            cpu_us = [r["cpu_ns"] / 1000 / max(1, r["total_output_tokens"]) for r in gw]
             g_tput = [r["output_throughput"] for r in gw]
             ratios = [g / d for g, d in zip(g_tput, d_tput, strict=True)]
             added = [
@@ -146,6 +146,15 @@ def summarise(
             }
         levels.append(level)
     return levels
+
+
+def _pipe(tmp: Path, upstream_port: int) -> tuple[Any, str]:
+    """bench/tcp_pipe.py in front of the upstream: the floor a relay on this loop pays."""
+    port = _free_port()
+    argv = [sys.executable, str(ROOT / "bench" / "tcp_pipe.py"), "--port", str(port)]
+    proc = _spawn([*argv, "--upstream-port", str(upstream_port)], {}, tmp / "tcp-pipe.log")
+    _until(lambda: _port_busy(port), "tcp pipe")
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def _med(runs: list[dict[str, Any]], key: str) -> float:
@@ -189,6 +198,10 @@ def part_fake(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             proc, url = _gateway(tmp, "gateway-baseline", upstream, "asgi", env, args.baseline)
             procs.append(proc)
             gateways["gateway-baseline"] = (url, proc.pid)
+        if args.floor:
+            proc, url = _pipe(tmp, fake_port)
+            procs.append(proc)
+            gateways["tcp-pipe"] = (url, proc.pid)
         plan = plan_runs(args, "fake-paced", upstream, gateways)
         runs = run_plan(plan, _bench_key(tmp), tmp)
     finally:
@@ -196,7 +209,7 @@ def part_fake(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             p.terminate()
             p.wait(10)
     levels = summarise(runs, args.concurrency, list(gateways))
-    return {"token_interval_ms": args.interval_ms, "levels": levels}
+    return {"token_interval_ms": args.interval_ms, "levels": levels, "runs": runs}
 
 
 def part_vllm(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
@@ -213,7 +226,7 @@ def part_vllm(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         try:
             env = {
-                "CRUCIBLE_VAR_DIR": str(stack.config.var_dir),
+                "CRUCIBLE_VAR_DIR": str(stack.config.var_dir.resolve()),
                 "CRUCIBLE_GATEWAY_REDIS_URL": f"redis://127.0.0.1:{ports.redis}/0",
             }
             for relay in args.relays:
@@ -225,13 +238,17 @@ def part_vllm(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
                 proc, url = _gateway(Path(d), "baseline", upstream, "asgi", env, args.baseline)
                 procs.append(proc)
                 gateways["gateway-baseline"] = (url, proc.pid)
+            if args.floor:
+                proc, url = _pipe(Path(d), ports.inference)
+                procs.append(proc)
+                gateways["tcp-pipe"] = (url, proc.pid)
             plan = plan_runs(args, "crucible-dev", upstream, gateways)
             runs = run_plan(plan, _bench_key(stack.config.var_dir), Path(d))
         finally:
             for p in procs:
                 p.terminate()
                 p.wait(10)
-    return {"levels": summarise(runs, args.concurrency, list(gateways))}
+    return {"levels": summarise(runs, args.concurrency, list(gateways)), "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="a checkout of an earlier revision (git worktree): its gateway runs in the same "
         "rounds as `gateway-baseline`",
+    )
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also bench/tcp_pipe.py, as `tcp-pipe`: the floor",
     )
     p.add_argument("--interval-ms", type=float, default=20.0, help="the fake's time per token")
     p.add_argument("--tokenizer", type=Path, default=TOKENIZER)

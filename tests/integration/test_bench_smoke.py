@@ -120,3 +120,22 @@ def test_clients_bench_smoke_measures_ours_beside_the_maintained_clients(tmp_pat
     assert set(data["redis"]["median_cpu_us"]) == {"ours", "redis-py"}
     for part in ("http", "redis"):
         assert all(len(v) == 2 and min(v) > 0 for v in data[part]["cpu_us_per_request"].values())
+
+
+def test_streaming_bench_smoke_measures_cpu_per_token_for_each_relay(
+    stack: Stack, gateway_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    from bench import streaming
+
+    out = tmp_path / "streaming.json"
+    ports = [str(stack.config.ports.inference), str(stack.config.ports.gateway)]
+    argv = ["--smoke", "--out", str(out), "--redis-url", redis_url]
+    argv += ["--stack-var-dir", str(stack.config.var_dir), "--stack-ports", *ports]
+    assert streaming.main(argv) == 0
+    data = json.loads(out.read_text())
+    for part in ("fake", "vllm"):
+        level = data[part]["levels"][0]
+        assert level["direct"]["failed"] == 0 and level["direct"]["output_tok_s"][0] > 0
+        for relay in ("gateway-direct", "gateway-asgi"):
+            assert level[relay]["failed"] == 0
+            assert level[relay]["median_cpu_us_per_token"] > 0

@@ -154,3 +154,15 @@ def _until_unsent_bytes_on(server: Proc) -> bool:
                 return True
         time.sleep(0.05)
     return False
+
+
+def test_a_stream_broken_mid_way_ends_with_an_error_event(gw: Proc, key: str) -> None:
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=30)
+    stream = client.chat.completions.create(
+        model="fake-drop", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    got = []
+    with pytest.raises(openai.APIError, match="broke the stream"):
+        for chunk in stream:
+            got.append(chunk)
+    assert [c.choices[0].delta.content for c in got] == ["", "ok"]  # all sent before the break
