@@ -200,20 +200,31 @@ class Response:
                         conn.paused = False
                         conn.transport.resume_reading()
                     yield data
-                    continue
-                if conn.complete:
-                    self.release()
+                elif self._ended():
                     return
-                if conn.error is not None:
-                    self.release()
-                    raise conn.error
-                conn.waiter = waiter = loop.create_future()
-                if watchdog is not None:
-                    watchdog.waiting_since = time.monotonic()
-                await waiter
+                else:
+                    await self._wait(loop, watchdog)
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+
+    def _ended(self) -> bool:
+        """True (and released) at the body's end; raises (released) if the exchange broke."""
+        conn = self._conn
+        if conn.complete:
+            self.release()
+            return True
+        if conn.error is not None:
+            self.release()
+            raise conn.error
+        return False
+
+    async def _wait(self, loop: asyncio.AbstractEventLoop, watchdog: _IdleWatchdog | None) -> None:
+        """Until the connection's next callback (bytes, the end, or a failure)."""
+        self._conn.waiter = waiter = loop.create_future()
+        if watchdog is not None:
+            watchdog.waiting_since = time.monotonic()
+        await waiter
 
     async def relay(
         self,
@@ -240,17 +251,10 @@ class Response:
                     conn.paused = False
                     if conn.transport:
                         conn.transport.resume_reading()
-                elif conn.complete:
-                    self.release()
+                elif self._ended():
                     return
-                elif conn.error is not None:
-                    self.release()
-                    raise conn.error
                 else:
-                    conn.waiter = waiter = loop.create_future()
-                    if watchdog is not None:
-                        watchdog.waiting_since = time.monotonic()
-                    await waiter
+                    await self._wait(loop, watchdog)
         finally:
             conn.sink = None
             if watchdog is not None:
