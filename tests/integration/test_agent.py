@@ -48,7 +48,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(stack: Stack, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    stack.up(["redis", "retrieval"], echo=lambda _: None)
+    stack.up(["redis", "milvus", "retrieval"], echo=lambda _: None)
     retrieval_url = f"http://127.0.0.1:{stack.config.ports.retrieval}"
     tmp = tmp_path_factory.mktemp("agent")
     agent_port = _free_port()
@@ -516,3 +516,13 @@ def test_a_run_interrupted_by_a_restart_ends_failed_with_its_steps_kept(
         assert run["status"] == "failed" and run["error"]["code"] == "interrupted"
         assert [s["type"] for s in run["steps"]][:2] == ["model_call", "tool_call"]
         assert run["steps"][1]["result"]["result"] == 2
+
+
+def test_without_its_gateway_the_agent_is_not_ready_and_says_why(env: Env, tmp_path: Path) -> None:
+    """An agent whose gateway is gone can call no model: `/ready` says so, naming it (#19)."""
+    nowhere = f"http://127.0.0.1:{_free_port()}"
+    with service("agent", tmp_path, {**env.settings, "gateway_url": nowhere}) as lone:
+        r = httpx.get(f"{lone.url}/ready")
+        assert r.status_code == 503
+        assert r.json()["checks"]["gateway"] != "ok" and r.json()["checks"]["chemistry"] == "ok"
+    # With its gateway up (the module's agent, earlier in this file) `/ready` was 200.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -118,3 +121,38 @@ def test_a_job_waiting_in_redis_survives_a_redis_restart(
     worker.up(["finetune-worker"], echo=lambda _: None)
     done = wait(client, job.id, lambda j: j.status in ("succeeded", "failed"))
     assert done.status == "succeeded", done.error
+
+
+def test_without_a_live_worker_fine_tuning_is_not_ready_and_says_why(
+    worker: Stack, gateway_url: str
+) -> None:
+    """A dead worker used to leave `/ready` green while jobs queued forever (#19)."""
+    url = f"http://127.0.0.1:{worker.config.ports.finetune}/ready"
+    assert httpx.get(url).status_code == 200
+    pgid = worker.pid("finetune-worker")
+    assert pgid is not None
+    os.killpg(pgid, signal.SIGKILL)
+    killed = time.monotonic()
+    deadline = killed + 20
+    while (r := httpx.get(url)).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert r.status_code == 503, "still ready 20 s after the only worker died"
+    assert time.monotonic() - killed < 10  # the heartbeat's lifetime (6 s) and a margin
+    assert "no fine-tuning worker" in r.json()["checks"]["worker"]
+    assert r.json()["checks"]["redis"] == "ok"  # the dependency it had is still named fine
+    worker.up(["finetune-worker"], echo=lambda _: None)
+    deadline = time.monotonic() + 30
+    while (r := httpx.get(url)).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert r.json() == {"status": "ready", "checks": {"redis": "ok", "worker": "ok"}}
+
+
+def test_status_shows_a_redis_it_did_not_start_as_ready_not_stopped(
+    stack: Stack, redis_url: str, tmp_path: Path
+) -> None:
+    """A second stack on the same ports, started by no one: the Redis that answers there is
+    someone else's, up; everything else is stopped (it used to say Redis was stopped)."""
+    other = Stack(dataclasses.replace(stack.config, var_dir=tmp_path))
+    status = other.status()
+    assert status.pop("redis") == "ready (not managed)"
+    assert set(status.values()) == {"stopped"} and "finetune-worker" in status
