@@ -166,18 +166,7 @@ class StackConfig:
                 ready=lambda: _http_ok(f"{retrieval_url}/ready"),
                 ready_timeout=120,
             ),
-            Service(
-                name="finetune",
-                argv=[PYTHON, "-m", "services.finetune"],
-                env={
-                    "CRUCIBLE_FINETUNE_HOST": "127.0.0.1",
-                    "CRUCIBLE_FINETUNE_PORT": str(self.ports.finetune),
-                    **finetune_env,
-                },
-                url=finetune_url,
-                ready=lambda: _http_ok(f"{finetune_url}/ready"),
-                ready_timeout=60,
-            ),
+            # The worker first: the API is ready only once a worker beats.
             Service(
                 name="finetune-worker",
                 argv=[PYTHON, "-m", "services.finetune.worker"],
@@ -189,6 +178,18 @@ class StackConfig:
                 },
                 url=worker_url,
                 ready=lambda: _http_ok(f"{worker_url}/metrics"),
+                ready_timeout=60,
+            ),
+            Service(
+                name="finetune",
+                argv=[PYTHON, "-m", "services.finetune"],
+                env={
+                    "CRUCIBLE_FINETUNE_HOST": "127.0.0.1",
+                    "CRUCIBLE_FINETUNE_PORT": str(self.ports.finetune),
+                    **finetune_env,
+                },
+                url=finetune_url,
+                ready=lambda: _http_ok(f"{finetune_url}/ready"),
                 ready_timeout=60,
             ),
             Service(
@@ -347,7 +348,9 @@ class Stack:
         out = {}
         for svc in self.config.services():
             if self.pid(svc.name) is None:
-                out[svc.name] = "stopped"
+                # A server we did not start (the machine's Redis) that answers is up, not stopped.
+                managed = not (svc.adopt_existing and svc.ready())
+                out[svc.name] = "stopped" if managed else "ready (not managed)"
             else:
                 out[svc.name] = "ready" if svc.ready() else "starting or unhealthy"
         return out

@@ -53,11 +53,16 @@ def create_app(settings: AgentSettings | None = None) -> FastAPI:
     async def chemistry_ready() -> None:
         await api.state.chemistry.ready()
 
+    async def gateway_ready() -> None:
+        # Every model call goes through the gateway: without it no run can make a step.
+        resp = await api.state.model.http.get("/health", timeout=2)
+        resp.raise_for_status()
+
     api = build_app(
         "agent",
         settings=s,
         lifespan=lifespan,
-        ready_checks=[("chemistry", chemistry_ready)],
+        ready_checks=[("chemistry", chemistry_ready), ("gateway", gateway_ready)],
         body_limit=s.max_body_bytes,
         title="Crucible agent",
         version="0.1.0",

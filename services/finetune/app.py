@@ -23,7 +23,7 @@ from services.finetune.api import router, validate_job
 from services.finetune.config import FinetuneSettings
 from services.finetune.jobs import JobStore
 from services.finetune.metrics import ApiMetrics
-from services.finetune.worker import TASK, make_celery
+from services.finetune.worker import TASK, make_celery, worker_key
 
 log = logging.getLogger("crucible.finetune")
 LOST_MESSAGE_AFTER_S = 10.0
@@ -45,6 +45,11 @@ class Dispatcher:
             return int(self.redis.llen(self.s.queue))
         except redis.RedisError:
             return 0
+
+    def live_worker(self) -> bool:
+        """Whether a worker on the queue has beaten within `worker_alive_s` (its key lives)."""
+        pattern = worker_key(self.s.queue, "*")
+        return next(iter(self.redis.scan_iter(match=pattern, count=1000)), None) is not None
 
     def holds(self, job_id: str) -> bool:
         """Whether the broker still has a message for the job (waiting or being worked on)."""
@@ -133,11 +138,18 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
     async def redis_ready() -> None:
         await asyncio.to_thread(api.state.dispatcher.redis.ping)
 
+    async def worker_alive() -> None:
+        if not await asyncio.to_thread(api.state.dispatcher.live_worker):
+            raise ConnectionError(
+                f"no fine-tuning worker on queue {s.queue!r} has sent a heartbeat in the last "
+                f"{s.worker_alive_s:g}s: jobs would wait in the queue"
+            )
+
     api = build_app(
         "finetune",
         settings=s,
         lifespan=lifespan,
-        ready_checks=[("redis", redis_ready)],
+        ready_checks=[("redis", redis_ready), ("worker", worker_alive)],
         title="Crucible fine-tuning",
         version="0.1.0",
     )

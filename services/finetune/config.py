@@ -40,6 +40,10 @@ class FinetuneSettings(ServiceSettings):
     reconcile_every_s: float = 3.0
     max_attempts: int = 3
     visibility_timeout_s: int = 12 * 3600
+    # A worker process, busy or idle, beats in Redis every third of this; the API is ready only
+    # while some worker on its queue has beaten within it (a dead worker made jobs queue forever
+    # behind a green /ready).
+    worker_alive_s: float = 6.0
     worker_metrics_port: int = 8012
 
     def inference_headers(self) -> dict[str, str]:

@@ -11,16 +11,27 @@ Cancellation is a flag the training loop checks between steps, never a kill.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import socket
+import threading
 from typing import Any
 
+import redis
 from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
 
 from services.finetune.config import FinetuneSettings
 
 TASK = "crucible.finetune.run_job"
+log = logging.getLogger("crucible.finetune.worker")
+
+
+def worker_key(queue: str, name: str) -> str:
+    """The Redis key a live worker on `queue` keeps fresh (`name` "*" matches them all)."""
+    return f"crucible:finetune:worker:{queue}:{name}"
 
 
 def make_celery(s: FinetuneSettings) -> Celery:
@@ -51,6 +62,47 @@ def run_job(job_id: str) -> None:
 
     worker = f"{socket.gethostname()}:{os.getpid()}"
     runner.run(job_id, settings, worker, WorkerMetrics())
+
+
+class Heartbeat:
+    """Sets the worker's key with a lifetime of `worker_alive_s`, every third of it, from a
+    thread of the worker's main process (idle or busy); deletes it on a clean shutdown. A killed
+    worker's key expires by itself."""
+
+    def __init__(self, s: FinetuneSettings) -> None:
+        self.s = s
+        self.key = worker_key(s.queue, f"{socket.gethostname()}:{os.getpid()}")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name="worker-heartbeat")
+
+    def _beat(self) -> None:
+        r = redis.Redis.from_url(self.s.redis_url, socket_timeout=2)
+        ttl_ms = int(self.s.worker_alive_s * 1000)
+        while not self.stop.is_set():
+            try:
+                r.set(self.key, "1", px=ttl_ms)
+            except redis.RedisError as exc:
+                log.warning("worker heartbeat failed: %s", type(exc).__name__)
+            self.stop.wait(self.s.worker_alive_s / 3)
+        with contextlib.suppress(redis.RedisError):  # it expires anyway
+            r.delete(self.key)
+
+
+_heartbeat: Heartbeat | None = None
+
+
+@worker_ready.connect
+def _start_heartbeat(**_: Any) -> None:
+    global _heartbeat
+    _heartbeat = Heartbeat(settings)
+    _heartbeat.thread.start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop.set()
+        _heartbeat.thread.join(3)
 
 
 def main() -> None:
