@@ -51,6 +51,13 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
+        self.streams = Counter(
+            "crucible_gateway_streams_total",
+            "Streams relayed, by how (direct: from the engine's read callback into the client's "
+            "socket; asgi: one ASGI send per read, also where direct is unavailable).",
+            ["relay"],
+            registry=registry,
+        )
         self.backend_up = Gauge(
             "crucible_gateway_backend_up",
             "1 if the backend answered its last probe.",

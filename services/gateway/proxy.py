@@ -339,6 +339,7 @@ class Proxy:
             _count_usage(first, out)
         await send({"type": "http.response.body", "body": first, "more_body": True})
         client = direct_client(send) if self.s.stream_relay == "direct" else None
+        self.metrics.streams.labels("asgi" if client is None else "direct").inc()
         try:
             if client is None:
                 async for chunk in chunks:

@@ -95,7 +95,19 @@ def test_every_event_arrives_as_the_engine_sent_it(gw: Proc, fake: Proc, key: st
             assert completion_tokens(gw) - before == tokens
 
 
-def test_the_official_client_reads_the_whole_stream_and_its_usage(gw: Proc, key: str) -> None:
+def streams(gw: Proc, relay: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(f"{gw.url}/metrics").text):
+        if family.name == "crucible_gateway_streams":
+            return sum(s.value for s in family.samples if s.labels.get("relay") == relay)
+    return 0.0
+
+
+def test_the_official_client_reads_the_whole_stream_and_its_usage(
+    gw: Proc, key: str, request: pytest.FixtureRequest
+) -> None:
+    # The relay asked for is the one used: under the pinned uvicorn, "direct" never falls back.
+    relay = request.node.callspec.params["gw"]
+    before = streams(gw, relay)
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=30)
     stream = client.chat.completions.create(
         model="fake-paced",
@@ -113,6 +125,7 @@ def test_the_official_client_reads_the_whole_stream_and_its_usage(gw: Proc, key:
             usage = chunk.usage
     assert text == "".join(f" tok{i}" for i in range(120))
     assert finish == "length" and usage is not None and usage.completion_tokens == 120
+    assert streams(gw, relay) - before == 1
 
 
 def test_a_client_slower_than_the_engine_holds_the_engine_back_and_loses_nothing(
