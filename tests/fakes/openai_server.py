@@ -14,6 +14,8 @@ measurement. The model name scripts the behaviour:
 | fake-paced     | streams like vLLM: a role chunk, then `max_completion_tokens`    |
 |                | (or `max_tokens`, default 16) one-token events, one every        |
 |                | `--token-interval-ms`, a finish event, usage when asked, [DONE]  |
+| fake-split     | like fake-paced, but the usage event comes in two writes 50 ms   |
+|                | apart, split inside "completion_tokens" (two reads downstream)   |
 | scripted       | chat answers from a script: `POST /script` sets the replies, each |
 |                | `{"content": ...}` or `{"tool_calls": [{"name", "arguments"}]}`, |
 |                | optional `"delay_s"`, `"repeat": true` (kept for every later     |
@@ -41,6 +43,7 @@ MODELS = [
     "fake-drop",
     "fake-long",
     "fake-paced",
+    "fake-split",
     "scripted",
 ]
 JSON = [(b"content-type", b"application/json")]
@@ -137,8 +140,8 @@ class FakeUpstream:
             await _respond(send, 200, b"<html>definitely not json")
         elif model == "fake-long":
             await self._long_stream(receive, send)
-        elif model == "fake-paced":
-            await self._paced_stream(send, req, chat)
+        elif model in ("fake-paced", "fake-split"):
+            await self._paced_stream(send, req, chat, split=model == "fake-split")
         elif req.get("stream"):
             await self._stream(send, model, drop=model == "fake-drop")
         else:
@@ -191,7 +194,9 @@ class FakeUpstream:
         gone.cancel()
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
-    async def _paced_stream(self, send: Send, req: dict[str, Any], chat: bool) -> None:
+    async def _paced_stream(
+        self, send: Send, req: dict[str, Any], chat: bool, split: bool = False
+    ) -> None:
         """A generation at a fixed rate, shaped like vLLM's (one event per token)."""
         n = int(req.get("max_completion_tokens") or req.get("max_tokens") or 16)
         usage = bool((req.get("stream_options") or {}).get("include_usage"))
@@ -234,7 +239,13 @@ class FakeUpstream:
         await emit(event(token("", "length")))
         if usage:
             counts = {"prompt_tokens": prompt, "completion_tokens": n}
-            await emit(event(None, usage={**counts, "total_tokens": prompt + n}))
+            last = event(None, usage={**counts, "total_tokens": prompt + n})
+            if split:
+                cut = last.index(b'"completion_tokens"') + 8
+                await emit(last[:cut])
+                await asyncio.sleep(0.05)
+                last = last[cut:]
+            await emit(last)
         await emit(b"data: [DONE]\n\n")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

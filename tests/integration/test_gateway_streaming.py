@@ -67,13 +67,13 @@ def events(raw: bytes) -> list[bytes]:
     return [re.sub(rb'"created":\d+', b'"created":0', e) for e in raw.split(b"\n\n") if e]
 
 
-def completion_tokens(gw: Proc) -> float:
+def completion_tokens(gw: Proc, model: str = "fake-paced") -> float:
     for family in text_string_to_metric_families(httpx.get(f"{gw.url}/metrics").text):
         if family.name == "crucible_gateway_tokens":
             return sum(
                 s.value
                 for s in family.samples
-                if s.labels.get("kind") == "completion" and s.labels.get("model") == "fake-paced"
+                if s.labels.get("kind") == "completion" and s.labels.get("model") == model
             )
     return 0.0
 
@@ -93,6 +93,16 @@ def test_every_event_arrives_as_the_engine_sent_it(gw: Proc, fake: Proc, key: st
         assert events(relayed.content) == sent
         if usage:  # counted from the usage chunk, whichever read it arrived in
             assert completion_tokens(gw) - before == tokens
+
+
+def test_a_usage_event_split_across_two_reads_is_still_counted(gw: Proc, key: str) -> None:
+    before = completion_tokens(gw, "fake-split")
+    split = {**body(25), "model": "fake-split"}
+    r = httpx.post(
+        f"{gw.url}/v1/chat/completions", json=split, headers={"authorization": f"Bearer {key}"}
+    )
+    assert b'"completion_tokens":25' in r.content  # relayed whole
+    assert completion_tokens(gw, "fake-split") - before == 25
 
 
 def streams(gw: Proc, relay: str) -> float:
