@@ -335,21 +335,20 @@ class Proxy:
                 "headers": [*SSE_HEADERS, (b"x-request-id", rid.encode())],
             }
         )
-        if b'"completion_tokens"' in first:
-            _count_usage(first, out)
+        usage = UsageSniffer(out)
+        usage.feed(first)
         await send({"type": "http.response.body", "body": first, "more_body": True})
         client = direct_client(send) if self.s.stream_relay == "direct" else None
         self.metrics.streams.labels("asgi" if client is None else "direct").inc()
         try:
             if client is None:
                 async for chunk in chunks:
-                    if b'"completion_tokens"' in chunk:
-                        _count_usage(chunk, out)
+                    usage.feed(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             else:
                 await chunks.aclose()
                 await resp.relay(
-                    client.sink(out), client.drain_or_gone, self.s.stream_idle_timeout_s
+                    client.sink(usage.feed), client.drain_or_gone, self.s.stream_idle_timeout_s
                 )
         except UpstreamProtocolError:
             self.metrics.upstream_errors.labels("stream_broken").inc()
@@ -369,12 +368,12 @@ class DirectClient:
         self.transport = cycle.transport
         self.flow = cycle.flow
 
-    def sink(self, out: Outcome) -> Callable[[bytes], bool]:
+    def sink(self, see: Callable[[bytes], None]) -> Callable[[bytes], bool]:
+        """What the relay calls with each read: `see` it, then write it to the client."""
         transport, flow = self.transport, self.flow
 
         def write(data: bytes) -> bool:
-            if b'"completion_tokens"' in data:
-                _count_usage(data, out)
+            see(data)
             if transport.is_closing():
                 return False  # gone: drain_or_gone ends the relay
             transport.write(b"%x\r\n%b\r\n" % (len(data), data))
@@ -402,13 +401,35 @@ def direct_client(send: Send) -> DirectClient | None:
     return None
 
 
+class UsageSniffer:
+    """Finds the stream's usage event in the reads as they pass, for the token metrics. An
+    event may straddle two reads: the unfinished end of a read (at most `KEEP` bytes) is kept
+    and scanned again with the next one. Per read this is a `bytes.endswith` and a search."""
+
+    KEEP = 4096
+
+    def __init__(self, out: Outcome) -> None:
+        self.out = out
+        self.tail = b""
+
+    def feed(self, data: bytes) -> None:
+        if self.tail:
+            data = self.tail + data
+            self.tail = b""
+        if b'"completion_tokens"' in data:
+            _count_usage(data, self.out)
+        if not data.endswith(b"\n\n"):  # an event is cut here: keep its start
+            end = data.rfind(b"\n\n")
+            self.tail = data[end + 2 if end >= 0 else 0 :][-self.KEEP :]
+
+
 def _count_usage(chunk: bytes, out: Outcome) -> None:
     for line in chunk.split(b"\n"):
         if line.startswith(b"data: {") and b'"completion_tokens"' in line:
             try:
                 usage = orjson.loads(line[6:]).get("usage") or {}
             except orjson.JSONDecodeError:
-                return
+                continue  # the unfinished end of a read: seen whole with the next one
             out.prompt_tokens = usage.get("prompt_tokens") or 0
             out.completion_tokens = usage.get("completion_tokens") or 0
 
