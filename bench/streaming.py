@@ -15,7 +15,7 @@ B. `vllm`: the dev stack's gateway (the default relay) in front of the real engi
    here, so the gateway's CPU is taken from generation; a gateway per other relay runs beside
    it. `--stack-var-dir/--stack-ports` reuse a running stack.
 
-    python bench/streaming.py [--concurrency 16 64 128] [--pairs 3] [--skip-vllm] [--smoke]
+    python bench/streaming.py [--concurrency 16 64 128] [--rounds 3] [--skip-vllm] [--smoke]
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +78,7 @@ def plan_runs(
     for c in args.concurrency:
         prompts = args.prompts or max(256, 4 * c)
         sizes = ["--max-concurrency", str(c), "--num-prompts", str(prompts)]
-        for i in range(args.pairs):
+        for i in range(args.rounds):
             round_: list[dict[str, Any]] = [
                 {"label": f"direct c={c}", "base_url": direct, "args": sizes}
             ]
@@ -163,7 +165,7 @@ def _med(runs: list[dict[str, Any]], key: str) -> float:
 
 def _gateway(
     tmp: Path, name: str, upstream: str, relay: str, env: dict[str, str], code: Path = ROOT
-) -> Any:
+) -> tuple[Any, str]:
     """A gateway process on a free port, running the code in `code` (a checkout)."""
     port = _free_port()
     proc = _spawn(
@@ -181,27 +183,43 @@ def _gateway(
     return proc, f"http://127.0.0.1:{port}"
 
 
+def _targets(
+    args: argparse.Namespace,
+    tmp: Path,
+    upstream_port: int,
+    env: dict[str, str],
+    procs: list[Any],
+    gateways: dict[str, tuple[str, int]],
+) -> None:
+    """Starts what `args` asks to compare beside `gateways` (label -> (url, pid)): a gateway per
+    relay not there yet, the baseline checkout's gateway, the byte pipe. Adds each to `procs`."""
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    wanted: list[tuple[str, Callable[[], tuple[Any, str]]]] = [
+        (f"gateway-{r}", partial(_gateway, tmp, f"gateway-{r}", upstream, r, env))
+        for r in args.relays
+    ]
+    if args.baseline:
+        baseline = partial(_gateway, tmp, "baseline", upstream, "asgi", env, args.baseline)
+        wanted.append(("gateway-baseline", baseline))
+    if args.floor:
+        wanted.append(("tcp-pipe", partial(_pipe, tmp, upstream_port)))
+    for label, start in wanted:
+        if label not in gateways:
+            proc, url = start()
+            procs.append(proc)
+            gateways[label] = (url, proc.pid)
+
+
 def part_fake(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     fake_port = _free_port()
     upstream = f"http://127.0.0.1:{fake_port}"
     argv = [sys.executable, "-m", "tests.fakes.openai_server", "--port", str(fake_port)]
     argv += ["--token-interval-ms", str(args.interval_ms)]
-    procs = [_spawn(argv, {}, tmp / "fake.log")]
+    procs: list[Any] = [_spawn(argv, {}, tmp / "fake.log")]
     env = {"CRUCIBLE_VAR_DIR": str(tmp), "CRUCIBLE_GATEWAY_REDIS_URL": args.redis_url}
     gateways: dict[str, tuple[str, int]] = {}
     try:
-        for relay in args.relays:
-            proc, url = _gateway(tmp, f"gateway-{relay}", upstream, relay, env)
-            procs.append(proc)
-            gateways[f"gateway-{relay}"] = (url, proc.pid)
-        if args.baseline:
-            proc, url = _gateway(tmp, "gateway-baseline", upstream, "asgi", env, args.baseline)
-            procs.append(proc)
-            gateways["gateway-baseline"] = (url, proc.pid)
-        if args.floor:
-            proc, url = _pipe(tmp, fake_port)
-            procs.append(proc)
-            gateways["tcp-pipe"] = (url, proc.pid)
+        _targets(args, tmp, fake_port, env, procs, gateways)
         plan = plan_runs(args, "fake-paced", upstream, gateways)
         runs = run_plan(plan, _bench_key(tmp), tmp)
     finally:
@@ -222,26 +240,15 @@ def part_vllm(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     upstream = f"http://127.0.0.1:{ports.inference}"
     default = GatewaySettings.model_fields["stream_relay"].default
     gateways = {f"gateway-{default}": (f"http://127.0.0.1:{ports.gateway}", pid)}
-    procs = []
+    procs: list[Any] = []
+    # The stack's key store (its var dir, absolute: a baseline runs from its own checkout).
+    env = {
+        "CRUCIBLE_VAR_DIR": str(stack.config.var_dir.resolve()),
+        "CRUCIBLE_GATEWAY_REDIS_URL": args.redis_url,
+    }
     with tempfile.TemporaryDirectory() as d:
         try:
-            env = {
-                "CRUCIBLE_VAR_DIR": str(stack.config.var_dir.resolve()),
-                "CRUCIBLE_GATEWAY_REDIS_URL": f"redis://127.0.0.1:{ports.redis}/0",
-            }
-            for relay in args.relays:
-                if relay != default:
-                    proc, url = _gateway(Path(d), f"gateway-{relay}", upstream, relay, env)
-                    procs.append(proc)
-                    gateways[f"gateway-{relay}"] = (url, proc.pid)
-            if args.baseline:
-                proc, url = _gateway(Path(d), "baseline", upstream, "asgi", env, args.baseline)
-                procs.append(proc)
-                gateways["gateway-baseline"] = (url, proc.pid)
-            if args.floor:
-                proc, url = _pipe(Path(d), ports.inference)
-                procs.append(proc)
-                gateways["tcp-pipe"] = (url, proc.pid)
+            _targets(args, Path(d), ports.inference, env, procs, gateways)
             plan = plan_runs(args, "crucible-dev", upstream, gateways)
             runs = run_plan(plan, _bench_key(stack.config.var_dir), Path(d))
         finally:
@@ -254,7 +261,7 @@ def part_vllm(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 128])
-    p.add_argument("--pairs", type=int, default=3, help="rounds per concurrency")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per concurrency")
     p.add_argument("--relays", nargs="+", default=["direct", "asgi"], help="gateways to compare")
     p.add_argument("--prompts", type=int, help="per run (default: max(256, 4 x concurrency))")
     p.add_argument("--input-len", type=int, default=128)
@@ -281,11 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.smoke:
-        args.concurrency, args.pairs, args.prompts = [4], 1, 8
+        args.concurrency, args.rounds, args.prompts = [4], 1, 8
         args.input_len, args.output_len = 16, 8
     result: dict[str, Any] = {
         "protocol": "vllm.benchmarks.serve, openai-chat, random prompts, ignore_eos, streamed; "
-        "direct and gateway runs alternate in pairs",
+        "one run direct and one per gateway each round, the order rotating",
         "input_len": args.input_len,
         "output_len": args.output_len,
     }

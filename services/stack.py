@@ -349,8 +349,8 @@ class Stack:
         for svc in self.config.services():
             if self.pid(svc.name) is None:
                 # A server we did not start (the machine's Redis) that answers is up, not stopped.
-                managed = not (svc.adopt_existing and svc.ready())
-                out[svc.name] = "stopped" if managed else "ready (not managed)"
+                foreign = svc.adopt_existing and svc.ready()
+                out[svc.name] = "ready (not managed)" if foreign else "stopped"
             else:
                 out[svc.name] = "ready" if svc.ready() else "starting or unhealthy"
         return out

@@ -98,12 +98,16 @@ class _Connection(asyncio.Protocol):
         if self.sink is not None and self.chunks:
             self._to_sink(self.sink)
 
-    def _to_sink(self, sink: Callable[[bytes], bool]) -> None:
-        """Everything read so far to the sink, in one piece; a full sink pauses reading."""
+    def _take(self) -> bytes:
+        """Everything read and not yet taken, in one piece."""
         chunks = self.chunks
         self.chunks = []
         self.buffered = 0
-        if not sink(chunks[0] if len(chunks) == 1 else b"".join(chunks)) and not self.paused:
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _to_sink(self, sink: Callable[[bytes], bool]) -> None:
+        """Everything read so far to the sink; a full sink pauses reading."""
+        if not sink(self._take()) and not self.paused:
             self.paused = True
             if self.transport:
                 self.transport.pause_reading()
@@ -192,10 +196,7 @@ class Response:
         try:
             while True:
                 if conn.chunks:
-                    chunks = conn.chunks
-                    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                    conn.chunks = []
-                    conn.buffered = 0
+                    data = conn._take()
                     if conn.paused and conn.transport:
                         conn.paused = False
                         conn.transport.resume_reading()

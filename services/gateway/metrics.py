@@ -58,6 +58,7 @@ class GatewayMetrics:
             ["relay"],
             registry=registry,
         )
+        self.streams_by_relay = {r: self.streams.labels(r) for r in ("direct", "asgi")}
         self.backend_up = Gauge(
             "crucible_gateway_backend_up",
             "1 if the backend answered its last probe.",

@@ -339,7 +339,7 @@ class Proxy:
         usage.feed(first)
         await send({"type": "http.response.body", "body": first, "more_body": True})
         client = direct_client(send) if self.s.stream_relay == "direct" else None
-        self.metrics.streams.labels("asgi" if client is None else "direct").inc()
+        self.metrics.streams_by_relay["asgi" if client is None else "direct"].inc()
         try:
             if client is None:
                 async for chunk in chunks:

@@ -201,7 +201,7 @@ class FakeUpstream:
         n = int(req.get("max_completion_tokens") or req.get("max_tokens") or 16)
         usage = bool((req.get("stream_options") or {}).get("include_usage"))
         prompt = len(orjson.dumps(req.get("messages") or req.get("prompt") or "")) // 4
-        head = {"id": "chatcmpl-paced", "created": int(time.time()), "model": "fake-paced"}
+        head = {"id": "chatcmpl-paced", "created": int(time.time()), "model": req["model"]}
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choice: dict[str, Any] | None, **extra: Any) -> bytes:

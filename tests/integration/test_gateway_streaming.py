@@ -67,15 +67,19 @@ def events(raw: bytes) -> list[bytes]:
     return [re.sub(rb'"created":\d+', b'"created":0', e) for e in raw.split(b"\n\n") if e]
 
 
+def counted(gw: Proc, family_name: str, **labels: str) -> float:
+    """The sum of a counter family's samples with these labels, read from the gateway."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(httpx.get(f"{gw.url}/metrics").text)
+        if family.name == family_name
+        for s in family.samples
+        if s.name.endswith("_total") and labels.items() <= s.labels.items()
+    )
+
+
 def completion_tokens(gw: Proc, model: str = "fake-paced") -> float:
-    for family in text_string_to_metric_families(httpx.get(f"{gw.url}/metrics").text):
-        if family.name == "crucible_gateway_tokens":
-            return sum(
-                s.value
-                for s in family.samples
-                if s.labels.get("kind") == "completion" and s.labels.get("model") == model
-            )
-    return 0.0
+    return counted(gw, "crucible_gateway_tokens", kind="completion", model=model)
 
 
 def test_every_event_arrives_as_the_engine_sent_it(gw: Proc, fake: Proc, key: str) -> None:
@@ -105,19 +109,12 @@ def test_a_usage_event_split_across_two_reads_is_still_counted(gw: Proc, key: st
     assert completion_tokens(gw, "fake-split") - before == 25
 
 
-def streams(gw: Proc, relay: str) -> float:
-    for family in text_string_to_metric_families(httpx.get(f"{gw.url}/metrics").text):
-        if family.name == "crucible_gateway_streams":
-            return sum(s.value for s in family.samples if s.labels.get("relay") == relay)
-    return 0.0
-
-
 def test_the_official_client_reads_the_whole_stream_and_its_usage(
     gw: Proc, key: str, request: pytest.FixtureRequest
 ) -> None:
     # The relay asked for is the one used: under the pinned uvicorn, "direct" never falls back.
     relay = request.node.callspec.params["gw"]
-    before = streams(gw, relay)
+    before = counted(gw, "crucible_gateway_streams", relay=relay)
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=30)
     stream = client.chat.completions.create(
         model="fake-paced",
@@ -135,7 +132,7 @@ def test_the_official_client_reads_the_whole_stream_and_its_usage(
             usage = chunk.usage
     assert text == "".join(f" tok{i}" for i in range(120))
     assert finish == "length" and usage is not None and usage.completion_tokens == 120
-    assert streams(gw, relay) - before == 1
+    assert counted(gw, "crucible_gateway_streams", relay=relay) - before == 1
 
 
 def test_a_client_slower_than_the_engine_holds_the_engine_back_and_loses_nothing(
