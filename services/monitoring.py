@@ -23,6 +23,9 @@ JOBS = {
     "prometheus": "prometheus",
 }
 
+# Native only: the monitor that supervises `make up`'s processes (compose has Docker's restarts).
+NATIVE_JOBS = {"supervisor": "supervisor"}
+
 
 def native_config(ports: dict[str, int], scrape_interval: str) -> dict[str, Any]:
     return {
@@ -33,6 +36,6 @@ def native_config(ports: dict[str, int], scrape_interval: str) -> dict[str, Any]
                 "job_name": job,
                 "static_configs": [{"targets": [f"127.0.0.1:{ports[port]}"]}],
             }
-            for job, port in JOBS.items()
+            for job, port in {**JOBS, **NATIVE_JOBS}.items()
         ],
     }

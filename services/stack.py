@@ -9,24 +9,32 @@ same list on free ports, and the compose test checks that compose runs the same 
 from __future__ import annotations
 
 import argparse
+import configparser
+import dataclasses
+import hashlib
+import io
 import json
 import os
 import random
+import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from services import monitoring
 from services.inference import profiles, readiness
+from services.supervise import Policy
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -43,6 +51,7 @@ class Ports:
     redis: int = 6379
     milvus: int = 19530
     finetune_worker: int = 8012  # the worker's /metrics
+    supervisor: int = 8013  # the monitor's /metrics (restarts, failures)
 
     @classmethod
     def free(cls) -> Ports:
@@ -57,7 +66,13 @@ class Service:
     env: dict[str, str]
     url: str
     ready: Callable[[], bool] = field(compare=False)
+    # Liveness, checked by the monitor (http://, redis://, tcp://): failing it restarts the
+    # service; `ready_url` is only polled, never a reason to restart.
+    health: str = ""
+    ready_url: str = ""
     ready_timeout: float = 60.0
+    # How long it must stay up to count as started; exits sooner are retried with backoff.
+    startsecs: float = 5.0
     # A server already answering on the port is used as it is (Redis on a developer's machine).
     adopt_existing: bool = False
     # Runs before each start (Prometheus: writes its config for the stack's ports).
@@ -73,6 +88,10 @@ class StackConfig:
     profile: str = "cpu-dev"
     models_dir: Path = ROOT / "var" / "models"
     scrape_interval: str = "5s"
+    policy: Policy = field(default_factory=Policy)
+    # Environment for every service: `make up` passes the shell's CRUCIBLE_* settings, so a
+    # changed setting restarts the services it reaches on the next `make up`.
+    env: dict[str, str] = field(default_factory=dict)
 
     def write_prometheus_config(self) -> Path:
         ports = {f.name: getattr(self.ports, f.name) for f in fields(self.ports)}
@@ -122,7 +141,9 @@ class StackConfig:
                 env={},
                 url=f"redis://127.0.0.1:{self.ports.redis}",
                 ready=lambda: _redis_ping(self.ports.redis),
+                health=f"redis://127.0.0.1:{self.ports.redis}",
                 ready_timeout=20,
+                startsecs=2,
                 adopt_existing=True,
             ),
             Service(
@@ -136,7 +157,9 @@ class StackConfig:
                 },
                 url=inference_url,
                 ready=lambda: readiness.is_ready(inference_url, profile.served_model_name),
+                health=f"{inference_url}/health",
                 ready_timeout=600,
+                startsecs=10,
             ),
             Service(
                 name="milvus",
@@ -152,6 +175,7 @@ class StackConfig:
                 env={},
                 url=milvus_url,
                 ready=lambda: _port_busy(self.ports.milvus),
+                health=f"tcp://127.0.0.1:{self.ports.milvus}",
                 ready_timeout=60,
             ),
             Service(
@@ -164,6 +188,8 @@ class StackConfig:
                 },
                 url=retrieval_url,
                 ready=lambda: _http_ok(f"{retrieval_url}/ready"),
+                health=f"{retrieval_url}/health",
+                ready_url=f"{retrieval_url}/ready",
                 ready_timeout=120,
             ),
             # The worker first: the API is ready only once a worker beats.
@@ -178,6 +204,7 @@ class StackConfig:
                 },
                 url=worker_url,
                 ready=lambda: _http_ok(f"{worker_url}/metrics"),
+                health=f"{worker_url}/metrics",
                 ready_timeout=60,
             ),
             Service(
@@ -190,6 +217,8 @@ class StackConfig:
                 },
                 url=finetune_url,
                 ready=lambda: _http_ok(f"{finetune_url}/ready"),
+                health=f"{finetune_url}/health",
+                ready_url=f"{finetune_url}/ready",
                 ready_timeout=60,
             ),
             Service(
@@ -206,6 +235,8 @@ class StackConfig:
                 },
                 url=gateway_url,
                 ready=lambda: _http_ok(f"{gateway_url}/ready"),
+                health=f"{gateway_url}/health",
+                ready_url=f"{gateway_url}/ready",
                 ready_timeout=60,
             ),
             Service(
@@ -219,6 +250,8 @@ class StackConfig:
                 },
                 url=agent_url,
                 ready=lambda: _http_ok(f"{agent_url}/ready"),
+                health=f"{agent_url}/health",
+                ready_url=f"{agent_url}/ready",
                 ready_timeout=60,
             ),
             Service(
@@ -233,6 +266,7 @@ class StackConfig:
                 env={},
                 url=prometheus_url,
                 ready=lambda: _http_ok(f"{prometheus_url}/-/ready"),
+                health=f"{prometheus_url}/-/healthy",
                 ready_timeout=60,
                 prepare=self.write_prometheus_config,
                 optional=True,
@@ -244,21 +278,170 @@ class StackError(RuntimeError):
     pass
 
 
+# supervisord's process states, grouped as `make status` tells them.
+_UP = {"STARTING", "RUNNING", "BACKOFF", "EXITED"}  # EXITED: about to be restarted
+
+
 class Stack:
+    """The services under supervisord, one per var dir: it restarts what exits (backing off,
+    then giving up on a service that keeps exiting during its start), and `services.supervise`
+    runs under it to count restarts, stop crash loops and restart what stops answering."""
+
     def __init__(self, config: StackConfig | None = None) -> None:
         self.config = config or StackConfig()
         self.run_dir = self.config.var_dir / "run"
         self.log_dir = self.config.var_dir / "log"
+        self.conf_path = self.run_dir / "supervisord.conf"
+        self.state_path = self.run_dir / "state.json"
 
-    def _pidfile(self, name: str) -> Path:
-        return self.run_dir / f"{name}.pid"
+    @property
+    def socket_path(self) -> Path:
+        path = self.run_dir / "supervisor.sock"
+        if len(str(path)) < 100:  # a Unix socket's path has room for ~107 bytes
+            return path
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"crucible-{digest}.sock"
+
+    # --- supervisord ---
+
+    def _rpc(self) -> Any:
+        from supervisor.xmlrpc import SupervisorTransport
+
+        transport = SupervisorTransport(None, None, f"unix://{self.socket_path}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport)
+
+    def _infos(self) -> dict[str, dict[str, Any]] | None:
+        """Each managed process's state, or None when supervisord is not running."""
+        if not self.socket_path.exists():
+            return None
+        try:
+            return {i["name"]: i for i in self._rpc().supervisor.getAllProcessInfo()}
+        except (OSError, xmlrpc.client.Error):
+            return None
+
+    def _supervisord_conf(self) -> str:
+        c = configparser.ConfigParser(interpolation=None)
+        c["unix_http_server"] = {"file": str(self.socket_path), "chmod": "0700"}
+        c["supervisord"] = {
+            "logfile": str(self.log_dir / "supervisord.log"),
+            "logfile_maxbytes": "10MB",
+            "pidfile": str(self.run_dir / "supervisord.pid"),
+            "directory": str(ROOT),
+            "nodaemon": "false",
+            "childlogdir": str(self.log_dir),
+            "identifier": "crucible",
+        }
+        c["rpcinterface:supervisor"] = {
+            "supervisor.rpcinterface_factory": "supervisor.rpcinterface:make_main_rpcinterface"
+        }
+        c["supervisorctl"] = {"serverurl": f"unix://{self.socket_path}"}
+        watched = {}
+        for priority, svc in enumerate(self.config.services(), start=10):
+            env = {
+                **_settings_for(svc.name, self.config.env),
+                "CRUCIBLE_VAR_DIR": str(self.config.var_dir),
+                **svc.env,
+            }
+            command = ["env", *(f"{k}={v}" for k, v in env.items()), *svc.argv]
+            c[f"program:{svc.name}"] = {
+                "command": shlex.join(command).replace("%", "%%"),
+                "directory": str(ROOT),
+                "priority": str(priority),  # started in this order, stopped in reverse
+                "autostart": "false",  # `up` starts what it is asked for
+                "autorestart": "true",
+                "startsecs": f"{svc.startsecs:g}",
+                "startretries": "3",  # waits 1, 2, 3 s between tries, then FATAL
+                "stopsignal": "TERM",
+                "stopwaitsecs": "20",
+                "stopasgroup": "true",  # vLLM's engine, Celery's job processes
+                "killasgroup": "true",
+                "redirect_stderr": "true",
+                "stdout_logfile": str(self.log_path(svc.name)),
+                "stdout_logfile_maxbytes": "50MB",
+                "stdout_logfile_backups": "3",
+            }
+            watched[svc.name] = {
+                "health": svc.health,
+                "ready": svc.ready_url,
+                "grace_s": svc.ready_timeout,
+            }
+        monitor = {
+            "services": watched,
+            "policy": dataclasses.asdict(self.config.policy),
+            "state_file": str(self.state_path),
+            "metrics_port": self.config.ports.supervisor,
+        }
+        monitor_path = self.run_dir / "monitor.json"
+        text = json.dumps(monitor, indent=1)
+        monitor_path.write_text(text)
+        # The digest on its command line: a changed monitor.json is a changed program for
+        # supervisord, so the next `up` restarts the monitor with it.
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        c["eventlistener:monitor"] = {
+            "command": shlex.join([PYTHON, "-m", "services.supervise", str(monitor_path), digest]),
+            "directory": str(ROOT),
+            "events": "PROCESS_STATE",
+            "priority": "1",
+            "autostart": "true",
+            "autorestart": "true",
+            "stdout_logfile": "NONE",  # its stdout is supervisord's event protocol
+            "stderr_logfile": str(self.log_path("monitor")),
+            "stderr_logfile_maxbytes": "10MB",
+            "buffer_size": "100",
+        }
+        out = io.StringIO()
+        c.write(out)
+        return out.getvalue()
+
+    def _ensure_supervisord(self) -> Any:
+        """supervisord for this var dir, started or brought up to date with the config."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        (self.config.var_dir / "redis").mkdir(parents=True, exist_ok=True)
+        running = self._infos() is not None
+        conf = self._supervisord_conf()
+        changed = not self.conf_path.exists() or self.conf_path.read_text() != conf
+        self.conf_path.touch(mode=0o600)  # settings may hold secrets (a Redis password)
+        self.conf_path.write_text(conf)
+        rpc = self._rpc()
+        if not running:
+            self.state_path.unlink(missing_ok=True)  # restarts count from this start
+            self.socket_path.unlink(missing_ok=True)
+            if _port_busy(self.config.ports.supervisor):
+                raise StackError(
+                    f"monitor: port {self.config.ports.supervisor} is taken by a process "
+                    "`make up` did not start"
+                )
+            # Daemonizes: the command returns once supervisord runs on its own.
+            started = subprocess.run(
+                [PYTHON, "-m", "supervisor.supervisord", "-c", str(self.conf_path)],
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+            )
+            if started.returncode:
+                raise StackError(f"supervisord did not start:\n{started.stderr[-2000:]}")
+            deadline = time.monotonic() + 20
+            while self._infos() is None:
+                if time.monotonic() > deadline:
+                    raise StackError(f"supervisord did not start:\n{self.tail('supervisord')}")
+                time.sleep(0.1)
+        elif changed:
+            # What `supervisorctl update` does: programs whose config changed start afresh.
+            [[added, changed_names, removed]] = rpc.supervisor.reloadConfig()
+            for name in [*changed_names, *removed]:
+                rpc.supervisor.stopProcessGroup(name)
+                rpc.supervisor.removeProcessGroup(name)
+            for name in [*changed_names, *added]:
+                rpc.supervisor.addProcessGroup(name)
+        return rpc
+
+    # --- what the CLI and the tests use ---
 
     def pid(self, name: str) -> int | None:
-        try:
-            pid = int(self._pidfile(name).read_text())
-        except (OSError, ValueError):
-            return None
-        return pid if _alive(pid) else None
+        info = (self._infos() or {}).get(name)
+        return int(info["pid"]) or None if info else None
 
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
@@ -266,20 +449,28 @@ class Stack:
     def up(self, only: list[str] | None = None, echo: Callable[[str], None] = print) -> None:
         """Start every service at once (each waits for its own dependencies), then wait for
         each to be ready in order: the slow engine start overlaps everything else."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         chosen = [s for s in self.config.services() if not only or s.name in only]
-        adopted = set()
         missing = {s.name for s in chosen if s.optional and shutil.which(s.argv[0]) is None}
         for name in sorted(missing):
             echo(f"{name:<16} skipped: `{name}` is not installed (make setup installs it)")
         chosen = [s for s in chosen if s.name not in missing]
+        rpc = self._ensure_supervisord()
+        infos = self._infos() or {}
+        adopted = set()
         for svc in chosen:
-            if svc.adopt_existing and self.pid(svc.name) is None and svc.ready():
+            if infos[svc.name]["statename"] in _UP:
+                continue
+            if svc.adopt_existing and svc.ready():
                 adopted.add(svc.name)
-            elif self.pid(svc.name) is None:
-                self.down_one(svc.name)  # leftovers of a crashed run, if any
-                self._start(svc)
+                continue
+            port = int(svc.url.rsplit(":", 1)[1])
+            if _port_busy(port):
+                raise StackError(
+                    f"{svc.name}: port {port} is taken by a process `make up` did not start"
+                )
+            if svc.prepare is not None:
+                svc.prepare()
+            rpc.supervisor.startProcess(svc.name, False)
         for svc in chosen:
             if svc.name in adopted:
                 echo(f"{svc.name:<16} ready  {svc.url} (already running, not managed)")
@@ -287,37 +478,15 @@ class Stack:
             self._wait_ready(svc)
             echo(f"{svc.name:<16} ready  {svc.url}")
 
-    def _start(self, svc: Service) -> None:
-        port = int(svc.url.rsplit(":", 1)[1])
-        if _port_busy(port):
-            raise StackError(
-                f"{svc.name}: port {port} is taken by a process `make up` did not start"
-            )
-        env = {**os.environ, **svc.env, "CRUCIBLE_VAR_DIR": str(self.config.var_dir)}
-        if svc.prepare is not None:
-            svc.prepare()
-        (self.config.var_dir / "redis").mkdir(parents=True, exist_ok=True)
-        with open(self.log_path(svc.name), "ab") as log:
-            # A session of its own: `down` stops the service with everything it spawned.
-            proc = subprocess.Popen(
-                svc.argv,
-                env=env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self._pidfile(svc.name).write_text(str(proc.pid))
-
     def _wait_ready(self, svc: Service) -> None:
         deadline = time.monotonic() + svc.ready_timeout
         while time.monotonic() < deadline:
-            if self.pid(svc.name) is None:
-                raise StackError(f"{svc.name} exited during start:\n{self.tail(svc.name)}")
+            state = self._state(svc)
+            if state in ("failed", "stopped"):
+                raise StackError(f"{svc.name} {state} during start:\n{self.tail(svc.name)}")
             if svc.ready():
                 return
-            time.sleep(1)
+            time.sleep(0.5)
         raise StackError(
             f"{svc.name} not ready after {svc.ready_timeout:g}s:\n{self.tail(svc.name)}"
         )
@@ -328,32 +497,86 @@ class Stack:
         except OSError:
             return "(no log)"
 
-    def down(self, grace: float = 20.0) -> list[str]:
-        """Stop every service started here, newest first; returns the names stopped."""
-        return [s.name for s in reversed(self.config.services()) if self.down_one(s.name, grace)]
+    def down(self) -> list[str]:
+        """Stop every service (newest first) and supervisord; returns the names stopped."""
+        infos = self._infos()
+        if infos is None:
+            return []
+        stopped = [n for n, i in infos.items() if i["statename"] in _UP and n != "monitor"]
+        pid = int((self.run_dir / "supervisord.pid").read_text())
+        self._rpc().supervisor.shutdown()
+        deadline = time.monotonic() + 120  # each service has 20 s to stop, one after another
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        order = [s.name for s in reversed(self.config.services())]
+        return sorted(stopped, key=lambda n: order.index(n) if n in order else -1)
 
-    def down_one(self, name: str, grace: float = 20.0) -> bool:
-        try:
-            pgid = int(self._pidfile(name).read_text())
-        except (OSError, ValueError):
+    def down_one(self, name: str) -> bool:
+        """Stop one service (it stays stopped until `up`); whether it was running."""
+        info = (self._infos() or {}).get(name)
+        if info is None or info["statename"] not in _UP:
             return False
-        # The whole group, even when its leader is gone: helpers it spawned may outlive it.
-        alive = _group_alive(pgid)
-        if alive:
-            _stop_group(pgid, grace)
-        self._pidfile(name).unlink(missing_ok=True)
-        return alive
+        try:
+            self._rpc().supervisor.stopProcess(name, True)
+        except xmlrpc.client.Fault as exc:  # it exited meanwhile and is being restarted
+            if "NOT_RUNNING" not in exc.faultString:
+                raise
+            return self.down_one(name)
+        return True
+
+    def restarts(self) -> dict[str, int]:
+        """Restarts per service since `make up` started supervisord."""
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {name: sum(by.values()) for name, by in state.get("restarts", {}).items()}
+
+    def _failed(self) -> dict[str, str]:
+        try:
+            return dict(json.loads(self.state_path.read_text()).get("failed", {}))
+        except (OSError, ValueError):
+            return {}
+
+    def _state(self, svc: Service, infos: dict[str, dict[str, Any]] | None = None) -> str:
+        infos = self._infos() if infos is None else infos
+        info = (infos or {}).get(svc.name)
+        state = info["statename"] if info else "STOPPED"
+        if info and state in _UP:
+            if state in ("STARTING", "RUNNING") and svc.ready():
+                return "ready"
+            if time.time() - int(info["start"]) > svc.ready_timeout:
+                return "unready"  # up, but not ready: a dependency it needs is missing
+            n = self.restarts().get(svc.name, 0)
+            return f"restarting ({n})" if n else "starting"
+        if state == "FATAL" or svc.name in self._failed():
+            return "failed"
+        if state == "STOPPING":
+            return "stopping"
+        # A server we did not start (the machine's Redis) that answers is up, not stopped.
+        return "ready (not managed)" if svc.adopt_existing and svc.ready() else "stopped"
 
     def status(self) -> dict[str, str]:
-        out = {}
-        for svc in self.config.services():
-            if self.pid(svc.name) is None:
-                # A server we did not start (the machine's Redis) that answers is up, not stopped.
-                foreign = svc.adopt_existing and svc.ready()
-                out[svc.name] = "ready (not managed)" if foreign else "stopped"
-            else:
-                out[svc.name] = "ready" if svc.ready() else "starting or unhealthy"
-        return out
+        """Each service's state: ready, ready (not managed), starting, restarting (n), unready,
+        failed or stopped."""
+        infos = self._infos()
+        return {svc.name: self._state(svc, infos) for svc in self.config.services()}
+
+    def explain(self, name: str) -> str:
+        """Why a service failed: the monitor's verdict and the last lines of its log."""
+        reason = self._failed().get(name, "")
+        return "\n".join(x for x in (reason, self.tail(name, 5)) if x)
+
+
+_OWNED = ("AGENT", "FINETUNE", "GATEWAY", "INFERENCE", "RETRIEVAL")
+
+
+def _settings_for(service: str, env: dict[str, str]) -> dict[str, str]:
+    """The settings a service reads: CRUCIBLE_<ITS NAME>_* and the shared ones, not another
+    service's, so that changing the agent's setting does not restart vLLM."""
+    mine = service.split("-")[0].upper()
+    owner = {k: k.split("_", 2)[1] if k.count("_") else "" for k in env}
+    return {k: v for k, v in env.items() if owner[k] == mine or owner[k] not in _OWNED}
 
 
 def _alive(pid: int) -> bool:
@@ -369,37 +592,6 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(") ", 1)[1][0] != "Z"
     except OSError:
         return True
-
-
-def _stop_group(pgid: int, grace: float) -> None:
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not _group_alive(pgid):
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-
-
-def _group_alive(pgid: int) -> bool:
-    """Any live (non-zombie) process left in the group? Zombies linger until their parent reaps."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(") ", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 def _redis_ping(port: int) -> bool:
@@ -472,13 +664,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("services", nargs="*", help="only these (default: all)")
     args = parser.parse_args(argv)
-    stack = Stack(StackConfig(profile=args.profile))
+    settings = {
+        k: v for k, v in os.environ.items() if k.startswith("CRUCIBLE_") and k != "CRUCIBLE_VAR_DIR"
+    }
+    stack = Stack(StackConfig(profile=args.profile, env=settings))
     if args.command == "up":
         try:
             stack.up(args.services or None)
         except StackError as exc:
             print(f"make up failed: {exc}", file=sys.stderr)
-            stack.down()
+            print(
+                "The rest keeps running: `make status`, `make logs`; fix it and `make up` again "
+                "(it starts only what is not running), or `make down`.",
+                file=sys.stderr,
+            )
             return 1
         if not args.services or "gateway" in args.services:
             print(f"API key:   {dev_key(stack.config.var_dir)}")
@@ -488,8 +687,12 @@ def main(argv: list[str] | None = None) -> int:
         stopped = stack.down()
         print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     elif args.command == "status":
+        restarts = stack.restarts()
         for name, state in stack.status().items():
-            print(f"{name:<16} {state}")
+            n = restarts.get(name, 0)
+            print(f"{name:<16} {state:<20} {f'{n} restarts' if n else ''}".rstrip())
+            if state == "failed":
+                print("\n".join(f"{'':<16} | {line}" for line in stack.explain(name).splitlines()))
     else:
         logs = sorted(str(p) for p in stack.log_dir.glob("*.log"))
         if not logs:

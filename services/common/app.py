@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from services.common.bodylimit import BodyLimitMiddleware, LimitFor
 from services.common.errors import install_error_handlers
@@ -42,6 +42,14 @@ def build_app(
     app.state.http_metrics = HttpMetrics(service, registry)
     install_error_handlers(app)
     checks = list(ready_checks)
+    # Each check's last answer, for the alert (CrucibleNotReady): compose's healthcheck and the
+    # native stack's monitor ask /ready every few seconds.
+    ready_gauge = Gauge(
+        "crucible_ready_check",
+        "1 if the dependency named by `check` answered the last /ready, else 0.",
+        ["check"],
+        registry=registry,
+    )
 
     @app.get("/health", include_in_schema=False)
     async def health() -> dict[str, str]:
@@ -51,6 +59,8 @@ def build_app(
     async def ready() -> JSONResponse:
         results = await asyncio.gather(*(_run_check(c, check_timeout) for _, c in checks))
         status = {name: result for (name, _), result in zip(checks, results, strict=True)}
+        for name, result in status.items():
+            ready_gauge.labels(name).set(1 if result == "ok" else 0)
         ok = all(r == "ok" for r in results)
         body = {"status": "ready" if ok else "not_ready", "checks": status}
         return JSONResponse(body, status_code=200 if ok else 503)

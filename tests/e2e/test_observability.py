@@ -15,7 +15,7 @@ import pytest
 import yaml
 from openai.types.chat import ChatCompletionMessageParam
 
-from services.monitoring import JOBS
+from services.monitoring import JOBS, NATIVE_JOBS
 from services.stack import Stack
 from tests.conftest import DENSE, ROOT
 
@@ -123,7 +123,7 @@ def traffic(prom: str, client: openai.OpenAI) -> Iterator[None]:
 def test_every_target_is_up(prom: str, traffic: None) -> None:
     targets = httpx.get(f"{prom}/api/v1/targets").json()["data"]["activeTargets"]
     health = {t["labels"]["job"]: t["health"] for t in targets}
-    assert health == dict.fromkeys(JOBS, "up")
+    assert health == dict.fromkeys({**JOBS, **NATIVE_JOBS}, "up")
 
 
 def panel_queries() -> list[tuple[str, str, str]]:

@@ -1,10 +1,10 @@
-"""The cpu-dev-moe profile serves; a dead engine is noticed; `down` leaves no process behind."""
+"""The cpu-dev-moe profile serves; a dead engine is noticed and restarted; `down` leaves no process
+behind."""
 
 import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import psutil
@@ -56,7 +56,9 @@ def _engine_core(launcher_pid: int) -> psutil.Process:
     raise AssertionError("no EngineCore process under the launcher")
 
 
-def test_killing_the_engine_fails_readiness_and_down_leaves_nothing(moe_stack: Stack) -> None:
+def test_killing_the_engine_fails_readiness_restarts_it_and_down_leaves_nothing(
+    moe_stack: Stack,
+) -> None:
     launcher = moe_stack.pid("inference")
     assert launcher is not None and readiness.is_ready(_url(moe_stack), MOE)
     group = {p.pid for p in psutil.Process(launcher).children(recursive=True)} | {launcher}
@@ -65,11 +67,14 @@ def test_killing_the_engine_fails_readiness_and_down_leaves_nothing(moe_stack: S
     while readiness.is_ready(_url(moe_stack), MOE, timeout=3):
         assert time.monotonic() - start < 15, "still ready 15 s after the engine died"
         time.sleep(0.5)
-    # The launcher notices too: it exits with vLLM instead of lingering as a zombie service.
+    # The launcher notices too: it exits with vLLM instead of lingering as a zombie service,
+    # and the stack starts a new one.
     deadline = time.monotonic() + 30
-    while moe_stack.pid("inference") is not None and time.monotonic() < deadline:
+    while moe_stack.pid("inference") in (None, launcher) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert moe_stack.status()["inference"] == "stopped"
-    moe_stack.down()
+    assert moe_stack.pid("inference") not in (None, launcher)
+    assert moe_stack.restarts() == {"inference": 1}
+    group |= {moe_stack.pid("inference") or 0}
+    moe_stack.down()  # mid-start: the new engine is loading
     assert not [p for p in group if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
-    assert not Path(moe_stack.run_dir / "inference.pid").exists()
+    assert moe_stack.status()["inference"] == "stopped"
