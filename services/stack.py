@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -34,7 +33,7 @@ import yaml
 
 from services import monitoring
 from services.inference import profiles, readiness
-from services.supervise import Policy
+from services.supervise import Policy, probe
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -342,7 +341,15 @@ class Stack:
                 "CRUCIBLE_VAR_DIR": str(self.config.var_dir),
                 **svc.env,
             }
-            command = ["env", *(f"{k}={v}" for k, v in env.items()), *svc.argv]
+            # The service writes its own log, as it did before supervision: no process relays
+            # the gateway's per-request lines, so a busy supervisord can never stall a service
+            # on a full pipe. `exec` keeps the pid supervisord watches the service's own.
+            command = [
+                *("sh", "-c", 'log=$1; shift; exec "$@" >>"$log" 2>&1', "sh"),
+                str(self.log_path(svc.name)),
+                *("env", *(f"{k}={v}" for k, v in env.items())),
+                *svc.argv,
+            ]
             c[f"program:{svc.name}"] = {
                 "command": shlex.join(command).replace("%", "%%"),
                 "directory": str(ROOT),
@@ -356,9 +363,7 @@ class Stack:
                 "stopasgroup": "true",  # vLLM's engine, Celery's job processes
                 "killasgroup": "true",
                 "redirect_stderr": "true",
-                "stdout_logfile": str(self.log_path(svc.name)),
-                "stdout_logfile_maxbytes": "50MB",
-                "stdout_logfile_backups": "3",
+                "stdout_logfile": "NONE",
             }
             watched[svc.name] = {
                 "health": svc.health,
@@ -595,20 +600,11 @@ def _alive(pid: int) -> bool:
 
 
 def _redis_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+    return probe(f"redis://127.0.0.1:{port}", timeout=1)
 
 
 def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as resp:  # noqa: S310 (our own URL)
-            return bool(resp.status == 200)
-    except (OSError, ValueError):
-        return False
+    return probe(url, timeout=3)
 
 
 def _port_busy(port: int) -> bool:
@@ -690,7 +686,8 @@ def main(argv: list[str] | None = None) -> int:
         restarts = stack.restarts()
         for name, state in stack.status().items():
             n = restarts.get(name, 0)
-            print(f"{name:<16} {state:<20} {f'{n} restarts' if n else ''}".rstrip())
+            count = f"{n} restart{'s' * (n != 1)}" if n else ""
+            print(f"{name:<16} {state:<20} {count}".rstrip())
             if state == "failed":
                 print("\n".join(f"{'':<16} | {line}" for line in stack.explain(name).splitlines()))
     else:

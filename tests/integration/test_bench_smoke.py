@@ -139,3 +139,15 @@ def test_streaming_bench_smoke_measures_cpu_per_token_for_each_relay(
         for relay in ("gateway-direct", "gateway-asgi"):
             assert level[relay]["failed"] == 0
             assert level[relay]["median_cpu_us_per_token"] > 0
+
+
+def test_recovery_bench_smoke_times_a_killed_service_coming_back(tmp_path: Path) -> None:
+    from bench import recovery
+
+    out = tmp_path / "recovery.json"
+    argv = ["--rounds", "2", "--services", "milvus", "--hung-rounds", "0", "--out", str(out)]
+    assert recovery.main(argv) == 0
+    data = json.loads(out.read_text())
+    milvus = data["after_sigkill"]["milvus"]
+    assert milvus["n"] == 2 and 0 < milvus["min_s"] <= milvus["median_s"] <= milvus["max_s"]
+    assert data["restarts_counted"] == {"milvus": 2}
