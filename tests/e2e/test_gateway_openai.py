@@ -35,6 +35,28 @@ def test_chat_plain_and_streamed_with_usage(client: openai.OpenAI) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
 
 
+def _completion_tokens_counted(gateway_url: str) -> float:
+    prefix = f'crucible_gateway_tokens_total{{kind="completion",model="{DENSE}"}}'
+    lines = httpx.get(f"{gateway_url}/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+
+
+def test_a_stream_without_usage_asked_is_counted_and_shows_none(
+    client: openai.OpenAI, gateway_url: str
+) -> None:
+    """vLLM is asked for the usage chunk on every stream; a client that did not ask never sees
+    it, and its tokens are counted all the same (they used to be missed)."""
+    before = _completion_tokens_counted(gateway_url)
+    chunks = list(
+        client.chat.completions.create(
+            model=DENSE, messages=HI, max_tokens=7, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
+    assert chunks and all(c.choices and c.usage is None for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert _completion_tokens_counted(gateway_url) - before == 7
+
+
 def test_completion_and_vllm_sampling_extras_pass_through(client: openai.OpenAI) -> None:
     a = client.completions.create(
         model=DENSE,

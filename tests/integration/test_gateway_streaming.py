@@ -95,8 +95,33 @@ def test_every_event_arrives_as_the_engine_sent_it(gw: Proc, fake: Proc, key: st
         sent = events(direct.content)
         assert len(sent) == tokens + 3 + usage  # role, tokens, finish, [usage], [DONE]
         assert events(relayed.content) == sent
-        if usage:  # counted from the usage chunk, whichever read it arrived in
-            assert completion_tokens(gw) - before == tokens
+        # Counted from the usage chunk, whichever read it arrived in; when the client did not
+        # ask for it, the gateway asked the engine and kept the chunk to itself.
+        assert completion_tokens(gw) - before == tokens
+
+
+@pytest.mark.parametrize(
+    "options", [None, {}, {"include_usage": False}], ids=["absent", "empty", "false"]
+)
+def test_a_client_that_did_not_ask_for_usage_gets_none_and_its_tokens_are_counted(
+    gw: Proc, fake: Proc, key: str, options: dict[str, bool] | None
+) -> None:
+    """Every stream's tokens are counted (#20: capture and metering need them): the gateway asks
+    the engine for the usage chunk and strips it, even when it straddles two reads."""
+    for model in ("fake-paced", "fake-split"):
+        request = {**body(25, usage=False), "model": model}
+        if options is not None:
+            request["stream_options"] = options
+        direct = httpx.post(f"{fake.url}/v1/chat/completions", json=request)
+        before = completion_tokens(gw, model)
+        relayed = httpx.post(
+            f"{gw.url}/v1/chat/completions",
+            json=request,
+            headers={"authorization": f"Bearer {key}"},
+        )
+        assert b'"usage"' not in relayed.content
+        assert events(relayed.content) == events(direct.content)  # as if not asked
+        assert completion_tokens(gw, model) - before == 25
 
 
 def test_a_usage_event_split_across_two_reads_is_still_counted(gw: Proc, key: str) -> None:
@@ -133,6 +158,24 @@ def test_the_official_client_reads_the_whole_stream_and_its_usage(
     assert text == "".join(f" tok{i}" for i in range(120))
     assert finish == "length" and usage is not None and usage.completion_tokens == 120
     assert counted(gw, "crucible_gateway_streams", relay=relay) - before == 1
+
+
+def test_the_official_client_without_stream_options_sees_no_usage_chunk(gw: Proc, key: str) -> None:
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=30)
+    before = completion_tokens(gw)
+    chunks = list(
+        client.chat.completions.create(
+            model="fake-paced",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=30,
+            stream=True,
+        )
+    )
+    assert chunks and all(c.choices and c.usage is None for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "".join(
+        f" tok{i}" for i in range(30)
+    )
+    assert completion_tokens(gw) - before == 30
 
 
 def test_a_client_slower_than_the_engine_holds_the_engine_back_and_loses_nothing(
