@@ -45,6 +45,9 @@ ENGINE_PY = ROOT / ".venv-vllm" / "bin" / "python"
 TOKENIZER = ROOT / "var" / "models" / "crucible-dev"
 
 
+NO_USAGE = json.dumps({"stream_options": {"include_usage": False}})
+
+
 def plan_runs(
     args: argparse.Namespace, model: str, direct: str, gateways: dict[str, tuple[str, int]]
 ) -> dict[str, Any]:
@@ -86,9 +89,25 @@ def plan_runs(
                 round_.append(
                     {"label": f"{label} c={c}", "base_url": url, "args": sizes, "cpu_pid": pid}
                 )
+                if args.client_usage == "both" and label.startswith("gateway-"):
+                    # The same gateway, for a client that did not ask for usage: the gateway
+                    # asks the engine for it and strips it from the stream.
+                    round_.append(
+                        {
+                            "label": f"{label}/no-usage c={c}",
+                            "base_url": url,
+                            "args": [*sizes, "--extra-body", NO_USAGE],
+                            "cpu_pid": pid,
+                        }
+                    )
             k = i % len(round_)
             runs += round_[k:] + round_[:k]
     return {"common": common, "runs": runs}
+
+
+def _labels(args: argparse.Namespace, gateways: dict[str, tuple[str, int]]) -> list[str]:
+    extra = [f"{g}/no-usage" for g in gateways if g.startswith("gateway-")]
+    return [*gateways, *(extra if args.client_usage == "both" else [])]
 
 
 def run_plan(plan: dict[str, Any], key: str, tmp: Path) -> list[dict[str, Any]]:
@@ -104,7 +123,7 @@ def run_plan(plan: dict[str, Any], key: str, tmp: Path) -> list[dict[str, Any]]:
 
 
 def summarise(
-    runs: list[dict[str, Any]], concurrency: list[int], gateways: list[str]
+    runs: list[dict[str, Any]], concurrency: list[int], gateways: list[str], output_len: int
 ) -> list[dict[str, Any]]:
     levels = []
     for c in concurrency:
@@ -124,7 +143,10 @@ def summarise(
         }
         for label in gateways:
             gw = [r for r in runs if r["label"] == f"{label} c={c}"]
-            cpu_us = [r["cpu_ns"] / 1000 / max(1, r["total_output_tokens"]) for r in gw]
+            # Tokens as sent: every request runs to output_len (ignore_eos); a client without
+            # usage has only its tokenizer's count of the text, which is not the engine's.
+            tokens = [r["completed"] * output_len for r in gw]
+            cpu_us = [r["cpu_ns"] / 1000 / max(1, t) for r, t in zip(gw, tokens, strict=True)]
             g_tput = [r["output_throughput"] for r in gw]
             ratios = [g / d for g, d in zip(g_tput, d_tput, strict=True)]
             added = [
@@ -226,7 +248,7 @@ def part_fake(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for p in procs:
             p.terminate()
             p.wait(10)
-    levels = summarise(runs, args.concurrency, list(gateways))
+    levels = summarise(runs, args.concurrency, _labels(args, gateways), args.output_len)
     return {"token_interval_ms": args.interval_ms, "levels": levels, "runs": runs}
 
 
@@ -255,7 +277,8 @@ def part_vllm(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
             for p in procs:
                 p.terminate()
                 p.wait(10)
-    return {"levels": summarise(runs, args.concurrency, list(gateways)), "runs": runs}
+    levels = summarise(runs, args.concurrency, _labels(args, gateways), args.output_len)
+    return {"levels": levels, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also bench/tcp_pipe.py, as `tcp-pipe`: the floor",
     )
     p.add_argument("--interval-ms", type=float, default=20.0, help="the fake's time per token")
+    p.add_argument(
+        "--client-usage",
+        choices=["asked", "both"],
+        default="asked",
+        help="both: also run each gateway for a client that did not ask for usage (`/no-usage`)",
+    )
     p.add_argument("--tokenizer", type=Path, default=TOKENIZER)
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--skip-vllm", action="store_true", help="part A only")

@@ -66,6 +66,7 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     failed_midstream: bool = False
+    strip_usage: bool = False  # the gateway asked for the usage event; the client did not
 
 
 class Proxy:
@@ -146,6 +147,8 @@ class Proxy:
         payload = _parse(body)
         model, stream = check_request(scope["path"], payload, self.s)
         out.model = model
+        if stream and (asked := ask_for_usage(body, payload)) is not None:
+            body, out.strip_usage = asked, True
         if not await self.owners.may_use(key, model) or not (
             backends := await self._backends(model)
         ):
@@ -335,16 +338,15 @@ class Proxy:
                 "headers": [*SSE_HEADERS, (b"x-request-id", rid.encode())],
             }
         )
-        usage = UsageSniffer(out)
-        usage.feed(first)
-        await send({"type": "http.response.body", "body": first, "more_body": True})
+        usage = UsageSniffer(out, strip=out.strip_usage)
+        await send({"type": "http.response.body", "body": usage.feed(first), "more_body": True})
         client = direct_client(send) if self.s.stream_relay == "direct" else None
         self.metrics.streams_by_relay["asgi" if client is None else "direct"].inc()
         try:
             if client is None:
                 async for chunk in chunks:
-                    usage.feed(chunk)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if chunk := usage.feed(chunk):
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
             else:
                 await chunks.aclose()
                 await resp.relay(
@@ -368,15 +370,16 @@ class DirectClient:
         self.transport = cycle.transport
         self.flow = cycle.flow
 
-    def sink(self, see: Callable[[bytes], None]) -> Callable[[bytes], bool]:
-        """What the relay calls with each read: `see` it, then write it to the client."""
+    def sink(self, see: Callable[[bytes], bytes]) -> Callable[[bytes], bool]:
+        """What the relay calls with each read: what `see` makes of it goes to the client."""
         transport, flow = self.transport, self.flow
 
         def write(data: bytes) -> bool:
-            see(data)
+            data = see(data)
             if transport.is_closing():
                 return False  # gone: drain_or_gone ends the relay
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if data:  # a chunk of length 0 would end the chunked body
+                transport.write(b"%x\r\n%b\r\n" % (len(data), data))
             return not flow.write_paused
 
         return write
@@ -404,34 +407,70 @@ def direct_client(send: Send) -> DirectClient | None:
 class UsageSniffer:
     """Finds the stream's usage event in the reads as they pass, for the token metrics. An
     event may straddle two reads: the unfinished end of a read (at most `KEEP` bytes) is kept
-    and scanned again with the next one. Per read this is a `bytes.endswith` and a search."""
+    and scanned again with the next one. Per read this is a `bytes.endswith` and a search.
+
+    With `strip` (the gateway asked for usage; the client did not), the usage event is taken
+    out of what the client gets, and the unfinished end of a read is held back until its event
+    is whole (reads end on an event boundary almost always, so this rarely delays a byte)."""
 
     KEEP = 4096
 
-    def __init__(self, out: Outcome) -> None:
+    def __init__(self, out: Outcome, strip: bool = False) -> None:
         self.out = out
+        self.strip = strip
         self.tail = b""
 
-    def feed(self, data: bytes) -> None:
-        if self.tail:
-            data = self.tail + data
-            self.tail = b""
-        if b'"completion_tokens"' in data:
-            _count_usage(data, self.out)
-        if not data.endswith(b"\n\n"):  # an event is cut here: keep its start
+    def feed(self, read: bytes) -> bytes:
+        """Sees a read; returns what the client gets of it."""
+        data = self.tail + read if self.tail else read
+        self.tail = b""
+        if not data.endswith(b"\n\n"):  # an event is cut here
             end = data.rfind(b"\n\n")
-            self.tail = data[end + 2 if end >= 0 else 0 :][-self.KEEP :]
+            cut = end + 2 if end >= 0 else 0
+            if self.strip:  # hold its start back until it is whole
+                data, self.tail = data[:cut], data[cut:]
+            else:  # pass it on, and scan its start again with the next read
+                self.tail = data[cut:][-self.KEEP :]
+        if b'"completion_tokens"' in data:
+            data = _count_usage(data, self.out, self.strip)
+        return data if self.strip else read
 
 
-def _count_usage(chunk: bytes, out: Outcome) -> None:
-    for line in chunk.split(b"\n"):
+def _count_usage(chunk: bytes, out: Outcome, strip: bool) -> bytes:
+    """Counts the usage event in `chunk`; with `strip`, returns `chunk` without it."""
+    kept = []
+    for event in chunk.split(b"\n\n"):
+        line = event.lstrip(b"\n")
         if line.startswith(b"data: {") and b'"completion_tokens"' in line:
             try:
-                usage = orjson.loads(line[6:]).get("usage") or {}
+                body = orjson.loads(line[6:])
             except orjson.JSONDecodeError:
+                kept.append(event)
                 continue  # the unfinished end of a read: seen whole with the next one
+            usage = body.get("usage") or {}
             out.prompt_tokens = usage.get("prompt_tokens") or 0
             out.completion_tokens = usage.get("completion_tokens") or 0
+            if strip and body.get("choices") == []:
+                continue  # the usage-only event the client did not ask for
+        kept.append(event)
+    return b"\n\n".join(kept) if strip else chunk
+
+
+def ask_for_usage(body: bytes, payload: dict[str, Any]) -> bytes | None:
+    """A streaming request's body asking the engine for the usage event, or None when the
+    client asked for it already (or sent stream_options the engine should judge as they are).
+    The usual body (no stream_options) gets the field spliced in, not encoded again."""
+    options = payload.get("stream_options", ...)
+    if options is ...:
+        start = body.index(b"{") + 1
+        return body[:start] + b'"stream_options":{"include_usage":true},' + body[start:]
+    if options is None or isinstance(options, dict):
+        if (options or {}).get("include_usage") is True:
+            return None
+        return orjson.dumps(
+            {**payload, "stream_options": {**(options or {}), "include_usage": True}}
+        )
+    return None
 
 
 async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
