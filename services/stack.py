@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -18,6 +19,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -506,7 +508,7 @@ class Stack:
         """Stop every service (newest first) and supervisord; returns the names stopped."""
         infos = self._infos()
         if infos is None:
-            return []
+            return self._down_unsupervised()
         stopped = [n for n, i in infos.items() if i["statename"] in _UP and n != "monitor"]
         pid = int((self.run_dir / "supervisord.pid").read_text())
         self._rpc().supervisor.shutdown()
@@ -515,6 +517,29 @@ class Stack:
             time.sleep(0.1)
         order = [s.name for s in reversed(self.config.services())]
         return sorted(stopped, key=lambda n: order.index(n) if n in order else -1)
+
+    def _down_unsupervised(self) -> list[str]:
+        """A stack that a `make up` from before supervision started (its pids in
+        var/run/<name>.pid), stopped as that version did: SIGTERM to each process group, SIGKILL
+        after 20 s. So `make down` still works across the upgrade."""
+        stopped = []
+        for svc in reversed(self.config.services()):
+            path = self.run_dir / f"{svc.name}.pid"
+            try:
+                pgid = int(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if _alive(pgid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGTERM)
+                    deadline = time.monotonic() + 20
+                    while _alive(pgid) and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                    if _alive(pgid):
+                        os.killpg(pgid, signal.SIGKILL)
+                stopped.append(svc.name)
+            path.unlink(missing_ok=True)
+        return stopped
 
     def down_one(self, name: str) -> bool:
         """Stop one service (it stays stopped until `up`); whether it was running."""

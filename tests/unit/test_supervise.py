@@ -1,6 +1,10 @@
 """The monitor's bookkeeping (services/supervise.py) and which settings reach which service."""
 
-from services.stack import _settings_for
+import signal
+import subprocess
+from pathlib import Path
+
+from services.stack import Stack, StackConfig, _settings_for
 from services.supervise import Ledger, Policy, probe
 
 
@@ -55,3 +59,14 @@ def test_probe_says_no_for_a_closed_port_and_a_bad_target() -> None:
     assert probe("tcp://127.0.0.1:1", 1) is False
     assert probe("http://127.0.0.1:1/health", 1) is False
     assert probe("redis://127.0.0.1:1", 1) is False
+
+
+def test_down_stops_a_stack_started_before_supervision(tmp_path: Path) -> None:
+    """A `make up` of the previous version left var/run/<name>.pid; the new `make down` must
+    still stop it, or the upgrade leaves the ports taken."""
+    old = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "gateway.pid").write_text(str(old.pid))
+    assert Stack(StackConfig(var_dir=tmp_path)).down() == ["gateway"]
+    assert old.wait(5) == -signal.SIGTERM
+    assert not (tmp_path / "run" / "gateway.pid").exists()
