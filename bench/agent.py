@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._load import write_result
 from services.agent.tools import chemworker
 from services.agent.tools.chemistry import ChemSandbox
-from services.stack import _free_port
+from services.stackconfig import _free_port
 from tests.processes import fake_upstream, gateway, make_key, service
 
 DRUGS = {

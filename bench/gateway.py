@@ -32,7 +32,8 @@ import orjson
 from bench._load import LoadResult, closed_loop, median, write_result
 from services.common.upstream import Pool
 from services.gateway.keys import KeyStore
-from services.stack import Ports, Stack, StackConfig, _free_port, _http_ok, _port_busy
+from services.stack import Ports, Stack, StackConfig
+from services.stackconfig import _free_port, _http_ok, _port_busy
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._load import write_result
 from services.inference import planner
-from services.stack import ROOT, _free_port
+from services.stackconfig import ROOT, _free_port
 
 # Architecture numbers of public models of each class (random weights are enough for memory).
 DENSE_8B = {

@@ -55,7 +55,7 @@ from services.retrieval.catalog import Catalog
 from services.retrieval.chunking import chunk_text, resolve
 from services.retrieval.embedder import Embedder, export_onnx, packaged_model_dir
 from services.retrieval.vectors import _scope
-from services.stack import ROOT, _free_port, _http_ok
+from services.stackconfig import ROOT, _free_port, _http_ok
 
 QUERIES = [json.loads(line) for line in (DATA / "chemistry-queries.jsonl").open()]
 TOKEN = "bench-internal-token"  # noqa: S105  (the bench's own service, on a temporary dir)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from services.retrieval.vectors import VectorIndex
-from services.stack import ROOT, _free_port, _port_busy
+from services.stackconfig import ROOT, _free_port, _port_busy
 
 DATA = ROOT / "bench" / "data"
 CORPUS = sorted((DATA / "chemistry").glob("*.md"))

@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._load import write_result
 from bench.gateway import _bench_key, _spawn, _until
 from services.gateway.config import GatewaySettings
-from services.stack import Ports, Stack, StackConfig, _free_port, _http_ok, _port_busy
+from services.stack import Ports, Stack, StackConfig
+from services.stackconfig import _free_port, _http_ok, _port_busy
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_PY = ROOT / ".venv-vllm" / "bin" / "python"

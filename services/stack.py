@@ -1,7 +1,5 @@
-"""The native stack: every service as a local background process (`make up/down/logs/status`).
-
-The list of services, their commands and their environment lives here once; the tests start the
-same list on free ports, and the compose test checks that compose runs the same commands.
+"""The native stack: every service as a local background process under supervisord
+(`make up/down/logs/status`). What runs is listed in services/stackconfig.py.
 
     python -m services.stack up|down|status|logs
 """
@@ -16,263 +14,29 @@ import hashlib
 import io
 import json
 import os
-import random
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import xmlrpc.client
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+from services.stackconfig import (
+    PYTHON,
+    ROOT,
+    Ports,
+    Service,
+    StackConfig,
+    _port_busy,
+    _settings_for,
+)
 
-from services import monitoring
-from services.inference import profiles, readiness
-from services.supervise import Policy, probe
-
-ROOT = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
-
-
-@dataclass(frozen=True)
-class Ports:
-    inference: int = 8000
-    gateway: int = 8080
-    retrieval: int = 8001
-    finetune: int = 8002
-    agent: int = 8003
-    prometheus: int = 9090
-    redis: int = 6379
-    milvus: int = 19530
-    finetune_worker: int = 8012  # the worker's /metrics
-    supervisor: int = 8013  # the monitor's /metrics (restarts, failures)
-
-    @classmethod
-    def free(cls) -> Ports:
-        """Free ports for a test stack, so it never collides with a developer's `make up`."""
-        return cls(*(_free_port() for _ in fields(cls)))
-
-
-@dataclass(frozen=True)
-class Service:
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    url: str
-    ready: Callable[[], bool] = field(compare=False)
-    # Liveness, checked by the monitor (http://, redis://, tcp://): failing it restarts the
-    # service; `ready_url` is only polled, never a reason to restart.
-    health: str = ""
-    ready_url: str = ""
-    ready_timeout: float = 60.0
-    # How long it must stay up to count as started; exits sooner are retried with backoff.
-    startsecs: float = 5.0
-    # A server already answering on the port is used as it is (Redis on a developer's machine).
-    adopt_existing: bool = False
-    # Runs before each start (Prometheus: writes its config for the stack's ports).
-    prepare: Callable[[], object] | None = field(default=None, compare=False)
-    # Monitoring: the stack runs without it where its program is not installed.
-    optional: bool = False
-
-
-@dataclass(frozen=True)
-class StackConfig:
-    var_dir: Path = ROOT / "var"
-    ports: Ports = Ports()
-    profile: str = "cpu-dev"
-    models_dir: Path = ROOT / "var" / "models"
-    scrape_interval: str = "5s"
-    policy: Policy = field(default_factory=Policy)
-    # Environment for every service: `make up` passes the shell's CRUCIBLE_* settings, so a
-    # changed setting restarts the services it reaches on the next `make up`.
-    env: dict[str, str] = field(default_factory=dict)
-
-    def write_prometheus_config(self) -> Path:
-        ports = {f.name: getattr(self.ports, f.name) for f in fields(self.ports)}
-        path = self.var_dir / "prometheus" / "prometheus.yml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        config = monitoring.native_config(ports, self.scrape_interval)
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
-
-    def services(self) -> list[Service]:
-        """Every service of the stack, in start order."""
-        profile = profiles.load(self.profile)
-        inference_url = f"http://127.0.0.1:{self.ports.inference}"
-        gateway_url = f"http://127.0.0.1:{self.ports.gateway}"
-        retrieval_url = f"http://127.0.0.1:{self.ports.retrieval}"
-        finetune_url = f"http://127.0.0.1:{self.ports.finetune}"
-        worker_url = f"http://127.0.0.1:{self.ports.finetune_worker}"
-        agent_url = f"http://127.0.0.1:{self.ports.agent}"
-        prometheus_url = f"http://127.0.0.1:{self.ports.prometheus}"
-        prometheus_dir = self.var_dir / "prometheus"
-        # Jobs queue in their own Redis database, apart from the gateway's counters.
-        broker = f"redis://127.0.0.1:{self.ports.redis}/1"
-        finetune_env = {
-            "CRUCIBLE_FINETUNE_REDIS_URL": broker,
-            "CRUCIBLE_FINETUNE_RETRIEVAL_URL": retrieval_url,
-            "CRUCIBLE_FINETUNE_INFERENCE_URLS": json.dumps([inference_url]),
-            "CRUCIBLE_FINETUNE_MODELS_DIR": str(self.models_dir),
-        }
-        redis_dir = self.var_dir / "redis"
-        milvus_url = f"http://127.0.0.1:{self.ports.milvus}"
-        return [
-            Service(
-                name="redis",
-                argv=[
-                    "redis-server",
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.ports.redis),
-                    "--dir",
-                    str(redis_dir),
-                    "--appendonly",
-                    "yes",
-                    "--save",
-                    "",
-                ],
-                env={},
-                url=f"redis://127.0.0.1:{self.ports.redis}",
-                ready=lambda: _redis_ping(self.ports.redis),
-                health=f"redis://127.0.0.1:{self.ports.redis}",
-                ready_timeout=20,
-                startsecs=2,
-                adopt_existing=True,
-            ),
-            Service(
-                name="inference",
-                argv=[PYTHON, "-m", "services.inference.launch"],
-                env={
-                    "CRUCIBLE_INFERENCE_PROFILE": self.profile,
-                    "CRUCIBLE_INFERENCE_HOST": "127.0.0.1",
-                    "CRUCIBLE_INFERENCE_PORT": str(self.ports.inference),
-                    "CRUCIBLE_INFERENCE_MODELS_DIR": str(self.models_dir),
-                },
-                url=inference_url,
-                ready=lambda: readiness.is_ready(inference_url, profile.served_model_name),
-                health=f"{inference_url}/health",
-                ready_timeout=600,
-                startsecs=10,
-            ),
-            Service(
-                name="milvus",
-                argv=[
-                    PYTHON,
-                    "-m",
-                    "services.milvuslite",
-                    "--data-dir",
-                    str(self.var_dir / "milvus.db"),
-                    "--port",
-                    str(self.ports.milvus),
-                ],
-                env={},
-                url=milvus_url,
-                ready=lambda: _port_busy(self.ports.milvus),
-                health=f"tcp://127.0.0.1:{self.ports.milvus}",
-                ready_timeout=60,
-            ),
-            Service(
-                name="retrieval",
-                argv=[PYTHON, "-m", "services.retrieval"],
-                env={
-                    "CRUCIBLE_RETRIEVAL_HOST": "127.0.0.1",
-                    "CRUCIBLE_RETRIEVAL_PORT": str(self.ports.retrieval),
-                    "CRUCIBLE_RETRIEVAL_MILVUS_URI": milvus_url,
-                },
-                url=retrieval_url,
-                ready=lambda: _http_ok(f"{retrieval_url}/ready"),
-                health=f"{retrieval_url}/health",
-                ready_url=f"{retrieval_url}/ready",
-                ready_timeout=120,
-            ),
-            # The worker first: the API is ready only once a worker beats.
-            Service(
-                name="finetune-worker",
-                argv=[PYTHON, "-m", "services.finetune.worker"],
-                env={
-                    "CRUCIBLE_FINETUNE_HOST": "127.0.0.1",
-                    "CRUCIBLE_FINETUNE_PORT": str(self.ports.finetune),
-                    "CRUCIBLE_FINETUNE_WORKER_METRICS_PORT": str(self.ports.finetune_worker),
-                    **finetune_env,
-                },
-                url=worker_url,
-                ready=lambda: _http_ok(f"{worker_url}/metrics"),
-                health=f"{worker_url}/metrics",
-                ready_timeout=60,
-            ),
-            Service(
-                name="finetune",
-                argv=[PYTHON, "-m", "services.finetune"],
-                env={
-                    "CRUCIBLE_FINETUNE_HOST": "127.0.0.1",
-                    "CRUCIBLE_FINETUNE_PORT": str(self.ports.finetune),
-                    **finetune_env,
-                },
-                url=finetune_url,
-                ready=lambda: _http_ok(f"{finetune_url}/ready"),
-                health=f"{finetune_url}/health",
-                ready_url=f"{finetune_url}/ready",
-                ready_timeout=60,
-            ),
-            Service(
-                name="gateway",
-                argv=[PYTHON, "-m", "services.gateway"],
-                env={
-                    "CRUCIBLE_GATEWAY_HOST": "127.0.0.1",
-                    "CRUCIBLE_GATEWAY_PORT": str(self.ports.gateway),
-                    "CRUCIBLE_GATEWAY_INFERENCE_URLS": json.dumps([inference_url]),
-                    "CRUCIBLE_GATEWAY_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/0",
-                    "CRUCIBLE_GATEWAY_RETRIEVAL_URL": retrieval_url,
-                    "CRUCIBLE_GATEWAY_FINETUNE_URL": finetune_url,
-                    "CRUCIBLE_GATEWAY_AGENT_URL": agent_url,
-                },
-                url=gateway_url,
-                ready=lambda: _http_ok(f"{gateway_url}/ready"),
-                health=f"{gateway_url}/health",
-                ready_url=f"{gateway_url}/ready",
-                ready_timeout=60,
-            ),
-            Service(
-                name="agent",
-                argv=[PYTHON, "-m", "services.agent"],
-                env={
-                    "CRUCIBLE_AGENT_HOST": "127.0.0.1",
-                    "CRUCIBLE_AGENT_PORT": str(self.ports.agent),
-                    "CRUCIBLE_AGENT_GATEWAY_URL": gateway_url,
-                    "CRUCIBLE_AGENT_RETRIEVAL_URL": retrieval_url,
-                },
-                url=agent_url,
-                ready=lambda: _http_ok(f"{agent_url}/ready"),
-                health=f"{agent_url}/health",
-                ready_url=f"{agent_url}/ready",
-                ready_timeout=60,
-            ),
-            Service(
-                name="prometheus",
-                argv=[
-                    "prometheus",
-                    f"--config.file={prometheus_dir / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={prometheus_dir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.ports.prometheus}",
-                    "--storage.tsdb.retention.time=7d",
-                ],
-                env={},
-                url=prometheus_url,
-                ready=lambda: _http_ok(f"{prometheus_url}/-/ready"),
-                health=f"{prometheus_url}/-/healthy",
-                ready_timeout=60,
-                prepare=self.write_prometheus_config,
-                optional=True,
-            ),
-        ]
+__all__ = ["PYTHON", "ROOT", "Ports", "Service", "Stack", "StackConfig", "StackError", "dev_key"]
 
 
 class StackError(RuntimeError):
@@ -598,17 +362,6 @@ class Stack:
         return "\n".join(x for x in (reason, self.tail(name, 5)) if x)
 
 
-_OWNED = ("AGENT", "FINETUNE", "GATEWAY", "INFERENCE", "RETRIEVAL")
-
-
-def _settings_for(service: str, env: dict[str, str]) -> dict[str, str]:
-    """The settings a service reads: CRUCIBLE_<ITS NAME>_* and the shared ones, not another
-    service's, so that changing the agent's setting does not restart vLLM."""
-    mine = service.split("-")[0].upper()
-    owner = {k: k.split("_", 2)[1] if k.count("_") else "" for k in env}
-    return {k: v for k, v in env.items() if owner[k] == mine or owner[k] not in _OWNED}
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -622,40 +375,6 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(") ", 1)[1][0] != "Z"
     except OSError:
         return True
-
-
-def _redis_ping(port: int) -> bool:
-    return probe(f"redis://127.0.0.1:{port}", timeout=1)
-
-
-def _http_ok(url: str) -> bool:
-    return probe(url, timeout=3)
-
-
-def _port_busy(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _free_port() -> int:
-    """A free port below the kernel's ephemeral range: a port the kernel hands out (bind to 0)
-    can be taken by any outgoing connection before the service binds it (seen once in a test
-    session: "port ... is taken")."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(200):
-        port = random.randint(20000, max(20001, low - 1))  # noqa: S311 (not a secret)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def dev_key(var_dir: Path) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.gateway.keys import KeyStore
-from services.stack import ROOT, _free_port, _http_ok, _port_busy
+from services.stackconfig import ROOT, _free_port, _http_ok, _port_busy
 
 
 @dataclass

@@ -103,7 +103,7 @@ def nccl(profile: profiles.Profile) -> Result:
     world = torch.cuda.device_count()
     if world < 2:
         return "SKIP", "fewer than two GPUs visible"
-    from services.stack import _free_port
+    from services.stackconfig import _free_port
 
     os.environ.update(profile.env)
     ctx = mp.get_context("spawn")
@@ -131,7 +131,7 @@ def bitsandbytes_cuda() -> Result:
 
 
 def serve(profile: profiles.Profile, models_dir: Path) -> Result:
-    from services.stack import ROOT, _free_port
+    from services.stackconfig import ROOT, _free_port
 
     port = _free_port()
     env = {

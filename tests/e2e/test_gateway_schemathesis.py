@@ -23,7 +23,8 @@ import httpx
 import pytest
 
 from services.gateway.keys import KeyStore
-from services.stack import Stack, _free_port
+from services.stack import Stack
+from services.stackconfig import _free_port
 from tests.conftest import ROOT
 from tests.processes import behind_a_gateway, postgres_database, service
 

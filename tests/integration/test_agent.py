@@ -17,7 +17,8 @@ import httpx
 import openai
 import pytest
 
-from services.stack import Stack, _free_port
+from services.stack import Stack
+from services.stackconfig import _free_port
 from tests.conftest import ROOT
 from tests.processes import Proc, fake_upstream, gateway, make_key, service
 

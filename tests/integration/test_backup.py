@@ -22,7 +22,7 @@ from services.agent.runs import RunRow, RunStore
 from services.finetune.jobs import AdapterRow, JobRow, JobStore
 from services.gateway.keys import KeyStore
 from services.retrieval.catalog import Catalog
-from services.stack import _free_port
+from services.stackconfig import _free_port
 from tests.processes import behind_a_gateway, postgres_database, service
 
 NOTES = b"Aspirin is acetylsalicylic acid. Caffeine is a methylxanthine stimulant.\n"

@@ -16,7 +16,7 @@ from services.finetune import adapters
 from services.finetune.config import FinetuneSettings
 from services.gateway.keys import ON_BEHALF_HEADER, KeyStore
 from services.inference import readiness
-from services.stack import _free_port
+from services.stackconfig import _free_port
 from tests.processes import Proc, fake_upstream, gateway, make_key
 
 HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]

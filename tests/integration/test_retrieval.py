@@ -21,7 +21,7 @@ from pymilvus import MilvusClient
 from services.retrieval.chunking import chunk_text, resolve
 from services.retrieval.embedder import load_tokenizer, packaged_model_dir
 from services.retrieval.vectors import VectorIndex
-from services.stack import _free_port
+from services.stackconfig import _free_port
 from tests.conftest import ROOT
 from tests.processes import Proc, milvus_lite, retrieval
 

@@ -4,7 +4,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-from services.stack import Stack, StackConfig, _settings_for
+from services.stack import Stack, StackConfig
+from services.stackconfig import _settings_for
 from services.supervise import Ledger, Policy, probe
 
 
