@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from services.stackconfig import (
     PYTHON,
     ROOT,
@@ -164,7 +166,7 @@ class Stack:
         c.write(out)
         return out.getvalue()
 
-    def _ensure_supervisord(self) -> Any:
+    def _ensure_supervisord(self, echo: Callable[[str], None]) -> Any:
         """supervisord for this var dir, started or brought up to date with the config."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +178,10 @@ class Stack:
         self.conf_path.write_text(conf)
         rpc = self._rpc()
         if not running:
+            # What a supervisord killed outright left running: stopped, then started under this
+            # one (else their ports would be "taken by a process `make up` did not start").
+            for name in self._down_unsupervised():
+                echo(f"{name:<16} was running unsupervised: stopped, to start it supervised")
             self.state_path.unlink(missing_ok=True)  # restarts count from this start
             self.socket_path.unlink(missing_ok=True)
             if _port_busy(self.config.ports.supervisor):
@@ -225,7 +231,7 @@ class Stack:
         for name in sorted(missing):
             echo(f"{name:<16} skipped: `{name}` is not installed (make setup installs it)")
         chosen = [s for s in chosen if s.name not in missing]
-        rpc = self._ensure_supervisord()
+        rpc = self._ensure_supervisord(echo)
         infos = self._infos() or {}
         adopted = set()
         for svc in chosen:
@@ -283,27 +289,46 @@ class Stack:
         return sorted(stopped, key=lambda n: order.index(n) if n in order else -1)
 
     def _down_unsupervised(self) -> list[str]:
-        """A stack that a `make up` from before supervision started (its pids in
-        var/run/<name>.pid), stopped as that version did: SIGTERM to each process group, SIGKILL
-        after 20 s. So `make down` still works across the upgrade."""
+        """Stop this stack's services that run without a supervisord (see `_unsupervised`):
+        SIGTERM to each process group, SIGKILL after 20 s."""
         stopped = []
-        for svc in reversed(self.config.services()):
-            path = self.run_dir / f"{svc.name}.pid"
-            try:
-                pgid = int(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if _alive(pgid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGTERM)
-                    deadline = time.monotonic() + 20
-                    while _alive(pgid) and time.monotonic() < deadline:
-                        time.sleep(0.1)
-                    if _alive(pgid):
-                        os.killpg(pgid, signal.SIGKILL)
-                stopped.append(svc.name)
-            path.unlink(missing_ok=True)
+        for name, pgid in self._unsupervised().items():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGTERM)
+                deadline = time.monotonic() + 20
+                while _alive(pgid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if _alive(pgid):
+                    os.killpg(pgid, signal.SIGKILL)
+            stopped.append(name)
         return stopped
+
+    def _unsupervised(self) -> dict[str, int]:
+        """Services of this stack running with no supervisord, newest first: name -> process
+        group. Those a `make up` from before supervision started (var/run/<name>.pid), and those
+        that outlived a supervisord killed outright, found by their command and this stack's
+        var dir in their environment (every service gets it). Only asked with no supervisord.
+        Not Redis, which rewrites both: a Redis left answering on the port is adopted by `up`
+        as any running Redis is (`ready (not managed)`)."""
+        found: dict[str, int] = {}
+        services = list(reversed(self.config.services()))
+        for svc in services:
+            path = self.run_dir / f"{svc.name}.pid"
+            with contextlib.suppress(OSError, ValueError):
+                pgid = int(path.read_text())
+                path.unlink()
+                if _alive(pgid):
+                    found[svc.name] = pgid
+        mine = str(self.config.var_dir)
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            for svc in services:
+                if svc.name in found or cmdline != svc.argv:
+                    continue
+                with contextlib.suppress(psutil.Error, ProcessLookupError):
+                    if proc.environ().get("CRUCIBLE_VAR_DIR") == mine:
+                        found[svc.name] = os.getpgid(proc.pid)
+        return dict(sorted(found.items(), key=lambda kv: [s.name for s in services].index(kv[0])))
 
     def down_one(self, name: str) -> bool:
         """Stop one service (it stays stopped until `up`); whether it was running."""

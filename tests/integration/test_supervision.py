@@ -235,3 +235,42 @@ def test_down_stops_everything_and_leaves_no_process(own: Stack) -> None:
     alive = [p for p in {*group, supervisord} if psutil.pid_exists(p)]
     assert not [p for p in alive if psutil.Process(p).status() != "zombie"]
     assert set(own.status().values()) == {"stopped"}
+
+
+def test_a_killed_supervisord_leaves_nothing_that_down_or_up_cannot_handle(
+    tmp_path: Path,
+) -> None:
+    """supervisord SIGKILLed: its services run on unsupervised. `make up` must still start (not
+    'port taken by a process make up did not start'), and `make down` must still stop them."""
+    stack = Stack(StackConfig(var_dir=tmp_path, ports=Ports.free(), policy=POLICY))
+    names = ["milvus"]  # (a Redis left running is adopted by `up`, as any answering Redis)
+
+    def kill_supervisord() -> dict[str, int]:
+        pids = {n: stack.pid(n) or 0 for n in names}
+        assert all(pids.values())
+        os.kill(int((stack.run_dir / "supervisord.pid").read_text()), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while stack.pid(names[0]) is not None:  # its socket stops answering
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert all(psutil.pid_exists(p) for p in pids.values())  # orphans, still serving
+        return pids
+
+    def gone(pids: dict[str, int]) -> bool:
+        return not any(
+            psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids.values()
+        )
+
+    try:
+        stack.up(names, echo=lambda _: None)
+        orphans = kill_supervisord()
+        said: list[str] = []
+        stack.up(names, echo=said.append)
+        assert gone(orphans) and all(stack.pid(n) not in (None, orphans[n]) for n in names)
+        assert any("was running unsupervised" in line for line in said), said
+        assert stack.status()["milvus"] == "ready"
+        orphans = kill_supervisord()
+        assert sorted(stack.down()) == sorted(names)
+        assert gone(orphans)
+    finally:
+        stack.down()
