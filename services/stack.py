@@ -218,7 +218,7 @@ class Stack:
 
     def pid(self, name: str) -> int | None:
         info = (self._infos() or {}).get(name)
-        return int(info["pid"]) or None if info else None
+        return (int(info["pid"]) or None) if info else None
 
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
@@ -258,11 +258,11 @@ class Stack:
     def _wait_ready(self, svc: Service) -> None:
         deadline = time.monotonic() + svc.ready_timeout
         while time.monotonic() < deadline:
-            state = self._state(svc)
+            state = self._state(svc, self._infos(), self._ledger())
+            if state == "ready":
+                return
             if state in ("failed", "stopped"):
                 raise StackError(f"{svc.name} {state} during start:\n{self.tail(svc.name)}")
-            if svc.ready():
-                return
             time.sleep(0.5)
         raise StackError(
             f"{svc.name} not ready after {svc.ready_timeout:g}s:\n{self.tail(svc.name)}"
@@ -285,8 +285,7 @@ class Stack:
         deadline = time.monotonic() + 120  # each service has 20 s to stop, one after another
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        order = [s.name for s in reversed(self.config.services())]
-        return sorted(stopped, key=lambda n: order.index(n) if n in order else -1)
+        return [s.name for s in reversed(self.config.services()) if s.name in stopped]
 
     def _down_unsupervised(self) -> list[str]:
         """Stop this stack's services that run without a supervisord (see `_unsupervised`):
@@ -328,7 +327,7 @@ class Stack:
                 with contextlib.suppress(psutil.Error, ProcessLookupError):
                     if proc.environ().get("CRUCIBLE_VAR_DIR") == mine:
                         found[svc.name] = os.getpgid(proc.pid)
-        return dict(sorted(found.items(), key=lambda kv: [s.name for s in services].index(kv[0])))
+        return {s.name: found[s.name] for s in services if s.name in found}
 
     def down_one(self, name: str) -> bool:
         """Stop one service (it stays stopped until `up`); whether it was running."""
@@ -343,22 +342,20 @@ class Stack:
             return self.down_one(name)
         return True
 
+    def _ledger(self) -> dict[str, Any]:
+        """The monitor's state.json: restarts by service and reason, failed services."""
+        try:
+            return dict(json.loads(self.state_path.read_text()))
+        except (OSError, ValueError):
+            return {}
+
     def restarts(self) -> dict[str, int]:
         """Restarts per service since `make up` started supervisord."""
-        try:
-            state = json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return {name: sum(by.values()) for name, by in state.get("restarts", {}).items()}
+        return {n: sum(by.values()) for n, by in self._ledger().get("restarts", {}).items()}
 
-    def _failed(self) -> dict[str, str]:
-        try:
-            return dict(json.loads(self.state_path.read_text()).get("failed", {}))
-        except (OSError, ValueError):
-            return {}
-
-    def _state(self, svc: Service, infos: dict[str, dict[str, Any]] | None = None) -> str:
-        infos = self._infos() if infos is None else infos
+    def _state(
+        self, svc: Service, infos: dict[str, dict[str, Any]] | None, ledger: dict[str, Any]
+    ) -> str:
         info = (infos or {}).get(svc.name)
         state = info["statename"] if info else "STOPPED"
         if info and state in _UP:
@@ -366,9 +363,9 @@ class Stack:
                 return "ready"
             if time.time() - int(info["start"]) > svc.ready_timeout:
                 return "unready"  # up, but not ready: a dependency it needs is missing
-            n = self.restarts().get(svc.name, 0)
+            n = sum(ledger.get("restarts", {}).get(svc.name, {}).values())
             return f"restarting ({n})" if n else "starting"
-        if state == "FATAL" or svc.name in self._failed():
+        if state == "FATAL" or svc.name in ledger.get("failed", {}):
             return "failed"
         if state == "STOPPING":
             return "stopping"
@@ -378,12 +375,12 @@ class Stack:
     def status(self) -> dict[str, str]:
         """Each service's state: ready, ready (not managed), starting, restarting (n), unready,
         failed or stopped."""
-        infos = self._infos()
-        return {svc.name: self._state(svc, infos) for svc in self.config.services()}
+        infos, ledger = self._infos(), self._ledger()
+        return {svc.name: self._state(svc, infos, ledger) for svc in self.config.services()}
 
     def explain(self, name: str) -> str:
         """Why a service failed: the monitor's verdict and the last lines of its log."""
-        reason = self._failed().get(name, "")
+        reason = self._ledger().get("failed", {}).get(name, "")
         return "\n".join(x for x in (reason, self.tail(name, 5)) if x)
 
 

@@ -107,6 +107,25 @@ class StackConfig:
         }
         redis_dir = self.var_dir / "redis"
         milvus_url = f"http://127.0.0.1:{self.ports.milvus}"
+
+        def app(name: str, url: str, env: dict[str, str], ready_timeout: float = 60) -> Service:
+            """One of our FastAPI services: `services.<name>`, listening where `url` says,
+            alive while /health answers, ready when /ready does."""
+            own = {
+                f"CRUCIBLE_{name.upper()}_HOST": "127.0.0.1",
+                f"CRUCIBLE_{name.upper()}_PORT": url.rsplit(":", 1)[1],
+            }
+            return Service(
+                name=name,
+                argv=[PYTHON, "-m", f"services.{name}"],
+                env={**own, **env},
+                url=url,
+                ready=lambda: _http_ok(f"{url}/ready"),
+                health=f"{url}/health",
+                ready_url=f"{url}/ready",
+                ready_timeout=ready_timeout,
+            )
+
         return [
             Service(
                 name="redis",
@@ -163,20 +182,7 @@ class StackConfig:
                 health=f"tcp://127.0.0.1:{self.ports.milvus}",
                 ready_timeout=60,
             ),
-            Service(
-                name="retrieval",
-                argv=[PYTHON, "-m", "services.retrieval"],
-                env={
-                    "CRUCIBLE_RETRIEVAL_HOST": "127.0.0.1",
-                    "CRUCIBLE_RETRIEVAL_PORT": str(self.ports.retrieval),
-                    "CRUCIBLE_RETRIEVAL_MILVUS_URI": milvus_url,
-                },
-                url=retrieval_url,
-                ready=lambda: _http_ok(f"{retrieval_url}/ready"),
-                health=f"{retrieval_url}/health",
-                ready_url=f"{retrieval_url}/ready",
-                ready_timeout=120,
-            ),
+            app("retrieval", retrieval_url, {"CRUCIBLE_RETRIEVAL_MILVUS_URI": milvus_url}, 120),
             # The worker first: the API is ready only once a worker beats.
             Service(
                 name="finetune-worker",
@@ -192,52 +198,25 @@ class StackConfig:
                 health=f"{worker_url}/metrics",
                 ready_timeout=60,
             ),
-            Service(
-                name="finetune",
-                argv=[PYTHON, "-m", "services.finetune"],
-                env={
-                    "CRUCIBLE_FINETUNE_HOST": "127.0.0.1",
-                    "CRUCIBLE_FINETUNE_PORT": str(self.ports.finetune),
-                    **finetune_env,
-                },
-                url=finetune_url,
-                ready=lambda: _http_ok(f"{finetune_url}/ready"),
-                health=f"{finetune_url}/health",
-                ready_url=f"{finetune_url}/ready",
-                ready_timeout=60,
-            ),
-            Service(
-                name="gateway",
-                argv=[PYTHON, "-m", "services.gateway"],
-                env={
-                    "CRUCIBLE_GATEWAY_HOST": "127.0.0.1",
-                    "CRUCIBLE_GATEWAY_PORT": str(self.ports.gateway),
+            app("finetune", finetune_url, finetune_env),
+            app(
+                "gateway",
+                gateway_url,
+                {
                     "CRUCIBLE_GATEWAY_INFERENCE_URLS": json.dumps([inference_url]),
                     "CRUCIBLE_GATEWAY_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/0",
                     "CRUCIBLE_GATEWAY_RETRIEVAL_URL": retrieval_url,
                     "CRUCIBLE_GATEWAY_FINETUNE_URL": finetune_url,
                     "CRUCIBLE_GATEWAY_AGENT_URL": agent_url,
                 },
-                url=gateway_url,
-                ready=lambda: _http_ok(f"{gateway_url}/ready"),
-                health=f"{gateway_url}/health",
-                ready_url=f"{gateway_url}/ready",
-                ready_timeout=60,
             ),
-            Service(
-                name="agent",
-                argv=[PYTHON, "-m", "services.agent"],
-                env={
-                    "CRUCIBLE_AGENT_HOST": "127.0.0.1",
-                    "CRUCIBLE_AGENT_PORT": str(self.ports.agent),
+            app(
+                "agent",
+                agent_url,
+                {
                     "CRUCIBLE_AGENT_GATEWAY_URL": gateway_url,
                     "CRUCIBLE_AGENT_RETRIEVAL_URL": retrieval_url,
                 },
-                url=agent_url,
-                ready=lambda: _http_ok(f"{agent_url}/ready"),
-                health=f"{agent_url}/health",
-                ready_url=f"{agent_url}/ready",
-                ready_timeout=60,
             ),
             Service(
                 name="prometheus",

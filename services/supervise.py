@@ -11,8 +11,7 @@ program runs under it as an event listener and adds what it lacks:
 - liveness: a running service whose health check fails `health_failures` times in a row (once
   it has passed it since it started, or its start grace is over) is killed, its whole process
   group, so that supervisord restarts it. A service that is up but not ready because a
-  dependency is out is left alone: only a
-  process that exited or stopped answering is restarted;
+  dependency is out is left alone: only a process that exited or stopped answering is restarted;
 - each service's `/ready` polled on the same beat, so the services' own readiness gauges
   (`crucible_ready_check`) are fresh for the alert as they are under compose's healthchecks.
 
@@ -33,6 +32,7 @@ import threading
 import time
 import urllib.request
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -94,31 +94,35 @@ class Ledger:
 
 class Monitor:
     def __init__(self, config: dict[str, Any]) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge
-
         self.services: dict[str, dict[str, str]] = config["services"]
         self.policy = Policy(**config.get("policy", {}))
         self.state_path = Path(config["state_file"])
         self.ledger = Ledger(self.policy)
         self.lock = threading.Lock()
-        self.registry = CollectorRegistry()
-        self.restarts = Counter(
-            "crucible_stack_restarts_total",
+        self.port = int(config["metrics_port"])
+
+    def collect(self) -> Iterator[Any]:
+        """The metrics, read from the ledger at each scrape (a prometheus_client collector)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        restarts = CounterMetricFamily(
+            "crucible_stack_restarts",
             "Restarts of the native stack's services, by why (exited, unhealthy).",
-            ["service", "reason"],
-            registry=self.registry,
+            labels=["service", "reason"],
         )
-        self.failed = Gauge(
+        failed = GaugeMetricFamily(
             "crucible_stack_failed",
             "1 while a service of the native stack is failed (crash loop; not restarted).",
-            ["service"],
-            registry=self.registry,
+            labels=["service"],
         )
-        for name in self.services:
-            self.failed.labels(name).set(0)
-            for reason in ("exited", "unhealthy"):
-                self.restarts.labels(name, reason)
-        self.port = int(config["metrics_port"])
+        with self.lock:
+            for name in self.services:
+                by = self.ledger.restarts.get(name, {})
+                for reason in ("exited", "unhealthy"):
+                    restarts.add_metric([name, reason], by.get(reason, 0))
+                failed.add_metric([name], 1 if name in self.ledger.failed else 0)
+        yield restarts
+        yield failed
 
     # --- events (the listener's main loop) ---
 
@@ -131,12 +135,7 @@ class Monitor:
         if name not in self.services:
             return
         with self.lock:
-            before = dict(self.ledger.restarts.get(name, {}))
             action = self.ledger.event(name, to, body.get("from_state", ""), time.monotonic())
-            for reason, n in self.ledger.restarts.get(name, {}).items():
-                if n > before.get(reason, 0):
-                    self.restarts.labels(name, reason).inc(n - before.get(reason, 0))
-            self.failed.labels(name).set(1 if name in self.ledger.failed else 0)
             self._save()
         if to in ("EXITED", "FATAL", "BACKOFF"):
             log.warning("%s: %s (restarts so far: %d)", name, to.lower(), self.ledger.total(name))
@@ -200,11 +199,13 @@ class Monitor:
             os.killpg(pid, signal.SIGKILL)  # supervisord sees it exit and restarts it
 
     def serve(self, stdin: TextIO, stdout: TextIO) -> None:
-        from prometheus_client import start_http_server
+        from prometheus_client import CollectorRegistry, start_http_server
         from supervisor import childutils
 
         self._save()
-        start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
+        registry = CollectorRegistry()
+        registry.register(self)
+        start_http_server(self.port, addr="127.0.0.1", registry=registry)
         threading.Thread(target=self.watch, name="liveness", daemon=True).start()
         while True:
             headers, payload = childutils.listener.wait(stdin, stdout)

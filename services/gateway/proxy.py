@@ -460,17 +460,13 @@ def ask_for_usage(body: bytes, payload: dict[str, Any]) -> bytes | None:
     """A streaming request's body asking the engine for the usage event, or None when the
     client asked for it already (or sent stream_options the engine should judge as they are).
     The usual body (no stream_options) gets the field spliced in, not encoded again."""
-    options = payload.get("stream_options", ...)
-    if options is ...:
+    if "stream_options" not in payload:
         start = body.index(b"{") + 1
         return body[:start] + b'"stream_options":{"include_usage":true},' + body[start:]
-    if options is None or isinstance(options, dict):
-        if (options or {}).get("include_usage") is True:
-            return None
-        return orjson.dumps(
-            {**payload, "stream_options": {**(options or {}), "include_usage": True}}
-        )
-    return None
+    options = {} if payload["stream_options"] is None else payload["stream_options"]
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return None
+    return orjson.dumps({**payload, "stream_options": {**options, "include_usage": True}})
 
 
 async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
