@@ -28,9 +28,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orjson
+import redis
 
 from bench._load import LoadResult, closed_loop, median, write_result
 from services.common.upstream import Pool
+from services.gateway.app import CAPTURES
 from services.gateway.keys import KeyStore
 from services.stack import Ports, Stack, StackConfig
 from services.stackconfig import _free_port, _http_ok, _port_busy
@@ -57,15 +59,20 @@ async def added_latency(
     direct: str, gateway: str, naive: str, key: str, rate: float, seconds: float
 ) -> dict[str, Any]:
     """Open loop at `rate` requests/s per target, the targets taking turns request by request:
-    the upstream directly, through the gateway, through the naive FastAPI + httpx proxy."""
+    the upstream directly, through the gateway, through the gateway with `store: true` (the
+    exchange handed to the capture outbox), through the naive FastAPI + httpx proxy."""
     body = orjson.dumps(CHAT)
+    stored = orjson.dumps({**CHAT, "store": True, "metadata": {"bench": "capture"}})
     plain = [(b"content-type", b"application/json")]
-    pools = {"direct": Pool(direct), "gateway": Pool(gateway), "naive_proxy": Pool(naive)}
-    hdrs = {
-        "direct": plain,
-        "naive_proxy": plain,
-        "gateway": [*plain, (b"authorization", f"Bearer {key}".encode())],
+    auth = [*plain, (b"authorization", f"Bearer {key}".encode())]
+    pools = {
+        "direct": Pool(direct),
+        "gateway": Pool(gateway),
+        "gateway_store": Pool(gateway),
+        "naive_proxy": Pool(naive),
     }
+    hdrs = {"direct": plain, "naive_proxy": plain, "gateway": auth, "gateway_store": auth}
+    bodies = {t: stored if t == "gateway_store" else body for t in pools}
     lat: dict[str, list[float]] = {t: [] for t in pools}
     targets = list(pools)
     n = int(rate * seconds)
@@ -77,7 +84,7 @@ async def added_latency(
         await asyncio.sleep(max(0.0, start + i / (len(targets) * rate) - loop.time()))
 
         async def go(t: str = target) -> None:
-            lat[t].append(await _one(pools[t], body, hdrs[t]))
+            lat[t].append(await _one(pools[t], bodies[t], hdrs[t]))
 
         tasks.append(asyncio.create_task(go()))
     await asyncio.gather(*tasks)
@@ -90,9 +97,11 @@ async def added_latency(
             "p99_ms": round(pct(values, 0.99) * 1000, 3),
             "n": len(values),
         }
-    for prefix, via in (("", "gateway"), ("naive_", "naive_proxy")):
+    for prefix, via in (("", "gateway"), ("naive_", "naive_proxy"), ("store_", "gateway_store")):
         out[f"{prefix}added_p50_ms"] = round(out[via]["p50_ms"] - out["direct"]["p50_ms"], 3)
         out[f"{prefix}added_p99_ms"] = round(out[via]["p99_ms"] - out["direct"]["p99_ms"], 3)
+    # What `store` adds on top of the gateway's own cost, the same requests interleaved.
+    out["store_over_plain_p50_ms"] = round(out["store_added_p50_ms"] - out["added_p50_ms"], 3)
     return out
 
 
@@ -173,6 +182,9 @@ def _bench_key(var_dir: Path) -> str:
 
 
 def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any]:
+    # A Redis database of its own: the stored requests' outbox stream must not reach a running
+    # stack's lifecycle store (it reads database 0). Emptied afterwards.
+    redis_url = redis_url.rsplit("/", 1)[0] + "/13"
     fake_port, gw_port, naive_port = _free_port(), _free_port(), _free_port()
     procs = [
         _spawn(
@@ -222,6 +234,7 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
         for p in procs:
             p.terminate()
             p.wait(10)
+        redis.Redis.from_url(redis_url).delete(CAPTURES)
     return {
         "rate_per_target": args.rate,
         "seconds_per_round": args.seconds,
@@ -230,6 +243,8 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
         "median_added_p99_ms": median([r["added_p99_ms"] for r in rounds]),
         "naive_proxy_median_added_p50_ms": median([r["naive_added_p50_ms"] for r in rounds]),
         "naive_proxy_median_added_p99_ms": median([r["naive_added_p99_ms"] for r in rounds]),
+        "store_median_added_p50_ms": median([r["store_added_p50_ms"] for r in rounds]),
+        "store_median_over_plain_p50_ms": median([r["store_over_plain_p50_ms"] for r in rounds]),
         "saturation_rps_gateway": [round(x) for x in sat_gw],
         "saturation_rps_direct_fake": [round(x) for x in sat_direct],
         "median_saturation_rps_gateway": round(median(sat_gw)),

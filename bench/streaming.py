@@ -35,8 +35,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import redis
+
 from bench._load import write_result
 from bench.gateway import _bench_key, _spawn, _until
+from services.gateway.app import CAPTURES
 from services.gateway.config import GatewaySettings
 from services.stack import Ports, Stack, StackConfig
 from services.stackconfig import _free_port, _http_ok, _port_busy
@@ -46,7 +49,13 @@ ENGINE_PY = ROOT / ".venv-vllm" / "bin" / "python"
 TOKENIZER = ROOT / "var" / "models" / "crucible-dev"
 
 
-NO_USAGE = json.dumps({"stream_options": {"include_usage": False}})
+# The same gateway run again for another kind of client, interleaved with the plain runs:
+# `no-usage` did not ask for the usage event (the gateway asks the engine and strips it);
+# `store` stores its completions (the gateway hands each stream to the capture outbox).
+VARIANTS = {
+    "no-usage": json.dumps({"stream_options": {"include_usage": False}}),
+    "store": json.dumps({"store": True, "metadata": {"bench": "streaming"}}),
+}
 
 
 def plan_runs(
@@ -90,14 +99,12 @@ def plan_runs(
                 round_.append(
                     {"label": f"{label} c={c}", "base_url": url, "args": sizes, "cpu_pid": pid}
                 )
-                if args.client_usage == "both" and label.startswith("gateway-"):
-                    # The same gateway, for a client that did not ask for usage: the gateway
-                    # asks the engine for it and strips it from the stream.
+                for variant in args.variants if label.startswith("gateway-") else []:
                     round_.append(
                         {
-                            "label": f"{label}/no-usage c={c}",
+                            "label": f"{label}/{variant} c={c}",
                             "base_url": url,
-                            "args": [*sizes, "--extra-body", NO_USAGE],
+                            "args": [*sizes, "--extra-body", VARIANTS[variant]],
                             "cpu_pid": pid,
                         }
                     )
@@ -107,8 +114,8 @@ def plan_runs(
 
 
 def _labels(args: argparse.Namespace, gateways: dict[str, tuple[str, int]]) -> list[str]:
-    extra = [f"{g}/no-usage" for g in gateways if g.startswith("gateway-")]
-    return [*gateways, *(extra if args.client_usage == "both" else [])]
+    extra = [f"{g}/{v}" for g in gateways if g.startswith("gateway-") for v in args.variants]
+    return [*gateways, *extra]
 
 
 def run_plan(plan: dict[str, Any], key: str, tmp: Path) -> list[dict[str, Any]]:
@@ -239,7 +246,9 @@ def part_fake(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     argv = [sys.executable, "-m", "tests.fakes.openai_server", "--port", str(fake_port)]
     argv += ["--token-interval-ms", str(args.interval_ms)]
     procs: list[Any] = [_spawn(argv, {}, tmp / "fake.log")]
-    env = {"CRUCIBLE_VAR_DIR": str(tmp), "CRUCIBLE_GATEWAY_REDIS_URL": args.redis_url}
+    # A Redis database of its own: stored streams must not reach a running stack's store.
+    redis_url = args.redis_url.rsplit("/", 1)[0] + "/13"
+    env = {"CRUCIBLE_VAR_DIR": str(tmp), "CRUCIBLE_GATEWAY_REDIS_URL": redis_url}
     gateways: dict[str, tuple[str, int]] = {}
     try:
         _targets(args, tmp, fake_port, env, procs, gateways)
@@ -249,6 +258,7 @@ def part_fake(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for p in procs:
             p.terminate()
             p.wait(10)
+        redis.Redis.from_url(redis_url).delete(CAPTURES)
     levels = summarise(runs, args.concurrency, _labels(args, gateways), args.output_len)
     return {"token_interval_ms": args.interval_ms, "levels": levels, "runs": runs}
 
@@ -303,10 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--interval-ms", type=float, default=20.0, help="the fake's time per token")
     p.add_argument(
-        "--client-usage",
-        choices=["asked", "both"],
-        default="asked",
-        help="both: also run each gateway for a client that did not ask for usage (`/no-usage`)",
+        "--variants",
+        nargs="*",
+        choices=sorted(VARIANTS),
+        default=[],
+        help="also run each gateway for these clients: no-usage (did not ask for the usage "
+        "event), store (store=true)",
     )
     p.add_argument("--tokenizer", type=Path, default=TOKENIZER)
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")

@@ -19,6 +19,7 @@ JOBS = {
     "retrieval": "retrieval",
     "finetune": "finetune",
     "finetune-worker": "finetune_worker",
+    "eval-worker": "eval_worker",
     "agent": "agent",
     "prometheus": "prometheus",
 }

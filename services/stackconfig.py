@@ -37,6 +37,7 @@ class Ports:
     milvus: int = 19530
     finetune_worker: int = 8012  # the worker's /metrics
     supervisor: int = 8013  # the monitor's /metrics (restarts, failures)
+    eval_worker: int = 8014  # the eval worker's /metrics
 
     @classmethod
     def free(cls) -> Ports:
@@ -94,6 +95,7 @@ class StackConfig:
         retrieval_url = f"http://127.0.0.1:{self.ports.retrieval}"
         finetune_url = f"http://127.0.0.1:{self.ports.finetune}"
         worker_url = f"http://127.0.0.1:{self.ports.finetune_worker}"
+        eval_worker_url = f"http://127.0.0.1:{self.ports.eval_worker}"
         agent_url = f"http://127.0.0.1:{self.ports.agent}"
         prometheus_url = f"http://127.0.0.1:{self.ports.prometheus}"
         prometheus_dir = self.var_dir / "prometheus"
@@ -101,7 +103,10 @@ class StackConfig:
         broker = f"redis://127.0.0.1:{self.ports.redis}/1"
         finetune_env = {
             "CRUCIBLE_FINETUNE_REDIS_URL": broker,
+            "CRUCIBLE_FINETUNE_CAPTURES_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/0",
             "CRUCIBLE_FINETUNE_RETRIEVAL_URL": retrieval_url,
+            # Eval runs call models (and their create checks them) through the gateway.
+            "CRUCIBLE_FINETUNE_GATEWAY_URL": gateway_url,
             "CRUCIBLE_FINETUNE_INFERENCE_URLS": json.dumps([inference_url]),
             "CRUCIBLE_FINETUNE_MODELS_DIR": str(self.models_dir),
         }
@@ -217,6 +222,20 @@ class StackConfig:
                     "CRUCIBLE_AGENT_GATEWAY_URL": gateway_url,
                     "CRUCIBLE_AGENT_RETRIEVAL_URL": retrieval_url,
                 },
+            ),
+            Service(
+                name="eval-worker",
+                argv=[PYTHON, "-m", "services.finetune.evalworker"],
+                env={
+                    "CRUCIBLE_FINETUNE_HOST": "127.0.0.1",
+                    "CRUCIBLE_FINETUNE_EVAL_WORKER_METRICS_PORT": str(self.ports.eval_worker),
+                    "CRUCIBLE_FINETUNE_GATEWAY_URL": gateway_url,
+                    "CRUCIBLE_FINETUNE_RETRIEVAL_URL": retrieval_url,
+                },
+                url=eval_worker_url,
+                ready=lambda: _http_ok(f"{eval_worker_url}/metrics"),
+                health=f"{eval_worker_url}/metrics",
+                ready_timeout=60,
             ),
             Service(
                 name="prometheus",

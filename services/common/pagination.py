@@ -42,6 +42,18 @@ PageParams = Annotated[PageQuery, Depends(_page_query)]
 """The list routes' query parameters, as OpenAI names them."""
 
 
+def _asc_page_query(
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Order = "asc",
+    after: Cursor = None,
+) -> PageQuery:
+    return PageQuery(limit, order, after, None)
+
+
+AscPageParams = Annotated[PageQuery, Depends(_asc_page_query)]
+"""The same for the lists OpenAI gives oldest first by default (stored completions, evals)."""
+
+
 def page(
     session: Session,
     stmt: Select[Any],

@@ -18,9 +18,13 @@ import redis
 from fastapi import FastAPI
 
 from services.common.app import build_app, serve
-from services.finetune import adapters
+from services.common.outbox import Consumer
+from services.finetune import adapters, captures_api, evals_api
 from services.finetune.api import router, validate_job
+from services.finetune.captures import STREAM, CaptureStore
 from services.finetune.config import FinetuneSettings
+from services.finetune.datasets import DatasetStore
+from services.finetune.evals import EvalStore
 from services.finetune.jobs import JobStore
 from services.finetune.metrics import ApiMetrics
 from services.finetune.worker import TASK, make_celery, worker_key
@@ -91,6 +95,8 @@ def reconcile(jobs: JobStore, d: Dispatcher, s: FinetuneSettings, metrics: ApiMe
     restored = adapters.restore(jobs, s.inference_urls, s.inference_headers())
     if restored:
         metrics.adapters_restored.inc(restored)
+    if expired := CaptureStore(jobs.session).purge(expired_before=now):
+        metrics.captures_expired.inc(expired)
 
 
 def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
@@ -122,6 +128,17 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
                 await asyncio.sleep(s.reconcile_every_s)
 
         app.state.jobs, app.state.validate, app.state.dispatcher = jobs, validate, dispatcher
+        app.state.captures = captures = CaptureStore(jobs.session)
+        app.state.datasets = DatasetStore(jobs.session)
+        app.state.evals = evals = EvalStore(jobs.session)
+        metrics.watch_runs(evals.status_counts)
+        consumer = Consumer(
+            s.captures_redis_url,
+            STREAM,
+            "finetune",
+            lambda records: metrics.captures.inc(captures.ingest(records)),
+        )
+        consumer.start()
         for job in jobs.with_status("validating_files"):  # interrupted by a restart
             validate(job.id)
         loop_task = asyncio.create_task(reconciler())
@@ -129,6 +146,7 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
             yield
         finally:
             loop_task.cancel()
+            await asyncio.to_thread(consumer.stop)
             for t in [loop_task, *tasks]:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -154,6 +172,8 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
         version="0.1.0",
     )
     api.include_router(router())
+    api.include_router(captures_api.router())
+    api.include_router(evals_api.router())
     return api
 
 

@@ -45,6 +45,17 @@ class FinetuneSettings(ServiceSettings):
     # behind a green /ready).
     worker_alive_s: float = 6.0
     worker_metrics_port: int = 8012
+    # Evaluation runs (evalworker.py): model calls go through the gateway as the run's key.
+    gateway_url: str = "http://127.0.0.1:8080"
+    eval_runs: int = 2  # runs at once per eval worker
+    eval_concurrency: int = 8  # items in flight per run
+    eval_heartbeat_s: float = 1.0
+    eval_stale_after_s: float = 10.0  # a run whose worker is this silent is taken over
+    eval_poll_s: float = 0.5
+    eval_call_timeout_s: float = 300.0
+    eval_worker_metrics_port: int = 8014
+    # The gateway's Redis, where its capture outbox (stored completions) waits for this service.
+    captures_redis_url: str = "redis://127.0.0.1:6379/0"
 
     def inference_headers(self) -> dict[str, str]:
         if self.inference_api_key is None:

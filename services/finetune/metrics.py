@@ -34,6 +34,25 @@ class ApiMetrics:
             registry=registry,
         )
 
+        self.captures = Counter(
+            "crucible_captures_stored_total",
+            "Stored chat completions kept (a redelivered record counts once)",
+            registry=registry,
+        )
+        self.captures_expired = Counter(
+            "crucible_captures_expired_total",
+            "Stored completions deleted at the end of their key's retention",
+            registry=registry,
+        )
+
+        self.eval_runs = Gauge(
+            "crucible_eval_runs", "Eval runs by status", ["status"], registry=registry
+        )
+
+    def watch_runs(self, counts: Callable[[], dict[str, int]]) -> None:
+        for status in ("queued", "in_progress", "completed", "canceled", "failed"):
+            self.eval_runs.labels(status).set_function(_count_of(counts, status))
+
     def watch(self, counts: Callable[[], dict[str, int]], depth: Callable[[], int]) -> None:
         for status in STATUSES:
             self.jobs.labels(status).set_function(_count_of(counts, status))

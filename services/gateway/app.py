@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -19,8 +20,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from starlette.types import Receive, Scope, Send
 
 from services.common.app import build_app
-from services.common.errors import AuthenticationFailed, NotFound, PermissionDenied
+from services.common.errors import AuthenticationFailed, NotFound, PermissionDenied, Unavailable
 from services.common.logging import configure_logging
+from services.common.outbox import Outbox
+from services.common.tenancy import OWNER_RE
 from services.gateway.config import GatewaySettings
 from services.gateway.forward import ServiceForwarder, route_of
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey, KeyStore
@@ -29,9 +32,11 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import PublicDocument
 from services.gateway.owners import ModelOwners
 from services.gateway.proxy import Proxy
+from services.gateway.redisio import Redis
 from services.gateway.routing import Router
 
 FORWARDED = frozenset({"/v1/chat/completions", "/v1/completions"})
+CAPTURES = "crucible:captures"  # the outbox stream the finetune service keeps (captures.py)
 
 
 class Gateway:
@@ -45,11 +50,16 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.proxy is not None and self.forwarder is not None:
             path = scope["path"]
-            if path in FORWARDED:
+            # POST makes a completion (the proxy); the other methods read and change stored
+            # ones (the lifecycle store behind the forwarder).
+            if path in FORWARDED and scope["method"] == "POST":
                 await self.proxy(scope, receive, send)
                 return
             if (route := route_of(path)) is not None:
                 await self.forwarder(scope, receive, send, route)
+                return
+            if path in FORWARDED:
+                await self.proxy(scope, receive, send)  # 405 with its Allow header
                 return
         await self.api(scope, receive, send)
 
@@ -79,11 +89,22 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
         app.state.keys, app.state.router, app.state.limiter = keys, router, limiter
         owners = ModelOwners(s.finetune_url, s.internal_token)
         app.state.owners = owners
-        gateway.proxy = Proxy(s, router, keys, limiter, metrics, owners)
+        outbox_redis = Redis(s.redis_url, timeout=2.0)
+        outbox = Outbox(
+            outbox_redis,
+            CAPTURES,
+            app.state.registry,
+            buffer=s.capture_buffer,
+            max_len=s.capture_stream_max,
+        )
+        outbox.start()
+        gateway.proxy = Proxy(s, router, keys, limiter, metrics, owners, outbox)
         gateway.forwarder = ServiceForwarder(s, gateway.proxy)
         try:
             yield
         finally:
+            await outbox.aclose(timeout=5.0)  # what is buffered, before the process goes
+            await outbox_redis.aclose()
             await gateway.forwarder.aclose()
             await owners.aclose()
             gateway.proxy, gateway.forwarder = None, None
@@ -100,6 +121,7 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
 
     api = build_app(
         "gateway",
+        settings=s,
         lifespan=lifespan,
         ready_checks=[("inference", backend_ready), ("redis", redis_ready)],
         title="Crucible gateway",
@@ -158,6 +180,8 @@ class KeyCreateRequest(BaseModel):
     rpm: Rpm | None = None
     max_concurrency: Concurrency | None = None
     admin: StrictBool = False  # "admin": "no" or 1 must never be read as a grant
+    store: StrictBool = False  # store chat completions that do not say `store` themselves
+    retention_days: Annotated[int, Field(ge=1, le=36500), BeforeValidator(_not_bool)] | None = None
 
 
 def _routes() -> Any:
@@ -200,6 +224,15 @@ def _routes() -> Any:
     async def list_keys(request: Request, _: AdminDep) -> dict[str, Any]:
         return {"object": "list", "data": request.app.state.keys.list()}
 
+    @r.get("/admin/owners/{owner}/chat_completions")
+    async def export_completions(owner: str, request: Request, _: AdminDep) -> Any:
+        """Every stored completion of an owner, with its feedback (the lifecycle store's)."""
+        return await _lifecycle(request, "GET", owner)
+
+    @r.delete("/admin/owners/{owner}/chat_completions")
+    async def purge_completions(owner: str, request: Request, _: AdminDep) -> Any:
+        return await _lifecycle(request, "DELETE", owner)
+
     @r.delete("/admin/keys/{key_id}")
     async def revoke_key(key_id: str, request: Request, _: AdminDep) -> dict[str, Any]:
         if not request.app.state.keys.revoke(key_id):
@@ -207,6 +240,22 @@ def _routes() -> Any:
         return {"id": key_id, "object": "api_key", "deleted": True}
 
     return r
+
+
+async def _lifecycle(request: Request, method: str, owner: str) -> Any:
+    s: GatewaySettings = request.app.state.settings
+    if not OWNER_RE.fullmatch(owner):
+        raise NotFound(f"no owner {owner[:128]!r}", param="owner")
+    async with httpx.AsyncClient(timeout=300) as http:
+        try:
+            r = await http.request(
+                method,
+                f"{s.finetune_url}/internal/captures/{owner}",
+                headers={"authorization": f"Bearer {s.internal_token.get_secret_value()}"},
+            )
+        except httpx.HTTPError:
+            raise Unavailable("the finetune service is unavailable; try again shortly") from None
+    return JSONResponse(r.json(), status_code=r.status_code)
 
 
 def main() -> None:

@@ -65,6 +65,11 @@ class GatewaySettings(ServiceSettings):
     # are local and exact, still bound the load); "closed" answers 503 until Redis is back.
     rate_limit_on_redis_error: Literal["open", "closed"] = "open"
     key_cache_ttl_s: float = 5.0
+    # Stored completions wait in Redis (a stream, AOF) for the finetune service to keep them:
+    # at most this many there, and this many in this process while Redis is away; beyond
+    # either, new ones are dropped and counted (crucible_outbox_dropped_total).
+    capture_stream_max: int = 100_000
+    capture_buffer: int = 10_000
 
     def db_url(self) -> str:
         return self.database_url or self.sqlite_url("gateway")

@@ -47,7 +47,10 @@ SERVICE_ROUTES: dict[str, str] = {
     "/v1/files": "retrieval",
     "/v1/vector_stores": "retrieval",
     "/v1/fine_tuning": "finetune",
+    "/v1/evals": "finetune",
     "/v1/agent": "agent",
+    # Stored chat completions (GET, POST /{id}, DELETE): POST to the path itself is the proxy's.
+    "/v1/chat/completions": "finetune",
 }
 # Services learn which key a request came with: the agent calls the model back as that key.
 KEY_HEADER = ON_BEHALF_HEADER.encode()

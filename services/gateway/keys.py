@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Engine, Integer, String, select
+from sqlalchemy import JSON, Boolean, DateTime, Engine, Integer, String, false, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.common import migrations
@@ -40,6 +40,10 @@ class ApiKeyRow(Base):
     rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Stored completions: kept when a request says nothing of `store` (off unless set), and
+    # deleted this many days after they were made (None: kept until deleted).
+    store: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    retention_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -54,6 +58,8 @@ class ApiKey:
     rpm: int
     max_concurrency: int
     is_admin: bool
+    store: bool = False
+    retention_days: int | None = None
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -79,6 +85,8 @@ def describe(row: ApiKeyRow) -> dict[str, Any]:
         "rpm": row.rpm,
         "max_concurrency": row.max_concurrency,
         "admin": row.is_admin,
+        "store": row.store,
+        "retention_days": row.retention_days,
         "created_at": int(row.created_at.timestamp()),
         "revoked_at": int(row.revoked_at.timestamp()) if row.revoked_at else None,
     }
@@ -116,6 +124,8 @@ class KeyStore:
         rpm: int | None = None,
         max_concurrency: int | None = None,
         admin: bool = False,
+        store: bool = False,
+        retention_days: int | None = None,
     ) -> tuple[str, dict[str, Any]]:
         """A new key: returns the secret (shown this once) and its description."""
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -129,6 +139,8 @@ class KeyStore:
             rpm=rpm,
             max_concurrency=max_concurrency,
             is_admin=admin,
+            store=store,
+            retention_days=retention_days,
             created_at=datetime.now(UTC),
         )
         with self.sessions.begin() as s:
@@ -210,4 +222,6 @@ class KeyStore:
             rpm=row.rpm if row.rpm is not None else self.default_rpm,
             max_concurrency=row.max_concurrency or self.default_max_concurrency,
             is_admin=row.is_admin,
+            store=row.store,
+            retention_days=row.retention_days,
         )

@@ -32,6 +32,7 @@ from services.common.errors import (
 )
 from services.common.logging import request_id
 from services.common.metrics import _incoming_request_id
+from services.common.outbox import Outbox
 from services.common.upstream import (
     Response,
     UpstreamBusy,
@@ -47,6 +48,7 @@ from services.gateway.routing import Backend, Router, choose
 from services.gateway.validation import check_request
 
 ON_BEHALF = ON_BEHALF_HEADER.encode()
+CHAT = "/v1/chat/completions"
 log = logging.getLogger("crucible.gateway")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -67,6 +69,7 @@ class Outcome:
     completion_tokens: int = 0
     failed_midstream: bool = False
     strip_usage: bool = False  # the gateway asked for the usage event; the client did not
+    capture: bytes | None = None  # the request body, when the exchange is to be stored
 
 
 class Proxy:
@@ -78,8 +81,10 @@ class Proxy:
         limiter: RateLimiter,
         metrics: GatewayMetrics,
         owners: ModelOwners,
+        outbox: Outbox,
     ) -> None:
         self.s = settings
+        self.outbox = outbox
         self.owners = owners
         self.router = router
         self.keys = keys
@@ -149,6 +154,13 @@ class Proxy:
         out.model = model
         if stream and (asked := ask_for_usage(body, payload)) is not None:
             body, out.strip_usage = asked, True
+        store = payload.get("store")
+        if (key.store if store is None else store) and scope["path"] == CHAT:
+            out.capture = body
+            if rid == _incoming_request_id(scope):
+                # vLLM names the completion after the request id: a client's own id may repeat,
+                # a stored completion's id must not.
+                rid = f"{rid}-{uuid.uuid4().hex[:16]}"
         if not await self.owners.may_use(key, model) or not (
             backends := await self._backends(model)
         ):
@@ -310,6 +322,8 @@ class Proxy:
         out.prompt_tokens = usage.get("prompt_tokens") or 0
         out.completion_tokens = usage.get("completion_tokens") or 0
         out.status = 200
+        if out.capture is not None:
+            self.keep(out, rid, raw, stream=False)
         await send(
             {
                 "type": "http.response.start",
@@ -338,7 +352,7 @@ class Proxy:
                 "headers": [*SSE_HEADERS, (b"x-request-id", rid.encode())],
             }
         )
-        usage = UsageSniffer(out, strip=out.strip_usage)
+        usage = UsageSniffer(out, strip=out.strip_usage, keep=out.capture is not None)
         await send({"type": "http.response.body", "body": usage.feed(first), "more_body": True})
         client = direct_client(send) if self.s.stream_relay == "direct" else None
         self.metrics.streams_by_relay["asgi" if client is None else "direct"].inc()
@@ -357,6 +371,23 @@ class Proxy:
             await _stream_error(send, UpstreamError("the inference backend broke the stream"), out)
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if usage.kept is not None:
+            self.keep(out, rid, b"".join(usage.kept), stream=True)
+
+    def keep(self, out: Outcome, rid: str, response: bytes, *, stream: bool) -> None:
+        """Hand a finished exchange to the capture outbox (no I/O here)."""
+        key = out.key
+        assert key is not None and out.capture is not None
+        meta = {
+            "owner": key.owner,
+            "key_id": key.id,
+            "retention_days": key.retention_days,
+            "created": time.time(),
+            "stream": stream,
+            "strip_usage": out.strip_usage,
+            "request_id": rid,
+        }
+        self.outbox.put(meta, out.capture, response)
 
 
 class DirectClient:
@@ -415,13 +446,16 @@ class UsageSniffer:
 
     KEEP = 4096
 
-    def __init__(self, out: Outcome, strip: bool = False) -> None:
+    def __init__(self, out: Outcome, strip: bool = False, keep: bool = False) -> None:
         self.out = out
         self.strip = strip
         self.tail = b""
+        self.kept: list[bytes] | None = [] if keep else None  # every read, to store the answer
 
     def feed(self, read: bytes) -> bytes:
         """Sees a read; returns what the client gets of it."""
+        if self.kept is not None:
+            self.kept.append(read)
         data = self.tail + read if self.tail else read
         self.tail = b""
         if not data.endswith(b"\n\n"):  # an event is cut here

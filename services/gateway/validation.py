@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from services.common.errors import InvalidRequest
+from services.common.metadata import check_metadata
 from services.gateway.config import GatewaySettings
 
 
@@ -42,6 +43,11 @@ def check_request(path: str, payload: dict[str, Any], s: GatewaySettings) -> tup
     stream = payload.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("stream must be a boolean", param="stream", code="invalid_type")
+    store = payload.get("store")
+    if store is not None and not isinstance(store, bool):
+        raise InvalidRequest("store must be a boolean", param="store", code="invalid_type")
+    if "metadata" in payload:
+        check_metadata(payload["metadata"])
     if path.endswith("/chat/completions"):
         messages = payload.get("messages")
         if not isinstance(messages, list) or not messages:

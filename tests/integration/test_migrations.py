@@ -159,9 +159,16 @@ def test_the_head_revision_is_exactly_what_the_models_declare(
 def test_a_database_the_previous_release_made_with_create_all_is_adopted(empty_db: Engine) -> None:
     """What 52bf93e's services did at start, on either database; its agent table already had
     tool_choice, so the revision that adds it must find it there and change nothing."""
-    for schema in SCHEMAS:
-        migrations.metadata(schema).create_all(empty_db)
+    for schema in SCHEMAS:  # the first revision is that release's schema, without a version
+        migrations.upgrade(empty_db, schema, f"{schema}_0001")
+        with empty_db.begin() as conn:
+            conn.execute(text(f"DROP TABLE {migrations.version_table(schema)}"))
     with empty_db.begin() as conn:
+        conn.execute(
+            text(
+                "ALTER TABLE agent_runs ADD COLUMN tool_choice VARCHAR(16) DEFAULT 'auto' NOT NULL"
+            )
+        )
         conn.execute(
             text(
                 "INSERT INTO api_keys (id, key_hash, hint, owner, name, is_admin, created_at)"

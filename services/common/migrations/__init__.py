@@ -30,7 +30,7 @@ SERVICES = Path(__file__).resolve().parents[2]
 SCHEMAS = {
     "gateway": "services.gateway.keys",
     "retrieval": "services.retrieval.catalog",
-    "finetune": "services.finetune.jobs",
+    "finetune": "services.finetune.tables",
     "agent": "services.agent.runs",
 }
 

@@ -1,0 +1,302 @@
+"""The eval worker: runs evaluation runs, apart from GPU training (its own process and queue).
+
+The runs table is the queue: a worker claims a run with one conditional UPDATE (a queued run, or
+one whose worker has been silent for `eval_stale_after_s`), beats every `eval_heartbeat_s`, and
+writes one output item per item, unique per (run, item). Killed mid-run, it is replaced and the
+run resumes where the output items stop: no item is graded twice. A cancel is seen at the next
+beat. Every model call (sampling and judges) goes through the gateway as the run's key, so the
+key's allow-list and limits apply; a 429 waits as the gateway says and tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import httpx
+from prometheus_client import Counter, Gauge, start_http_server
+
+from services.common.logging import configure_logging
+from services.finetune.config import FinetuneSettings
+from services.finetune.evals import EvalStore, OutputRow, RunRow, new_id
+from services.finetune.graders import GradeError, grade, lookup, render_messages
+from services.finetune.jobs import JobStore
+
+log = logging.getLogger("crucible.finetune.evals")
+
+SAMPLING = ("temperature", "top_p", "seed", "max_completion_tokens", "max_tokens", "stop")
+ITEMS = Counter("crucible_eval_items_total", "Eval output items written, by status", ["status"])
+CALLS = Counter(
+    "crucible_eval_model_calls_total", "Model calls by eval runs, by outcome", ["outcome"]
+)
+RUNNING = Gauge("crucible_eval_runs_in_progress", "Eval runs this worker is running")
+
+
+class Runner:
+    def __init__(self, s: FinetuneSettings, store: EvalStore) -> None:
+        self.s = s
+        self.store = store
+        self.worker = f"{socket.gethostname()}-{os.getpid()}"
+        self.http = httpx.AsyncClient(base_url=s.gateway_url, timeout=s.eval_call_timeout_s)
+        self._sandbox: Any = None
+        self._sandbox_lock = asyncio.Lock()
+
+    # --- model calls, as the run's key ---------------------------------------------------
+
+    async def chat(
+        self,
+        run: RunRow,
+        usage: dict[str, dict[str, int]],
+        model: str,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+    ) -> dict[str, Any]:
+        body = {
+            "model": model,
+            "messages": messages,
+            **{k: params[k] for k in SAMPLING if k in params},
+        }
+        headers = {
+            "authorization": f"Bearer {self.s.internal_token.get_secret_value()}",
+            "x-crucible-key-id": run.key_id,
+        }
+        for _ in range(20):
+            try:
+                r = await self.http.post("/v1/chat/completions", json=body, headers=headers)
+            except httpx.HTTPError as exc:
+                CALLS.labels("unreachable").inc()
+                raise GradeError(f"the gateway was unreachable: {type(exc).__name__}") from None
+            if r.status_code != 429:
+                break
+            CALLS.labels("rate_limited").inc()
+            await asyncio.sleep(min(float(r.headers.get("retry-after") or 1), 10.0))
+        if r.status_code != 200:
+            CALLS.labels(f"status_{r.status_code // 100}xx").inc()
+            try:
+                message = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = r.text[:200]
+            raise GradeError(f"{model} answered {r.status_code}: {message[:300]}")
+        CALLS.labels("ok").inc()
+        out: dict[str, Any] = r.json()
+        u = out.get("usage") or {}
+        slot = usage.setdefault(model, {})
+        slot["invocation_count"] = slot.get("invocation_count", 0) + 1
+        for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            slot[k] = slot.get(k, 0) + int(u.get(k) or 0)
+        return out
+
+    async def canonical(self, smiles: str) -> str | None:
+        """RDKit's canonical SMILES, computed in the agent's capped sandbox (None: no molecule)."""
+        from services.agent.tools.base import ToolError
+        from services.agent.tools.chemistry import ChemSandbox
+
+        async with self._sandbox_lock:
+            if self._sandbox is None:
+                sandbox = ChemSandbox(workers=1)
+                await sandbox.start()
+                self._sandbox = sandbox
+        try:
+            info = await self._sandbox.call(
+                "molecule_info", {"smiles": smiles[:20_000]}, time.monotonic() + 10
+            )
+        except ToolError:
+            return None
+        return str(info.get("canonical_smiles")) if info.get("canonical_smiles") else None
+
+    # --- a run ----------------------------------------------------------------------------
+
+    async def sample(
+        self, run: RunRow, usage: dict[str, dict[str, int]], entry: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        ds, item = run.data_source, entry["item"]
+        if ds.get("type") != "completions" or not ds.get("model"):
+            return entry.get("sample") or _stored_sample(item)
+        spec = ds.get("input_messages") or {
+            "type": "item_reference",
+            "item_reference": "item.input",
+        }
+        if spec.get("type") == "template":
+            messages = render_messages(spec.get("template") or [], item, None)
+        else:
+            ref = str(spec.get("item_reference") or "item.input")
+            found = lookup(ref, {"item": item})
+            if not isinstance(found, list):
+                raise GradeError(f"{ref} is not a list of messages")
+            messages = found
+        response = await self.chat(
+            run, usage, ds["model"], messages, ds.get("sampling_params") or {}
+        )
+        choice = (response.get("choices") or [{}])[0]
+        message = choice.get("message") or {}
+        text = message.get("content") or ""
+        try:
+            output_json = json.loads(text)
+        except ValueError:
+            output_json = None
+        return {
+            "model": response.get("model"),
+            "input": messages,
+            "output": [{"role": "assistant", "content": text}],
+            "output_text": text,
+            "output_json": output_json,
+            "output_tools": message.get("tool_calls") or [],
+            "choices": response.get("choices"),
+            "finish_reason": choice.get("finish_reason"),
+            "usage": response.get("usage"),
+        }
+
+    async def item(
+        self,
+        run: RunRow,
+        criteria: list[dict[str, Any]],
+        usage: dict[str, dict[str, int]],
+        index: int,
+        entry: dict[str, Any],
+    ) -> None:
+        results: list[dict[str, Any]] = []
+        sample = None
+        status = "pass"
+        try:
+            sample = await self.sample(run, usage, entry)
+
+            async def judge(
+                model: str, msgs: list[dict[str, Any]], p: dict[str, Any]
+            ) -> dict[str, Any]:
+                return await self.chat(run, usage, model, msgs, p)
+
+            for c in criteria:
+                try:
+                    results.append(await grade(c, entry["item"], sample, judge, self.canonical))
+                except GradeError as exc:
+                    status = "error"
+                    results.append(
+                        {
+                            "name": c["name"],
+                            "type": c["type"],
+                            "score": 0.0,
+                            "passed": False,
+                            "sample": {"error": str(exc)},
+                        }
+                    )
+        except GradeError as exc:
+            status = "error"
+            results = [
+                {
+                    "name": "sampling",
+                    "type": "sample",
+                    "score": 0.0,
+                    "passed": False,
+                    "sample": {"error": str(exc)},
+                }
+            ]
+        if status == "pass" and not all(r["passed"] for r in results):
+            status = "fail"
+        row = OutputRow(
+            id=new_id("outputitem_"),
+            run_id=run.id,
+            eval_id=run.eval_id,
+            item_index=index,
+            created_at=time.time(),
+            status=status,
+            item=entry["item"],
+            sample=sample,
+            results=results,
+        )
+        if await asyncio.to_thread(self.store.add_output, row):
+            ITEMS.labels(status).inc()
+
+    async def run(self, run: RunRow) -> None:
+        RUNNING.inc()
+        usage: dict[str, dict[str, int]] = {}
+        try:
+            criteria = (
+                await asyncio.to_thread(self.store.get_eval, run.eval_id, run.owner)
+            ).testing_criteria
+            done = await asyncio.to_thread(self.store.done_indexes, run.id)
+            slots = asyncio.Semaphore(self.s.eval_concurrency)
+
+            async def bounded(i: int, entry: dict[str, Any]) -> None:
+                async with slots:
+                    await self.item(run, criteria, usage, i, entry)
+
+            tasks = {
+                asyncio.create_task(bounded(i, e)) for i, e in enumerate(run.items) if i not in done
+            }
+            go_on = True
+            while tasks and go_on:
+                finished, tasks = await asyncio.wait(tasks, timeout=self.s.eval_heartbeat_s)
+                for t in finished:
+                    if t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+                go_on = await asyncio.to_thread(self.store.heartbeat, run.id, self.worker)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(self.store.add_usage, run.id, usage)
+            if go_on:
+                await asyncio.to_thread(self.store.finish, run.id, self.worker, "completed", None)
+            else:  # cancelled (or deleted, or another worker took it over after a long stall)
+                await asyncio.to_thread(self.store.finish, run.id, self.worker, "canceled", None)
+        except Exception as exc:
+            log.exception("eval run failed", extra={"run": run.id})
+            error = {"code": "run_failed", "message": str(exc)[:500]}
+            await asyncio.to_thread(self.store.finish, run.id, self.worker, "failed", error)
+        finally:
+            RUNNING.dec()
+
+    async def serve(self) -> None:
+        running: set[asyncio.Task[None]] = set()
+        while True:
+            if len(running) < self.s.eval_runs:
+                try:
+                    claimed = await asyncio.to_thread(
+                        self.store.claim, self.worker, self.s.eval_stale_after_s
+                    )
+                except Exception:
+                    log.warning("claiming an eval run failed", exc_info=True)
+                    claimed = None
+                if claimed is not None:
+                    log.info("eval run started", extra={"run": claimed.id})
+                    task = asyncio.create_task(self.run(claimed))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                    continue
+            await asyncio.sleep(self.s.eval_poll_s)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+        if self._sandbox is not None:
+            with contextlib.suppress(Exception):
+                await self._sandbox.close()
+
+
+def _stored_sample(item: dict[str, Any]) -> dict[str, Any] | None:
+    """A stored completion's own answer, for runs that grade what was answered."""
+    if "output_text" not in item:
+        return None
+    text = item.get("output_text") or ""
+    return {
+        "model": item.get("model"),
+        "output_text": text,
+        "output": [{"role": "assistant", "content": text}],
+    }
+
+
+def main() -> None:
+    s = FinetuneSettings()
+    configure_logging("eval-worker", s.log_level)
+    start_http_server(s.eval_worker_metrics_port, addr=s.host)
+    jobs = JobStore(s.db_url())
+    runner = Runner(s, EvalStore(jobs.session))
+    asyncio.run(runner.serve())
+
+
+if __name__ == "__main__":
+    main()
