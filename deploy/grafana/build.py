@@ -264,6 +264,53 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
             ),
         ],
     ),
+    "lifecycle": (
+        "Crucible / Model lifecycle",
+        [
+            (
+                "Stored completions",
+                "reqps",
+                [
+                    ("sum(rate(crucible_outbox_sent_total[5m]))", "handed off by gateways"),
+                    ("sum(rate(crucible_captures_stored_total[5m]))", "stored"),
+                ],
+            ),
+            (
+                "Captures dropped (last hour) and waiting",
+                "short",
+                [
+                    (
+                        zero_if_none(
+                            "sum by (reason) (increase(crucible_outbox_dropped_total[1h]))",
+                            "sum(crucible_outbox_buffered)",
+                        ),
+                        "dropped: {{reason}}",
+                    ),
+                    ("sum(crucible_outbox_buffered)", "waiting in gateways"),
+                ],
+            ),
+            (
+                "Feedback by metric and value",
+                "short",
+                [("sum by (metric, value) (crucible_feedback)", "{{metric}} = {{value}}")],
+            ),
+            (
+                "Eval runs by status",
+                "short",
+                [("sum by (status) (crucible_eval_runs)", "{{status}}")],
+            ),
+            (
+                "Pass rate by eval and model (latest run)",
+                "percentunit",
+                [("max by (eval, model) (crucible_eval_pass_rate)", "{{eval}} / {{model}}")],
+            ),
+            (
+                "Eval items graded",
+                "reqps",
+                [("sum by (status) (rate(crucible_eval_items_total[5m]))", "{{status}}")],
+            ),
+        ],
+    ),
     "gpu": (
         "Crucible / GPU",
         [

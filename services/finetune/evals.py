@@ -614,6 +614,39 @@ class EvalStore:
                 )
             )
 
+    def pass_rates(self, limit: int) -> list[tuple[str, str, float]]:
+        """(eval name, model, share passed) of each eval's latest completed run per model."""
+        with self.session() as s:
+            latest = (
+                select(RunRow.eval_id, RunRow.model, func.max(RunRow.created_at).label("at"))
+                .where(RunRow.status == "completed")
+                .group_by(RunRow.eval_id, RunRow.model)
+                .subquery()
+            )
+            runs = s.execute(
+                select(RunRow.id, EvalRow.name, RunRow.model)
+                .join(
+                    latest,
+                    and_(RunRow.eval_id == latest.c.eval_id, RunRow.created_at == latest.c.at),
+                )
+                .join(EvalRow, EvalRow.id == RunRow.eval_id)
+                .order_by(RunRow.created_at.desc())
+                .limit(limit)
+            ).all()
+            out = []
+            for run_id, name, model in runs:
+                counts = dict(
+                    s.execute(
+                        select(OutputRow.status, func.count())
+                        .where(OutputRow.run_id == run_id)
+                        .group_by(OutputRow.status)
+                    ).all()
+                )
+                total = sum(counts.values())
+                if total:
+                    out.append((name, model or "given", counts.get("pass", 0) / total))
+        return out
+
     def status_counts(self) -> dict[str, int]:
         with self.session() as s:
             return dict(

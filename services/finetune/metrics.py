@@ -4,6 +4,7 @@ tokens/s, step time), the latter summed across job processes (prometheus multipr
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -57,6 +58,38 @@ class ApiMetrics:
         for status in STATUSES:
             self.jobs.labels(status).set_function(_count_of(counts, status))
         self.queue_depth.set_function(lambda: float(depth()))
+
+
+class LifecycleCollector:
+    """Feedback counts by metric and value, and the pass rate of each eval's latest completed
+    run per model, read from SQL at each scrape. Both are bounded (the 50 largest and the 50
+    latest): metric names, values and evals are the users' own words."""
+
+    LIMIT = 50
+
+    def __init__(self, feedback: Callable[[int], Any], pass_rates: Callable[[int], Any]) -> None:
+        self.feedback, self.pass_rates = feedback, pass_rates
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        fb = GaugeMetricFamily(
+            "crucible_feedback", "Feedback given, by metric and value", labels=["metric", "value"]
+        )
+        for metric, value, n in self.feedback(self.LIMIT):
+            fb.add_metric([metric, value[:64]], n)
+        yield fb
+        rate = GaugeMetricFamily(
+            "crucible_eval_pass_rate",
+            "Share of items that passed in each eval's latest completed run, per model",
+            labels=["eval", "model"],
+        )
+        for name, model, passed in self.pass_rates(self.LIMIT):
+            rate.add_metric([name[:64], model], passed)
+        yield rate
+
+    def describe(self) -> list[Any]:
+        return []
 
 
 def _count_of(counts: Callable[[], dict[str, int]], status: str) -> Callable[[], float]:

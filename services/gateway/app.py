@@ -50,16 +50,16 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.proxy is not None and self.forwarder is not None:
             path = scope["path"]
-            # POST makes a completion (the proxy); the other methods read and change stored
-            # ones (the lifecycle store behind the forwarder).
-            if path in FORWARDED and scope["method"] == "POST":
-                await self.proxy(scope, receive, send)
+            # POST makes a completion (the proxy); GET lists stored chat completions (the
+            # lifecycle store behind the forwarder); the proxy answers any other method 405.
+            if path in FORWARDED:
+                if scope["method"] == "GET" and (route := route_of(path)) is not None:
+                    await self.forwarder(scope, receive, send, route)
+                else:
+                    await self.proxy(scope, receive, send)
                 return
             if (route := route_of(path)) is not None:
                 await self.forwarder(scope, receive, send, route)
-                return
-            if path in FORWARDED:
-                await self.proxy(scope, receive, send)  # 405 with its Allow header
                 return
         await self.api(scope, receive, send)
 

@@ -196,7 +196,8 @@ def merge_service(doc: dict[str, Any], service: str, part: dict[str, Any]) -> No
             for code, response in _errors(*FORWARDED_ERRORS).items():
                 responses.setdefault(code, response)
             op["security"] = [{"bearer": []}]
-        doc["paths"][path] = ops
+        # Merged, not replaced: POST /v1/chat/completions is the proxy's, GET the store's.
+        doc["paths"].setdefault(path, {}).update(ops)
 
 
 def add_links(doc: dict[str, Any]) -> None:

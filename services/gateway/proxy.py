@@ -137,7 +137,7 @@ class Proxy:
     ) -> None:
         if scope["method"] != "POST":
             exc = error_for_status(405, f"method {scope['method']} not allowed")
-            exc.headers["allow"] = "POST"
+            exc.headers["allow"] = "GET, POST" if scope["path"] == CHAT else "POST"
             raise exc
         headers = dict(scope["headers"])
         key = await self.authenticate(headers)

@@ -75,6 +75,38 @@ def one_round(client: openai.OpenAI, store_id: str) -> None:
             "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 8}},
         },
     )
+    # The learning loop: a stored completion with feedback, and an eval run.
+    stored = client.chat.completions.create(
+        model=DENSE, messages=[{"role": "user", "content": "hi"}], max_tokens=2, store=True
+    )
+    client.post(
+        f"/chat/completions/{stored.id}/feedback",
+        cast_to=cast(Any, object),
+        body={"metric": "rating", "value": "good"},
+    )
+    ev = client.evals.create(
+        name="observed",
+        data_source_config={"type": "custom", "item_schema": {"type": "object"}},
+        testing_criteria=[
+            {
+                "type": "string_check",
+                "name": "same",
+                "input": "{{sample.output_text}}",
+                "reference": "{{item.answer}}",
+                "operation": "eq",
+            }
+        ],
+    )
+    graded = client.evals.runs.create(
+        ev.id,
+        data_source={
+            "type": "jsonl",
+            "source": {
+                "type": "file_content",
+                "content": [{"item": {"answer": "a"}, "sample": {"output_text": "a"}}],
+            },
+        },
+    )
     # The dev model's random weights would as soon answer at once: its first step must call a tool.
     ask: list[ChatCompletionMessageParam] = [
         {"role": "user", "content": "What is the molecular weight of aspirin?"}
@@ -100,6 +132,9 @@ def one_round(client: openai.OpenAI, store_id: str) -> None:
     ):
         assert time.monotonic() < deadline
         time.sleep(0.5)
+    while client.evals.runs.retrieve(graded.id, eval_id=ev.id).status != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     print("agent steps:", [(s["type"], s.get("tool"), s.get("status")) for s in done["steps"]])
 
 
