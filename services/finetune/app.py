@@ -19,14 +19,14 @@ from fastapi import FastAPI
 
 from services.common.app import build_app, serve
 from services.common.outbox import Consumer
-from services.finetune import adapters, captures_api, evals_api
+from services.finetune import adapters, captures_api, evals_api, responses
 from services.finetune.api import router, validate_job
 from services.finetune.captures import STREAM, CaptureStore
 from services.finetune.config import FinetuneSettings
 from services.finetune.datasets import DatasetStore
 from services.finetune.evals import EvalStore
 from services.finetune.jobs import JobStore
-from services.finetune.metrics import ApiMetrics
+from services.finetune.metrics import ApiMetrics, LifecycleCollector
 from services.finetune.worker import TASK, make_celery, worker_key
 
 log = logging.getLogger("crucible.finetune")
@@ -130,8 +130,11 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
         app.state.jobs, app.state.validate, app.state.dispatcher = jobs, validate, dispatcher
         app.state.captures = captures = CaptureStore(jobs.session)
         app.state.datasets = DatasetStore(jobs.session)
+        app.state.responses = responses.ResponseStore(jobs.session)
         app.state.evals = evals = EvalStore(jobs.session)
         metrics.watch_runs(evals.status_counts)
+        lifecycle = LifecycleCollector(captures.feedback_counts, evals.pass_rates)
+        app.state.registry.register(lifecycle)
         consumer = Consumer(
             s.captures_redis_url,
             STREAM,
@@ -146,6 +149,7 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
             yield
         finally:
             loop_task.cancel()
+            app.state.registry.unregister(lifecycle)
             await asyncio.to_thread(consumer.stop)
             for t in [loop_task, *tasks]:
                 t.cancel()
@@ -174,6 +178,7 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
     api.include_router(router())
     api.include_router(captures_api.router())
     api.include_router(evals_api.router())
+    api.include_router(responses.router())
     return api
 
 

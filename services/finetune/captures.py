@@ -27,13 +27,16 @@ from sqlalchemy import (
     UniqueConstraint,
     delete,
     exists,
+    func,
     select,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from services.common.errors import InvalidRequest, NotFound
 from services.common.pagination import PageQuery, listing, page
+from services.finetune import responses
 from services.finetune.jobs import Base
+from services.finetune.responses import ResponseRow
 
 log = logging.getLogger("crucible.finetune.captures")
 
@@ -181,12 +184,18 @@ def prompt_hash(messages: list[Any]) -> str:
     return hashlib.sha256(orjson.dumps(norm(messages), option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def to_row(fields: dict[bytes, bytes]) -> CompletionRow | None:
-    """One outbox record as a row; None (logged) for a record that cannot be one."""
+def to_row(fields: dict[bytes, bytes]) -> CompletionRow | ResponseRow | None:
+    """One outbox record as a row (a chat completion or a response); None (logged) for a
+    record that cannot be one."""
     try:
         meta = orjson.loads(fields[b"meta"])
         request = orjson.loads(fields[b"request"])
         raw = fields[b"response"]
+        if meta.get("kind") == "response":
+            row = responses.to_row(meta, request, raw)
+            if row is None:
+                log.warning("capture record without a response; skipped")
+            return row
         response = reassemble(raw) if meta.get("stream") else orjson.loads(raw)
     except (KeyError, ValueError, TypeError):
         log.warning("capture record malformed; skipped")
@@ -291,13 +300,17 @@ class CaptureStore:
 
     def ingest(self, records: Sequence[dict[bytes, bytes]]) -> int:
         """Keep each record once (a redelivered one is already there). Returns how many were new."""
-        rows = {r.id: r for r in map(to_row, records) if r is not None}
-        if not rows:
-            return 0
-        with self.session.begin() as s:
-            have = set(s.scalars(select(CompletionRow.id).where(CompletionRow.id.in_(list(rows)))))
-            s.add_all(r for i, r in rows.items() if i not in have)
-        return len(rows) - len(have)
+        new = 0
+        made = [r for r in map(to_row, records) if r is not None]
+        for kind in (CompletionRow, ResponseRow):
+            rows = {r.id: r for r in made if isinstance(r, kind)}
+            if not rows:
+                continue
+            with self.session.begin() as s:
+                have = set(s.scalars(select(kind.id).where(kind.id.in_(list(rows)))))
+                s.add_all(r for i, r in rows.items() if i not in have)
+            new += len(rows) - len(have)
+        return new
 
     def get(self, s: Session, completion_id: str, owner: str) -> CompletionRow:
         row = s.get(CompletionRow, completion_id)
@@ -406,24 +419,37 @@ class CaptureStore:
                 return  # found, or the caller's lookup answers 404
             time.sleep(0.05)
 
+    def feedback_counts(self, limit: int) -> list[tuple[str, str, int]]:
+        with self.session() as s:
+            n = func.count().label("n")
+            rows = s.execute(
+                select(FeedbackRow.metric, FeedbackRow.value_text, n)
+                .group_by(FeedbackRow.metric, FeedbackRow.value_text)
+                .order_by(n.desc())
+                .limit(limit)
+            ).all()
+        return [(m, v, int(c)) for m, v, c in rows]
+
     def export(self, owner: str) -> list[dict[str, Any]]:
         """Every stored completion of an owner with its feedback (admin export)."""
         return [completion_object(r, fb) for r, fb in self.rows(owner, Filter(), 10**9)]
 
     def purge(self, owner: str | None = None, *, expired_before: float | None = None) -> int:
-        """Delete an owner's records (admin purge), or those past their retention."""
-        where = (
-            CompletionRow.owner == owner
-            if owner is not None
-            else CompletionRow.expires_at < (expired_before or time.time())
-        )
+        """Delete an owner's stored completions and responses (admin purge), or those past their
+        retention."""
+        cutoff = expired_before or time.time()
+        deleted = 0
         with self.session.begin() as s:
-            ids = list(s.scalars(select(CompletionRow.id).where(where)))
-            for start in range(0, len(ids), 500):
-                part = ids[start : start + 500]
-                s.execute(delete(FeedbackRow).where(FeedbackRow.completion_id.in_(part)))
-                s.execute(delete(CompletionRow).where(CompletionRow.id.in_(part)))
-        return len(ids)
+            for kind in (CompletionRow, ResponseRow):
+                where = kind.owner == owner if owner is not None else kind.expires_at < cutoff
+                ids = list(s.scalars(select(kind.id).where(where)))
+                for start in range(0, len(ids), 500):
+                    part = ids[start : start + 500]
+                    if kind is CompletionRow:
+                        s.execute(delete(FeedbackRow).where(FeedbackRow.completion_id.in_(part)))
+                    s.execute(delete(kind).where(kind.id.in_(part)))
+                deleted += len(ids)
+        return deleted
 
 
 def _message(completion_id: str, index: int, m: Any) -> dict[str, Any]:

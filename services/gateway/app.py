@@ -35,7 +35,7 @@ from services.gateway.proxy import Proxy
 from services.gateway.redisio import Redis
 from services.gateway.routing import Router
 
-FORWARDED = frozenset({"/v1/chat/completions", "/v1/completions"})
+FORWARDED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 CAPTURES = "crucible:captures"  # the outbox stream the finetune service keeps (captures.py)
 
 
@@ -53,8 +53,8 @@ class Gateway:
             # POST makes a completion (the proxy); GET lists stored chat completions (the
             # lifecycle store behind the forwarder); the proxy answers any other method 405.
             if path in FORWARDED:
-                if scope["method"] == "GET" and (route := route_of(path)) is not None:
-                    await self.forwarder(scope, receive, send, route)
+                if scope["method"] == "GET" and path == "/v1/chat/completions":
+                    await self.forwarder(scope, receive, send, path)
                 else:
                     await self.proxy(scope, receive, send)
                 return
@@ -106,6 +106,7 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
             await outbox.aclose(timeout=5.0)  # what is buffered, before the process goes
             await outbox_redis.aclose()
             await gateway.forwarder.aclose()
+            await gateway.proxy.lifecycle.aclose()
             await owners.aclose()
             gateway.proxy, gateway.forwarder = None, None
             await router.stop()

@@ -51,6 +51,8 @@ SERVICE_ROUTES: dict[str, str] = {
     "/v1/agent": "agent",
     # Stored chat completions (GET, POST /{id}, DELETE): POST to the path itself is the proxy's.
     "/v1/chat/completions": "finetune",
+    # Stored responses (GET, DELETE, /input_items): POST /v1/responses is the proxy's.
+    "/v1/responses": "finetune",
 }
 # Services learn which key a request came with: the agent calls the model back as that key.
 KEY_HEADER = ON_BEHALF_HEADER.encode()

@@ -107,6 +107,34 @@ def _components(s: GatewaySettings) -> dict[str, Any]:
             "required": ["model", "prompt"],
             "properties": {**common, "prompt": {"type": "string", "minLength": 1}},
         },
+        "CreateResponseRequest": {
+            "type": "object",
+            "required": ["model", "input"],
+            "properties": {
+                "model": common["model"],
+                "input": {
+                    "oneOf": [
+                        {"type": "string", "minLength": 1},
+                        {"type": "array", "minItems": 1, "items": message},
+                    ]
+                },
+                "max_output_tokens": tokens,
+                "stream": common["stream"],
+                "temperature": common["temperature"],
+                "store": {"type": "boolean"},
+                "previous_response_id": {"type": "string", "minLength": 1, "maxLength": 200},
+            },
+        },
+        "ResponseObject": {
+            "type": "object",
+            "required": ["id", "object", "model", "output"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"type": "string"},
+                "model": {"type": "string"},
+                "output": {"type": "array", "items": {"type": "object"}},
+            },
+        },
         "CompletionResponse": {
             "type": "object",
             "required": ["id", "object", "created", "model", "choices"],
@@ -122,9 +150,9 @@ def _components(s: GatewaySettings) -> dict[str, Any]:
     }
 
 
-def _proxied(request: str, summary: str) -> dict[str, Any]:
+def _proxied(request: str, summary: str, answer: str = "CompletionResponse") -> dict[str, Any]:
     ok = {
-        "application/json": {"schema": {"$ref": "#/components/schemas/CompletionResponse"}},
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{answer}"}},
         "text/event-stream": {"schema": {"type": "string"}},
     }
     return {
@@ -162,6 +190,9 @@ def build_openapi(app: FastAPI, s: GatewaySettings) -> dict[str, Any]:
         "CreateChatCompletionRequest", "Create a chat completion"
     )
     doc["paths"]["/v1/completions"] = _proxied("CreateCompletionRequest", "Create a completion")
+    doc["paths"]["/v1/responses"] = _proxied(
+        "CreateResponseRequest", "Create a model response", "ResponseObject"
+    )
     components = doc.setdefault("components", {})
     components.setdefault("schemas", {}).update(_components(s))
     for unused in ("HTTPValidationError", "ValidationError"):

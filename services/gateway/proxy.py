@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from starlette.types import Message, Receive, Scope, Send
@@ -33,7 +34,9 @@ from services.common.errors import (
 from services.common.logging import request_id
 from services.common.metrics import _incoming_request_id
 from services.common.outbox import Outbox
+from services.common.tenancy import OWNER_HEADER
 from services.common.upstream import (
+    Pool,
     Response,
     UpstreamBusy,
     UpstreamConnectError,
@@ -49,6 +52,8 @@ from services.gateway.validation import check_request
 
 ON_BEHALF = ON_BEHALF_HEADER.encode()
 CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
+STORED = (CHAT, RESPONSES)  # the routes whose exchanges may be stored
 log = logging.getLogger("crucible.gateway")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -63,6 +68,7 @@ class ClientGone(Exception):
 class Outcome:
     status: int = 500
     model: str = "unknown"
+    route: str = ""
     key: ApiKey | None = None
     ttft: float | None = None
     prompt_tokens: int = 0
@@ -70,6 +76,8 @@ class Outcome:
     failed_midstream: bool = False
     strip_usage: bool = False  # the gateway asked for the usage event; the client did not
     capture: bytes | None = None  # the request body, when the exchange is to be stored
+    previous_response_id: str | None = None  # a response continued from a stored one
+    own_input_from: int = 0  # where its own input starts after the conversation before it
 
 
 class Proxy:
@@ -85,6 +93,9 @@ class Proxy:
     ) -> None:
         self.s = settings
         self.outbox = outbox
+        # The lifecycle store (the finetune service): stored responses a request continues.
+        self.lifecycle = Pool(settings.finetune_url)
+        self.internal_auth = b"Bearer " + settings.internal_token.get_secret_value().encode()
         self.owners = owners
         self.router = router
         self.keys = keys
@@ -97,8 +108,8 @@ class Proxy:
         rid = _incoming_request_id(scope) or uuid.uuid4().hex
         token = request_id.set(rid)
         start = time.perf_counter()
-        out = Outcome()
         route: str = scope["path"]
+        out = Outcome(route=route)
         try:
             await self._handle(scope, receive, send, rid, out, start)
         except CrucibleError as exc:
@@ -150,12 +161,16 @@ class Proxy:
                 f"request body not received within {self.s.body_timeout_s:g}s"
             ) from None
         payload = _parse(body)
-        model, stream = check_request(scope["path"], payload, self.s)
+        path = scope["path"]
+        model, stream = check_request(path, payload, self.s)
         out.model = model
-        if stream and (asked := ask_for_usage(body, payload)) is not None:
+        if path == RESPONSES:
+            if payload.get("previous_response_id"):
+                body = await self.continued(key, payload, out)
+        elif stream and (asked := ask_for_usage(body, payload)) is not None:
             body, out.strip_usage = asked, True
         store = payload.get("store")
-        if (key.store if store is None else store) and scope["path"] == CHAT:
+        if (key.store if store is None else store) and path in STORED:
             out.capture = body
             if rid == _incoming_request_id(scope):
                 # vLLM names the completion after the request id: a client's own id may repeat,
@@ -192,6 +207,41 @@ class Proxy:
             self.metrics.rejections.labels("auth").inc()
             raise AuthenticationFailed("Incorrect API key provided.")
         return key
+
+    async def continued(self, key: ApiKey, payload: dict[str, Any], out: Outcome) -> bytes:
+        """A request that continues a stored response, made whole for any engine: the
+        conversation so far (from the lifecycle store) before its own input, and no
+        `previous_response_id` (each vLLM keeps responses only in its own process)."""
+        previous = payload.pop("previous_response_id")
+        path = f"/internal/responses/{quote(previous, safe='')}/context".encode()
+        headers = [
+            (b"authorization", self.internal_auth),
+            (OWNER_HEADER.encode(), key.owner.encode()),
+        ]
+        try:
+            async with asyncio.timeout(self.s.connect_timeout_s + 5):
+                resp = await self.lifecycle.request(
+                    b"GET", path, b"", headers, connect_timeout=self.s.connect_timeout_s
+                )
+                try:
+                    raw = await resp.read()
+                finally:
+                    resp.release()
+        except (UpstreamConnectError, UpstreamProtocolError, UpstreamBusy, TimeoutError):
+            raise Unavailable("stored responses are unavailable; try again shortly") from None
+        if resp.status == 404:
+            raise NotFound(
+                f"Previous response with id '{previous[:200]}' not found.",
+                param="previous_response_id",
+            )
+        if resp.status != 200:
+            raise Unavailable("stored responses are unavailable; try again shortly")
+        context = orjson.loads(raw)["data"]
+        own = payload["input"]
+        own = [{"type": "message", "role": "user", "content": own}] if isinstance(own, str) else own
+        payload["input"] = [*context, *own]
+        out.previous_response_id, out.own_input_from = previous, len(context)
+        return orjson.dumps(payload)
 
     async def _backends(self, model: str) -> list[Backend]:
         backends = self.router.backends_for(model)
@@ -319,8 +369,9 @@ class Proxy:
         except (orjson.JSONDecodeError, AttributeError):
             self.metrics.upstream_errors.labels("bad_body").inc()
             raise UpstreamError("the inference backend sent a malformed response") from None
-        out.prompt_tokens = usage.get("prompt_tokens") or 0
-        out.completion_tokens = usage.get("completion_tokens") or 0
+        # Chat and completions say prompt/completion tokens; the Responses API input/output.
+        out.prompt_tokens = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
+        out.completion_tokens = usage.get("completion_tokens") or usage.get("output_tokens") or 0
         out.status = 200
         if out.capture is not None:
             self.keep(out, rid, raw, stream=False)
@@ -353,6 +404,8 @@ class Proxy:
             }
         )
         usage = UsageSniffer(out, strip=out.strip_usage, keep=out.capture is not None)
+        if out.route == RESPONSES:
+            usage.marker = b'"output_tokens"'  # in the final response.completed event
         await send({"type": "http.response.body", "body": usage.feed(first), "more_body": True})
         client = direct_client(send) if self.s.stream_relay == "direct" else None
         self.metrics.streams_by_relay["asgi" if client is None else "direct"].inc()
@@ -379,6 +432,9 @@ class Proxy:
         key = out.key
         assert key is not None and out.capture is not None
         meta = {
+            "kind": "response" if out.route == RESPONSES else "chat.completion",
+            "previous_response_id": out.previous_response_id,
+            "own_input_from": out.own_input_from,
             "owner": key.owner,
             "key_id": key.id,
             "retention_days": key.retention_days,
@@ -451,6 +507,7 @@ class UsageSniffer:
         self.strip = strip
         self.tail = b""
         self.kept: list[bytes] | None = [] if keep else None  # every read, to store the answer
+        self.marker = b'"completion_tokens"'  # what only the usage event holds
 
     def feed(self, read: bytes) -> bytes:
         """Sees a read; returns what the client gets of it."""
@@ -465,7 +522,7 @@ class UsageSniffer:
                 data, self.tail = data[:cut], data[cut:]
             else:  # pass it on, and scan its start again with the next read
                 self.tail = data[cut:][-self.KEEP :]
-        if b'"completion_tokens"' in data:
+        if self.marker in data:
             data = _count_usage(data, self.out, self.strip)
         return data if self.strip else read
 
@@ -475,15 +532,21 @@ def _count_usage(chunk: bytes, out: Outcome, strip: bool) -> bytes:
     kept = []
     for event in chunk.split(b"\n\n"):
         line = event.lstrip(b"\n")
-        if line.startswith(b"data: {") and b'"completion_tokens"' in line:
+        if line.startswith(b"event: response."):  # the Responses API names its events
+            line = line[line.find(b"\n") + 1 :]
+        if line.startswith(b"data: {") and (
+            b'"completion_tokens"' in line or b'"output_tokens"' in line
+        ):
             try:
                 body = orjson.loads(line[6:])
             except orjson.JSONDecodeError:
                 kept.append(event)
                 continue  # the unfinished end of a read: seen whole with the next one
-            usage = body.get("usage") or {}
-            out.prompt_tokens = usage.get("prompt_tokens") or 0
-            out.completion_tokens = usage.get("completion_tokens") or 0
+            usage = body.get("usage") or (body.get("response") or {}).get("usage") or {}
+            out.prompt_tokens = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
+            out.completion_tokens = (
+                usage.get("completion_tokens") or usage.get("output_tokens") or 0
+            )
             if strip and body.get("choices") == []:
                 continue  # the usage-only event the client did not ask for
         kept.append(event)

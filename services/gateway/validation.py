@@ -31,6 +31,19 @@ def _int(payload: dict[str, Any], name: str, low: int, high: int) -> None:
         )
 
 
+def _check_input(value: Any) -> None:
+    """The Responses API's `input`: text, or a list of items (messages and the like)."""
+    if isinstance(value, str) and value:
+        return
+    if isinstance(value, list) and value and all(isinstance(i, dict) for i in value):
+        return
+    raise InvalidRequest(
+        "input must be a non-empty string or a non-empty array of input items",
+        param="input",
+        code="invalid_type" if value is not None else "missing_required",
+    )
+
+
 def check_request(path: str, payload: dict[str, Any], s: GatewaySettings) -> tuple[str, bool]:
     """Raise InvalidRequest naming the param, else return (model, stream)."""
     model = payload.get("model")
@@ -58,6 +71,16 @@ def check_request(path: str, payload: dict[str, Any], s: GatewaySettings) -> tup
             )
         _int(payload, "max_completion_tokens", 1, s.max_tokens_cap)
         _int(payload, "top_logprobs", 0, s.max_top_logprobs)
+    elif path.endswith("/responses"):
+        _check_input(payload.get("input"))
+        _int(payload, "max_output_tokens", 1, s.max_tokens_cap)
+        previous = payload.get("previous_response_id")
+        if previous is not None and not (isinstance(previous, str) and 0 < len(previous) <= 200):
+            raise InvalidRequest(
+                "previous_response_id must be a response id",
+                param="previous_response_id",
+                code="invalid_type",
+            )
     else:
         prompt = payload.get("prompt")
         if prompt is None or prompt == "" or prompt == []:
