@@ -52,6 +52,7 @@ GRADERS = {
     "score_model",
     "json_schema",
     "smiles_match",
+    "retrieval",
 }
 SIMILARITY = {"fuzzy_match", "bleu", "rouge_1", "rouge_2", "rouge_l"}
 STORED_ITEM = {  # what an item from stored completions holds (logs / stored_completions evals)
@@ -239,6 +240,15 @@ def _check_grader(c: dict[str, Any], param: str) -> None:
             raise InvalidRequest(
                 f"{param}.schema: {exc.message}", param=f"{param}.schema"
             ) from None
+    if kind == "retrieval":
+        _need(c, "vector_store_id", param)
+        _need(c, "query", param)
+        _need(c, "expected", param)
+        if c.get("metric", "hit") not in ("hit", "mrr"):
+            raise InvalidRequest(f"{param}.metric must be hit or mrr", param=f"{param}.metric")
+        k = c.get("k", 5)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 50:
+            raise InvalidRequest(f"{param}.k must be an integer from 1 to 50", param=f"{param}.k")
     if kind in ("label_model", "score_model"):
         _need(c, "model", param)
         messages = _need(c, "input", param, list)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from services.common.errors import AuthenticationFailed, InvalidRequest, NotFound
 from services.common.metadata import check_metadata
 from services.common.pagination import AscPageParams
-from services.common.tenancy import Owner
+from services.common.tenancy import Owner, internal_headers
 from services.finetune.captures import Filter
 from services.finetune.evals import (
     MAX_ITEMS,
@@ -81,6 +81,23 @@ def model_available(s: Any, key_id: str, model: str, param: str) -> None:
             f"model {model!r} is not served or not available to this key",
             param=param,
             code="model_not_found",
+        )
+
+
+def store_available(s: Any, owner: str, store_id: str, i: int) -> None:
+    """The vector store a retrieval grader searches is the owner's, else 400."""
+    try:
+        r = httpx.get(
+            f"{s.retrieval_url}/v1/vector_stores/{quote(store_id, safe='')}",
+            headers=internal_headers(s.internal_token, owner),
+            timeout=10,
+        )
+    except httpx.HTTPError:
+        raise InvalidRequest("could not check the vector store: retrieval is away") from None
+    if r.status_code != 200:
+        raise InvalidRequest(
+            f"no vector store {store_id!r}",
+            param=f"testing_criteria[{i}].vector_store_id",
         )
 
 
@@ -204,6 +221,8 @@ def _new_eval(state: Any, owner: str, key_id: str, body: EvalCreate) -> EvalRow:
     for i, c in enumerate(criteria):
         if c["type"] in ("label_model", "score_model"):
             model_available(state.settings, key_id, c["model"], f"testing_criteria[{i}].model")
+        if c["type"] == "retrieval":
+            store_available(state.settings, owner, c["vector_store_id"], i)
     return EvalRow(
         id=new_id("eval_"),
         owner=owner,

@@ -18,11 +18,13 @@ import os
 import socket
 import time
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from prometheus_client import Counter, Gauge, start_http_server
 
 from services.common.logging import configure_logging
+from services.common.tenancy import internal_headers
 from services.finetune.config import FinetuneSettings
 from services.finetune.evals import EvalStore, OutputRow, RunRow, new_id
 from services.finetune.graders import GradeError, grade, lookup, render_messages
@@ -91,6 +93,23 @@ class Runner:
         for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
             slot[k] = slot.get(k, 0) + int(u.get(k) or 0)
         return out
+
+    async def search(self, run: RunRow, store_id: str, query: str, k: int) -> list[dict[str, Any]]:
+        """A vector-store search as the run's owner (the retrieval service, directly)."""
+        try:
+            r = await self.http.post(
+                f"{self.s.retrieval_url}/v1/vector_stores/{quote(store_id, safe='')}/search",
+                json={"query": query[:4000], "max_num_results": k},
+                headers=internal_headers(self.s.internal_token, run.owner),
+            )
+        except httpx.HTTPError as exc:
+            raise GradeError(
+                f"the retrieval service was unreachable: {type(exc).__name__}"
+            ) from None
+        if r.status_code != 200:
+            raise GradeError(f"the search answered {r.status_code}: {r.text[:200]}")
+        data: list[dict[str, Any]] = r.json().get("data") or []
+        return data
 
     async def canonical(self, smiles: str) -> str | None:
         """RDKit's canonical SMILES, computed in the agent's capped sandbox (None: no molecule)."""
@@ -171,9 +190,14 @@ class Runner:
             ) -> dict[str, Any]:
                 return await self.chat(run, usage, model, msgs, p)
 
+            async def search(store_id: str, query: str, k: int) -> list[dict[str, Any]]:
+                return await self.search(run, store_id, query, k)
+
             for c in criteria:
                 try:
-                    results.append(await grade(c, entry["item"], sample, judge, self.canonical))
+                    results.append(
+                        await grade(c, entry["item"], sample, judge, self.canonical, search)
+                    )
                 except GradeError as exc:
                     status = "error"
                     results.append(

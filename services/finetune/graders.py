@@ -1,6 +1,6 @@
 """Graders: OpenAI's (string_check, text_similarity, label_model, score_model) and the lab's
-(json_schema, smiles_match). Each takes a criterion, the item and the sample, and returns OpenAI's
-result object (`name`, `type`, `score`, `passed`, `sample` with the grader's reason).
+(json_schema, smiles_match, retrieval). Each takes a criterion, the item and the sample, and
+returns OpenAI's result object (`name`, `type`, `score`, `passed`, `sample` with the reason).
 
 A grader that cannot judge (a judge model that answers nonsense, a model call that failed)
 raises `GradeError`: the item is `error`, never a crash of the run.
@@ -20,6 +20,7 @@ from services.finetune.evals import TEMPLATE_RE
 
 Chat = Callable[[str, list[dict[str, Any]], dict[str, Any]], Awaitable[dict[str, Any]]]
 Canonical = Callable[[str], Awaitable[str | None]]
+Search = Callable[[str, str, int], Awaitable[list[dict[str, Any]]]]
 
 
 class GradeError(Exception):
@@ -176,14 +177,43 @@ async def score_model(
     return _result(c, score, passed, reason=f"scored {score}")
 
 
+def _holds(hit: dict[str, Any], expected: str) -> bool:
+    """A search result is the expected one: its file id, or a passage containing the text."""
+    if hit.get("file_id") == expected:
+        return True
+    text = " ".join(
+        str(part.get("text", "")) for part in hit.get("content") or [] if isinstance(part, dict)
+    )
+    return len(expected) > 3 and expected.lower() in text.lower()
+
+
+async def retrieval(
+    c: dict[str, Any], item: dict[str, Any], sample: dict[str, Any] | None, search: Search
+) -> dict[str, Any]:
+    """Hit@k or reciprocal rank of a vector-store search for `query` against `expected`."""
+    k = int(c.get("k") or 5)
+    query = render(c["query"], item, sample)
+    expected = render(c["expected"], item, sample)
+    hits = await search(c["vector_store_id"], query, k)
+    rank = next((i for i, hit in enumerate(hits[:k], start=1) if _holds(hit, expected)), None)
+    metric = c.get("metric") or "hit"
+    score = (1.0 if rank else 0.0) if metric == "hit" else (1.0 / rank if rank else 0.0)
+    threshold = float(c.get("pass_threshold") or (1.0 if metric == "hit" else 1e-9))
+    where = f"rank {rank} of {len(hits)}" if rank else f"not in the top {k}"
+    return _result(c, score, score >= threshold, reason=f"{expected[:100]!r}: {where}")
+
+
 async def grade(
     c: dict[str, Any],
     item: dict[str, Any],
     sample: dict[str, Any] | None,
     chat: Chat,
     canonical: Canonical,
+    search: Search,
 ) -> dict[str, Any]:
     kind = c["type"]
+    if kind == "retrieval":
+        return await retrieval(c, item, sample, search)
     if kind == "label_model":
         return await label_model(c, item, sample, chat)
     if kind == "score_model":

@@ -159,6 +159,58 @@ def test_smiles_match_compares_molecules_not_strings(client: openai.OpenAI) -> N
     assert outcome == {0: "pass", 1: "pass", 2: "fail", 3: "fail"}, done
 
 
+def test_the_retrieval_grader_scores_hits_and_ranks(client: openai.OpenAI) -> None:
+    store = client.vector_stores.create(name="eval-retrieval")
+    docs = {
+        "caffeine.md": b"Caffeine is the stimulant in coffee and tea that keeps people awake.",
+        "aspirin.md": b"Aspirin, acetylsalicylic acid, relieves pain and reduces fever.",
+    }
+    ids = {}
+    for name, text in docs.items():
+        done = client.vector_stores.files.upload_and_poll(
+            vector_store_id=store.id, file=(name, text), poll_interval_ms=200
+        )
+        assert done.status == "completed"
+        ids[name] = done.id
+    search = {"type": "retrieval", "vector_store_id": store.id, "query": "{{item.q}}"}
+    ev = client.evals.create(
+        data_source_config={
+            "type": "custom",
+            "item_schema": {
+                "type": "object",
+                "properties": {"q": {"type": "string"}, "file": {"type": "string"}},
+            },
+        },
+        testing_criteria=[
+            {**search, "name": "top hit", "expected": "{{item.file}}", "k": 1},  # type: ignore[list-item]
+            {**search, "name": "rank", "expected": "{{item.file}}", "k": 2, "metric": "mrr"},  # type: ignore[list-item]
+        ],
+    )
+    content = [
+        {"item": {"q": "what keeps you awake in coffee", "file": ids["caffeine.md"]}},
+        {"item": {"q": "a drug against pain and fever", "file": ids["aspirin.md"]}},
+        {"item": {"q": "what keeps you awake in coffee", "file": ids["aspirin.md"]}},
+    ]
+    run = client.evals.runs.create(ev.id, data_source=given(content))
+    finished(client, ev.id, run.id)
+    scores = {
+        i.datasource_item_id: [(r.name, r.score) for r in i.results]
+        for i in client.evals.runs.output_items.list(run.id, eval_id=ev.id)
+    }
+    assert scores == {
+        0: [("top hit", 1.0), ("rank", 1.0)],
+        1: [("top hit", 1.0), ("rank", 1.0)],
+        2: [("top hit", 0.0), ("rank", 0.5)],
+    }
+    with pytest.raises(openai.BadRequestError) as err:
+        client.evals.create(
+            data_source_config=CUSTOM,
+            testing_criteria=[{**search, "vector_store_id": "vs_unknown", "expected": "x"}],  # type: ignore[list-item]
+        )
+    assert err.value.param == "testing_criteria[0].vector_store_id"
+    client.vector_stores.delete(store.id)
+
+
 def test_a_model_is_sampled_through_the_gateway(client: openai.OpenAI) -> None:
     ev = client.evals.create(data_source_config=CUSTOM, testing_criteria=[SAID_SOMETHING])
     run = client.evals.runs.create(ev.id, data_source=sampled(DENSE, items(6)))

@@ -122,6 +122,20 @@ def test_clients_bench_smoke_measures_ours_beside_the_maintained_clients(tmp_pat
         assert all(len(v) == 2 and min(v) > 0 for v in data[part]["cpu_us_per_request"].values())
 
 
+def test_evals_bench_smoke_compares_the_runner_with_direct_calls(
+    gateway_url: str, admin_key: str, tmp_path: Path
+) -> None:
+    from bench import evals
+
+    key = tmp_path / "key"
+    key.write_text(admin_key)
+    out = tmp_path / "evals.json"
+    argv = ["--url", gateway_url, "--key-file", str(key), "--items", "4", "--rounds", "1"]
+    assert evals.main([*argv, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["rounds"][0]["runner_items_per_s"] > 0 and data["median_ratio"] > 0
+
+
 def test_streaming_bench_smoke_measures_cpu_per_token_for_each_relay(
     stack: Stack, gateway_url: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -129,14 +143,14 @@ def test_streaming_bench_smoke_measures_cpu_per_token_for_each_relay(
 
     out = tmp_path / "streaming.json"
     ports = [str(stack.config.ports.inference), str(stack.config.ports.gateway)]
-    argv = ["--smoke", "--out", str(out), "--redis-url", redis_url]
+    argv = ["--smoke", "--out", str(out), "--redis-url", redis_url, "--variants", "store"]
     argv += ["--stack-var-dir", str(stack.config.var_dir), "--stack-ports", *ports]
     assert streaming.main(argv) == 0
     data = json.loads(out.read_text())
     for part in ("fake", "vllm"):
         level = data[part]["levels"][0]
         assert level["direct"]["failed"] == 0 and level["direct"]["output_tok_s"][0] > 0
-        for relay in ("gateway-direct", "gateway-asgi"):
+        for relay in ("gateway-direct", "gateway-asgi", "gateway-direct/store"):
             assert level[relay]["failed"] == 0
             assert level[relay]["median_cpu_us_per_token"] > 0
 
