@@ -42,6 +42,7 @@ bench: up
 	@$(PY) bench/clients.py
 	@$(PY) bench/finetune.py
 	@$(PY) bench/agent.py
+	@$(PY) bench/evals.py
 
 clean: down
 	rm -rf var/run var/log

@@ -193,6 +193,26 @@ def install_error_handlers(app: FastAPI) -> None:
             envelope(message, "invalid_request_error", None, "invalid_value"), status_code=400
         )
 
+    @app.exception_handler(OverflowError)
+    async def _too_big(request: Request, exc: OverflowError) -> JSONResponse:
+        # A JSON integer past what the database stores (SQLite's 64 bits), in a filter or a
+        # field a route does not bound itself.
+        log.info("number out of range on %s", request.url.path)
+        message = "a number in this request is out of range"
+        return JSONResponse(
+            envelope(message, "invalid_request_error", None, "invalid_value"), status_code=400
+        )
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def _unencodable(request: Request, exc: UnicodeEncodeError) -> JSONResponse:
+        # JSON may escape half a surrogate pair ("\ud800"): valid JSON, not text any database
+        # or encoder takes. Such a value is the client's to fix, never a server error.
+        log.info("unencodable value on %s", request.url.path)
+        message = "a value in this request is not valid Unicode text (an unpaired surrogate)"
+        return JSONResponse(
+            envelope(message, "invalid_request_error", None, "invalid_value"), status_code=400
+        )
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)

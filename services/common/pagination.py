@@ -98,3 +98,16 @@ def listing(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
         "last_id": data[-1]["id"] if data else None,
         "has_more": has_more,
     }
+
+
+def page_of(items: list[dict[str, Any]], q: PageQuery) -> dict[str, Any]:
+    """A page of a short list held whole (a completion's messages, a response's input items):
+    the same `order`, `after` and `limit` as the SQL lists."""
+    if q.order == "desc":
+        items = items[::-1]
+    if q.after is not None:
+        at = next((n for n, item in enumerate(items) if item["id"] == q.after), None)
+        if at is None:
+            raise InvalidRequest(f"unknown cursor after={q.after!r}", param="after")
+        items = items[at + 1 :]
+    return listing(items[: q.limit], len(items) > q.limit)

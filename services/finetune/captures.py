@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from services.common.errors import InvalidRequest, NotFound
-from services.common.pagination import PageQuery, listing, page
+from services.common.pagination import PageQuery, listing, page, page_of
 from services.finetune import responses
 from services.finetune.jobs import Base
 from services.finetune.responses import ResponseRow
@@ -355,15 +355,8 @@ class CaptureStore:
     def messages(self, completion_id: str, owner: str, q: PageQuery) -> dict[str, Any]:
         with self.session() as s:
             row = self.get(s, completion_id, owner)
-        items = [_message(row.id, i, m) for i, m in enumerate(row.request.get("messages") or [])]
-        if q.order == "desc":
-            items.reverse()
-        if q.after is not None:
-            at = next((n for n, m in enumerate(items) if m["id"] == q.after), None)
-            if at is None:
-                raise InvalidRequest(f"unknown cursor after={q.after!r}", param="after")
-            items = items[at + 1 :]
-        return listing(items[: q.limit], len(items) > q.limit)
+        messages = row.request.get("messages") or []
+        return page_of([_message(row.id, i, m) for i, m in enumerate(messages)], q)
 
     def update(self, completion_id: str, owner: str, metadata: dict[str, str]) -> dict[str, Any]:
         with self.session.begin() as s:

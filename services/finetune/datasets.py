@@ -36,8 +36,8 @@ class DatasetFilter(BaseModel):
     model: StrictStr | None = None
     metadata: Annotated[dict[str, StrictStr], Field(max_length=16)] | None = None
     feedback: Annotated[dict[str, Value], Field(max_length=16)] | None = None
-    created_after: StrictInt | None = None
-    created_before: StrictInt | None = None
+    created_after: Annotated[StrictInt, Field(ge=0, le=2**40)] | None = None  # Unix seconds
+    created_before: Annotated[StrictInt, Field(ge=0, le=2**40)] | None = None
 
     def compile(self) -> Filter:
         check_metadata(self.metadata, "filter.metadata")

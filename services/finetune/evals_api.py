@@ -146,6 +146,15 @@ def resolve_items(state: Any, owner: str, row: EvalRow, ds: dict[str, Any]) -> l
         items = _jsonl_items(text)
     elif kind == "stored_completions":
         check_metadata(source.get("metadata"), "data_source.source.metadata")
+        for name in ("created_after", "created_before", "limit"):
+            value = source.get(name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**40
+            ):
+                raise InvalidRequest(
+                    f"data_source.source.{name} must be a non-negative integer",
+                    param=f"data_source.source.{name}",
+                )
         limit = min(int(source.get("limit") or MAX_ITEMS), MAX_ITEMS)
         f = Filter(
             model=source.get("model"),

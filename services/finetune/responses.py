@@ -18,8 +18,8 @@ from fastapi import APIRouter, Request
 from sqlalchemy import JSON, Float, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from services.common.errors import InvalidRequest, NotFound
-from services.common.pagination import PageParams, PageQuery, listing
+from services.common.errors import NotFound
+from services.common.pagination import PageParams, PageQuery, page_of
 from services.common.tenancy import Owner
 from services.finetune.jobs import Base
 
@@ -139,14 +139,7 @@ class ResponseStore:
             if isinstance(item.get("content"), str):
                 item["content"] = [{"type": "input_text", "text": item["content"]}]
             items.append(item)
-        if q.order == "desc":
-            items.reverse()
-        if q.after is not None:
-            at = next((n for n, m in enumerate(items) if m["id"] == q.after), None)
-            if at is None:
-                raise InvalidRequest(f"unknown cursor after={q.after!r}", param="after")
-            items = items[at + 1 :]
-        return listing(items[: q.limit], len(items) > q.limit)
+        return page_of(items, q)
 
     def context(self, response_id: str, owner: str) -> list[Any]:
         """The whole conversation up to and including this response, as input items."""

@@ -52,6 +52,14 @@ def make_app(ready_ok: bool = True):
     async def limited() -> None:
         raise RateLimited("slow down", retry_after=2.4)
 
+    @app.get("/huge")
+    async def huge() -> None:
+        raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+    @app.get("/half-a-surrogate")
+    async def unencodable() -> None:
+        "\ud800".encode()  # what a database driver does with JSON's "\ud800"
+
     @app.get("/boom")
     async def boom() -> None:
         raise RuntimeError("secret-token-123 leaked?")
@@ -101,6 +109,12 @@ def test_unexpected_error_is_500_without_internals() -> None:
     assert r.status_code == 500
     assert "secret-token" not in r.text and "Traceback" not in r.text
     assert r.json()["error"]["code"] == "internal_error"
+
+
+def test_text_that_is_not_unicode_and_numbers_past_the_database_are_400_not_500() -> None:
+    for path in ("/half-a-surrogate", "/huge"):
+        r = call(make_app(), "GET", path)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value"
 
 
 def test_request_id_is_echoed_or_generated() -> None:
