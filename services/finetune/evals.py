@@ -9,13 +9,10 @@ replaced, the run resumes from what was written, and no item is graded twice.
 
 from __future__ import annotations
 
-import json
-import re
 import secrets
 import time
 from typing import Any
 
-import jsonschema
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -33,49 +30,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from services.common.errors import InvalidRequest, NotFound
-from services.common.metadata import check_metadata
+from services.common.errors import NotFound
 from services.common.pagination import PageQuery, listing, page
 from services.finetune.jobs import Base
 
-MAX_CRITERIA = 20
-MAX_ITEMS = 10_000
-MAX_TEMPLATE = 64 << 10
-MAX_DEPTH = 8
 RUN_FINAL = ("completed", "failed", "canceled")
-TEMPLATE_RE = re.compile(r"\{\{\s*(item|sample)((?:\.[A-Za-z0-9_]+)*)\s*\}\}")
-SAMPLE_FIELDS = {"output_text", "output_json", "output_tools", "choices", "model", "finish_reason"}
-GRADERS = {
-    "string_check",
-    "text_similarity",
-    "label_model",
-    "score_model",
-    "json_schema",
-    "smiles_match",
-    "retrieval",
-}
-SIMILARITY = {"fuzzy_match", "bleu", "rouge_1", "rouge_2", "rouge_l"}
-STORED_ITEM = {  # what an item from stored completions holds (logs / stored_completions evals)
-    "type": "object",
-    "properties": {
-        "input": {"type": "array"},
-        "output_text": {"type": ["string", "null"]},
-        "completion_id": {"type": "string"},
-        "model": {"type": "string"},
-        "metadata": {"type": "object"},
-    },
-}
-SAMPLE_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "model": {"type": "string"},
-        "choices": {"type": "array"},
-        "output_text": {"type": "string"},
-        "output_json": {},
-        "output_tools": {"type": "array"},
-        "finish_reason": {"type": "string"},
-    },
-}
 
 
 class EvalRow(Base):
@@ -129,205 +88,6 @@ class OutputRow(Base):
 
 def new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(12)
-
-
-# --- checking what a client sends -----------------------------------------------------------
-
-
-def _depth(value: Any, level: int = 0) -> int:
-    if isinstance(value, dict):
-        return max([_depth(v, level + 1) for v in value.values()], default=level + 1)
-    if isinstance(value, list):
-        return max([_depth(v, level + 1) for v in value], default=level + 1)
-    return level
-
-
-def templates_in(value: Any) -> list[tuple[str, str]]:
-    """Every {{namespace.path}} reference in a grader or an input template."""
-    if isinstance(value, str):
-        return [(m.group(1), m.group(2).lstrip(".")) for m in TEMPLATE_RE.finditer(value)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in templates_in(v)]
-    if isinstance(value, list):
-        return [t for v in value for t in templates_in(v)]
-    return []
-
-
-def check_references(value: Any, item_schema: dict[str, Any], param: str) -> None:
-    """A reference to a field the items cannot have is a 400 naming it."""
-    if len(json.dumps(value)) > MAX_TEMPLATE:
-        raise InvalidRequest(f"{param} is over {MAX_TEMPLATE} bytes of template", param=param)
-    known = set((item_schema.get("properties") or {}).keys())
-    open_schema = not known  # an item schema without properties says nothing of its fields
-    for namespace, path in templates_in(value):
-        head = path.split(".")[0] if path else ""
-        if namespace == "item" and not open_schema and head not in known:
-            raise InvalidRequest(
-                f"{param} refers to item.{path}, which the item schema does not have "
-                f"(it has: {', '.join(sorted(known))})",
-                param=param,
-            )
-        if namespace == "sample" and head not in SAMPLE_FIELDS:
-            raise InvalidRequest(
-                f"{param} refers to sample.{path}; a sample has {', '.join(sorted(SAMPLE_FIELDS))}",
-                param=param,
-            )
-
-
-def check_criteria(criteria: Any, item_schema: dict[str, Any]) -> list[dict[str, Any]]:
-    if not isinstance(criteria, list) or not criteria:
-        raise InvalidRequest("testing_criteria must be a non-empty array", param="testing_criteria")
-    if len(criteria) > MAX_CRITERIA:
-        raise InvalidRequest(
-            f"{len(criteria)} testing criteria; at most {MAX_CRITERIA}", param="testing_criteria"
-        )
-    names = set()
-    for i, c in enumerate(criteria):
-        param = f"testing_criteria[{i}]"
-        if not isinstance(c, dict):
-            raise InvalidRequest(f"{param} must be an object", param=param)
-        kind = c.get("type")
-        if kind == "python":
-            raise InvalidRequest(
-                "the python grader is not offered: it would run code from the request on the "
-                "server. Use string_check, text_similarity, json_schema, smiles_match, "
-                "label_model or score_model",
-                param=f"{param}.type",
-            )
-        if kind not in GRADERS:
-            raise InvalidRequest(
-                f"{param}.type {kind!r} is not a grader; one of {', '.join(sorted(GRADERS))}",
-                param=f"{param}.type",
-            )
-        c.setdefault("name", f"{kind}-{i}")
-        if c["name"] in names:
-            raise InvalidRequest(f"two testing criteria are named {c['name']!r}", param=param)
-        names.add(c["name"])
-        _check_grader(c, param)
-        check_references(c, item_schema, param)
-    return criteria
-
-
-def _need(c: dict[str, Any], field: str, param: str, kind: type | tuple[type, ...] = str) -> Any:
-    value = c.get(field)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise InvalidRequest(f"{param}.{field} is required ({c['type']})", param=f"{param}.{field}")
-    return value
-
-
-def _check_grader(c: dict[str, Any], param: str) -> None:
-    kind = c["type"]
-    if kind in ("string_check", "text_similarity", "smiles_match"):
-        _need(c, "input", param)
-        _need(c, "reference", param)
-    if kind == "string_check" and c.get("operation") not in ("eq", "ne", "like", "ilike"):
-        raise InvalidRequest(
-            f"{param}.operation must be eq, ne, like or ilike", param=f"{param}.operation"
-        )
-    if kind == "text_similarity":
-        if c.get("evaluation_metric") not in SIMILARITY:
-            raise InvalidRequest(
-                f"{param}.evaluation_metric must be one of {', '.join(sorted(SIMILARITY))}",
-                param=f"{param}.evaluation_metric",
-            )
-        _need(c, "pass_threshold", param, (int, float))
-    if kind == "json_schema":
-        _need(c, "input", param)
-        schema = _need(c, "schema", param, dict)
-        try:
-            jsonschema.Draft202012Validator.check_schema(schema)
-        except jsonschema.SchemaError as exc:
-            raise InvalidRequest(
-                f"{param}.schema: {exc.message}", param=f"{param}.schema"
-            ) from None
-    if kind == "retrieval":
-        _need(c, "vector_store_id", param)
-        _need(c, "query", param)
-        _need(c, "expected", param)
-        if c.get("metric", "hit") not in ("hit", "mrr"):
-            raise InvalidRequest(f"{param}.metric must be hit or mrr", param=f"{param}.metric")
-        k = c.get("k", 5)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 50:
-            raise InvalidRequest(f"{param}.k must be an integer from 1 to 50", param=f"{param}.k")
-    if kind in ("label_model", "score_model"):
-        _need(c, "model", param)
-        messages = _need(c, "input", param, list)
-        if not messages or not all(isinstance(m, dict) for m in messages):
-            raise InvalidRequest(f"{param}.input must be messages", param=f"{param}.input")
-    if kind == "label_model":
-        labels = _need(c, "labels", param, list)
-        passing = _need(c, "passing_labels", param, list)
-        if not labels or not set(passing) <= set(labels):
-            raise InvalidRequest(
-                f"{param}.passing_labels must be a subset of labels",
-                param=f"{param}.passing_labels",
-            )
-
-
-def config_object(config: Any) -> dict[str, Any]:
-    """The eval's data_source_config as stored and returned (with its `schema`)."""
-    if not isinstance(config, dict):
-        raise InvalidRequest("data_source_config must be an object", param="data_source_config")
-    kind = config.get("type")
-    if kind == "custom":
-        item_schema = config.get("item_schema")
-        if not isinstance(item_schema, dict):
-            raise InvalidRequest(
-                "data_source_config.item_schema must be a JSON schema",
-                param="data_source_config.item_schema",
-            )
-        try:
-            jsonschema.Draft202012Validator.check_schema(item_schema)
-        except jsonschema.SchemaError as exc:
-            raise InvalidRequest(
-                f"data_source_config.item_schema: {exc.message}",
-                param="data_source_config.item_schema",
-            ) from None
-        with_sample = bool(config.get("include_sample_schema"))
-        return {
-            "type": "custom",
-            "item_schema": item_schema,
-            "include_sample_schema": with_sample,
-            "schema": _schema(item_schema, with_sample),
-        }
-    if kind in ("logs", "stored_completions"):  # stored_completions: OpenAI's deprecated name
-        metadata = config.get("metadata") or {}
-        check_metadata(metadata, "data_source_config.metadata")
-        return {"type": kind, "metadata": metadata, "schema": _schema(STORED_ITEM, True)}
-    raise InvalidRequest(
-        f"data_source_config.type {kind!r}: one of custom, logs, stored_completions",
-        param="data_source_config.type",
-    )
-
-
-def _schema(item: dict[str, Any], with_sample: bool) -> dict[str, Any]:
-    properties = {"item": item, **({"sample": SAMPLE_SCHEMA} if with_sample else {})}
-    return {"type": "object", "properties": properties, "required": list(properties)}
-
-
-def item_schema_of(config: dict[str, Any]) -> dict[str, Any]:
-    schema: dict[str, Any] = config.get("item_schema") or STORED_ITEM
-    return schema
-
-
-def check_items(items: list[dict[str, Any]], schema: dict[str, Any], where: str) -> None:
-    """Each item against the eval's item schema; an error names its line (or index)."""
-    if len(items) > MAX_ITEMS:
-        raise InvalidRequest(
-            f"{len(items)} items; at most {MAX_ITEMS} per run", param="data_source"
-        )
-    if not items:
-        raise InvalidRequest("the data source has no items", param="data_source")
-    validator = jsonschema.Draft202012Validator(schema)
-    for n, entry in enumerate(items, start=1):
-        error = jsonschema.exceptions.best_match(validator.iter_errors(entry["item"]))
-        if error is not None:
-            at = "/".join(str(p) for p in error.absolute_path) or "item"
-            raise InvalidRequest(
-                f"{where} {n}: {at}: {error.message[:300]}", param="data_source.source"
-            )
-        if _depth(entry) > MAX_DEPTH + 2:
-            raise InvalidRequest(f"{where} {n} is nested deeper than {MAX_DEPTH}")
 
 
 # --- the API's objects -----------------------------------------------------------------------
@@ -610,18 +370,6 @@ class EvalStore:
                 update(RunRow)
                 .where(RunRow.id == run_id, RunRow.worker == worker)
                 .values(status=status, error=error)
-            )
-
-    def cancel_requested_in_progress(self, worker: str) -> list[str]:
-        with self.session() as s:
-            return list(
-                s.scalars(
-                    select(RunRow.id).where(
-                        RunRow.worker == worker,
-                        RunRow.status == "in_progress",
-                        RunRow.cancel_requested.is_(True),
-                    )
-                )
             )
 
     def pass_rates(self, limit: int) -> list[tuple[str, str, float]]:

@@ -17,17 +17,14 @@ from services.common.metadata import check_metadata
 from services.common.pagination import AscPageParams
 from services.common.tenancy import Owner, internal_headers
 from services.finetune.captures import Filter
-from services.finetune.evals import (
+from services.finetune.evals import EvalRow, EvalStore, RunRow, eval_object, new_id
+from services.finetune.evalspec import (
     MAX_ITEMS,
-    EvalRow,
-    EvalStore,
-    RunRow,
     check_criteria,
     check_items,
     check_references,
     config_object,
     item_schema_of,
-    new_id,
 )
 from services.finetune.files import file_text
 
@@ -261,8 +258,6 @@ def router() -> APIRouter:
 
     @r.get("/v1/evals/{eval_id}")
     def retrieve(eval_id: str, request: Request, owner: Owner) -> dict[str, Any]:
-        from services.finetune.evals import eval_object
-
         return eval_object(store(request).get_eval(eval_id, owner))
 
     @r.post("/v1/evals/{eval_id}")

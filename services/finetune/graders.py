@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 from rapidfuzz import fuzz
 
-from services.finetune.evals import TEMPLATE_RE
+from services.finetune.evalspec import TEMPLATE_RE
 
 Chat = Callable[[str, list[dict[str, Any]], dict[str, Any]], Awaitable[dict[str, Any]]]
 Canonical = Callable[[str], Awaitable[str | None]]

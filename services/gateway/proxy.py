@@ -48,6 +48,7 @@ from services.gateway.limits import Concurrency, RateLimiter, RedisUnavailable
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.owners import ModelOwners
 from services.gateway.routing import Backend, Router, choose
+from services.gateway.usage import UsageSniffer, ask_for_usage
 from services.gateway.validation import check_request
 
 ON_BEHALF = ON_BEHALF_HEADER.encode()
@@ -489,81 +490,6 @@ def direct_client(send: Send) -> DirectClient | None:
     ):
         return DirectClient(cycle)
     return None
-
-
-class UsageSniffer:
-    """Finds the stream's usage event in the reads as they pass, for the token metrics. An
-    event may straddle two reads: the unfinished end of a read (at most `KEEP` bytes) is kept
-    and scanned again with the next one. Per read this is a `bytes.endswith` and a search.
-
-    With `strip` (the gateway asked for usage; the client did not), the usage event is taken
-    out of what the client gets, and the unfinished end of a read is held back until its event
-    is whole (reads end on an event boundary almost always, so this rarely delays a byte)."""
-
-    KEEP = 4096
-
-    def __init__(self, out: Outcome, strip: bool = False, keep: bool = False) -> None:
-        self.out = out
-        self.strip = strip
-        self.tail = b""
-        self.kept: list[bytes] | None = [] if keep else None  # every read, to store the answer
-        self.marker = b'"completion_tokens"'  # what only the usage event holds
-
-    def feed(self, read: bytes) -> bytes:
-        """Sees a read; returns what the client gets of it."""
-        if self.kept is not None:
-            self.kept.append(read)
-        data = self.tail + read if self.tail else read
-        self.tail = b""
-        if not data.endswith(b"\n\n"):  # an event is cut here
-            end = data.rfind(b"\n\n")
-            cut = end + 2 if end >= 0 else 0
-            if self.strip:  # hold its start back until it is whole
-                data, self.tail = data[:cut], data[cut:]
-            else:  # pass it on, and scan its start again with the next read
-                self.tail = data[cut:][-self.KEEP :]
-        if self.marker in data:
-            data = _count_usage(data, self.out, self.strip)
-        return data if self.strip else read
-
-
-def _count_usage(chunk: bytes, out: Outcome, strip: bool) -> bytes:
-    """Counts the usage event in `chunk`; with `strip`, returns `chunk` without it."""
-    kept = []
-    for event in chunk.split(b"\n\n"):
-        line = event.lstrip(b"\n")
-        if line.startswith(b"event: response."):  # the Responses API names its events
-            line = line[line.find(b"\n") + 1 :]
-        if line.startswith(b"data: {") and (
-            b'"completion_tokens"' in line or b'"output_tokens"' in line
-        ):
-            try:
-                body = orjson.loads(line[6:])
-            except orjson.JSONDecodeError:
-                kept.append(event)
-                continue  # the unfinished end of a read: seen whole with the next one
-            usage = body.get("usage") or (body.get("response") or {}).get("usage") or {}
-            out.prompt_tokens = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
-            out.completion_tokens = (
-                usage.get("completion_tokens") or usage.get("output_tokens") or 0
-            )
-            if strip and body.get("choices") == []:
-                continue  # the usage-only event the client did not ask for
-        kept.append(event)
-    return b"\n\n".join(kept) if strip else chunk
-
-
-def ask_for_usage(body: bytes, payload: dict[str, Any]) -> bytes | None:
-    """A streaming request's body asking the engine for the usage event, or None when the
-    client asked for it already (or sent stream_options the engine should judge as they are).
-    The usual body (no stream_options) gets the field spliced in, not encoded again."""
-    if "stream_options" not in payload:
-        start = body.index(b"{") + 1
-        return body[:start] + b'"stream_options":{"include_usage":true},' + body[start:]
-    options = {} if payload["stream_options"] is None else payload["stream_options"]
-    if not isinstance(options, dict) or options.get("include_usage") is True:
-        return None
-    return orjson.dumps({**payload, "stream_options": {**options, "include_usage": True}})
 
 
 async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:

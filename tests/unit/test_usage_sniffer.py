@@ -2,7 +2,8 @@
 
 import orjson
 
-from services.gateway.proxy import Outcome, UsageSniffer
+from services.gateway.proxy import Outcome
+from services.gateway.usage import UsageSniffer
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 25, "total_tokens": 32}
 TAIL = (
@@ -53,7 +54,7 @@ def test_without_strip_every_read_passes_unchanged() -> None:
 def test_usage_is_asked_for_by_splicing_or_by_encoding_again() -> None:
     import json
 
-    from services.gateway.proxy import ask_for_usage
+    from services.gateway.usage import ask_for_usage
 
     plain = {"model": "m", "stream": True}
     spliced = ask_for_usage(b' {"model":"m","stream":true}', plain)
