@@ -157,6 +157,32 @@ def _allowed_methods(request: Request) -> set[str]:
     }
 
 
+UNSTORABLE: dict[type[Exception], str] = {
+    # PostgreSQL refuses what SQLite stores: a NUL character in text, a value longer than its
+    # column. Such input can name nothing stored and be stored nowhere.
+    DataError: (
+        "a value in this request cannot be stored or looked up: text may not contain NUL"
+        " characters, and ids, names and other fields have length limits"
+    ),
+    # A JSON integer past what the database stores (SQLite's 64 bits), in a filter or a field
+    # a route does not bound itself.
+    OverflowError: "a number in this request is out of range",
+    # JSON may escape half a surrogate pair ("\\ud800"): valid JSON, not text any database or
+    # encoder takes.
+    UnicodeEncodeError: "a value in this request is not valid Unicode text (an unpaired surrogate)",
+}
+
+
+def _unstorable(message: str) -> Any:
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        kind = type(getattr(exc, "orig", None) or exc).__name__
+        log.info("unstorable value on %s: %s", request.url.path, kind)
+        body = envelope(message, "invalid_request_error", None, "invalid_value")
+        return JSONResponse(body, status_code=400)
+
+    return handler
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CrucibleError)
     async def _crucible(_: Request, exc: CrucibleError) -> JSONResponse:
@@ -180,38 +206,10 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["allow"] = ", ".join(sorted(_allowed_methods(request)))
         return JSONResponse(err.body(), status_code=exc.status_code, headers=headers)
 
-    @app.exception_handler(DataError)
-    async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
-        # PostgreSQL refuses what SQLite stores: a NUL character in text, a value longer than
-        # its column. Such input can name nothing stored and be stored nowhere: the client's.
-        log.info("unstorable value on %s: %s", request.url.path, type(exc.orig).__name__)
-        message = (
-            "a value in this request cannot be stored or looked up: text may not contain NUL"
-            " characters, and ids, names and other fields have length limits"
-        )
-        return JSONResponse(
-            envelope(message, "invalid_request_error", None, "invalid_value"), status_code=400
-        )
-
-    @app.exception_handler(OverflowError)
-    async def _too_big(request: Request, exc: OverflowError) -> JSONResponse:
-        # A JSON integer past what the database stores (SQLite's 64 bits), in a filter or a
-        # field a route does not bound itself.
-        log.info("number out of range on %s", request.url.path)
-        message = "a number in this request is out of range"
-        return JSONResponse(
-            envelope(message, "invalid_request_error", None, "invalid_value"), status_code=400
-        )
-
-    @app.exception_handler(UnicodeEncodeError)
-    async def _unencodable(request: Request, exc: UnicodeEncodeError) -> JSONResponse:
-        # JSON may escape half a surrogate pair ("\ud800"): valid JSON, not text any database
-        # or encoder takes. Such a value is the client's to fix, never a server error.
-        log.info("unencodable value on %s", request.url.path)
-        message = "a value in this request is not valid Unicode text (an unpaired surrogate)"
-        return JSONResponse(
-            envelope(message, "invalid_request_error", None, "invalid_value"), status_code=400
-        )
+    # Values the client sent that no database or encoder takes: the client's to fix (400),
+    # never a server error.
+    for kind, message in UNSTORABLE.items():
+        app.add_exception_handler(kind, _unstorable(message))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
