@@ -132,6 +132,14 @@ def _parsed(text: str) -> Any:
     return None
 
 
+def judge_params(c: dict[str, Any]) -> dict[str, Any]:
+    """A judge answers one label or one number: 64 tokens unless the criterion says more."""
+    params = dict(c.get("sampling_params") or {})
+    if "max_completion_tokens" not in params and "max_tokens" not in params:
+        params["max_completion_tokens"] = 64
+    return params
+
+
 async def label_model(
     c: dict[str, Any], item: dict[str, Any], sample: dict[str, Any] | None, chat: Chat
 ) -> dict[str, Any]:
@@ -143,7 +151,7 @@ async def label_model(
             "content": f"Answer with exactly one of these labels: {', '.join(labels)}.",
         }
     )
-    answer = _answer(await chat(c["model"], messages, c.get("sampling_params") or {}))
+    answer = _answer(await chat(c["model"], messages, judge_params(c)))
     parsed = _parsed(answer)
     label = parsed.get("label") if isinstance(parsed, dict) else answer.strip().strip(".\"'")
     if label not in labels:
@@ -163,7 +171,7 @@ async def score_model(
             "content": f"Answer with a score from {low} to {high}, and nothing else.",
         }
     )
-    answer = _answer(await chat(c["model"], messages, c.get("sampling_params") or {}))
+    answer = _answer(await chat(c["model"], messages, judge_params(c)))
     parsed = _parsed(answer)
     raw = parsed.get("score") if isinstance(parsed, dict) else answer
     try:
