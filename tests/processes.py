@@ -115,6 +115,26 @@ def service(
         proc.stop()
 
 
+@contextmanager
+def eval_worker(var_dir: Path, settings: dict[str, object]) -> Iterator[Proc]:
+    """`python -m services.finetune.evalworker` beside a finetune service on `var_dir` (the
+    same database; `settings` as that service's, CRUCIBLE_FINETUNE_*)."""
+    port = _free_port()
+    env = {
+        "CRUCIBLE_VAR_DIR": str(var_dir),
+        "CRUCIBLE_FINETUNE_EVAL_WORKER_METRICS_PORT": str(port),
+    }
+    env |= {f"CRUCIBLE_FINETUNE_{k.upper()}": str(v) for k, v in settings.items()}
+    log = var_dir / f"eval-worker-{port}.log"
+    argv = [sys.executable, "-m", "services.finetune.evalworker"]
+    proc = Proc(f"http://127.0.0.1:{port}", port, _spawn(argv, env, log), log)
+    try:
+        _wait(lambda: _http_ok(f"{proc.url}/metrics"), "eval worker")
+        yield proc
+    finally:
+        proc.stop()
+
+
 def gateway(
     var_dir: Path, backends: list[str], redis_url: str, **settings: object
 ) -> contextlib.AbstractContextManager[Proc]:

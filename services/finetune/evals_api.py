@@ -20,6 +20,7 @@ from services.finetune.captures import Filter
 from services.finetune.evals import EvalRow, EvalStore, RunRow, eval_object, new_id
 from services.finetune.evalspec import (
     MAX_ITEMS,
+    check_agent,
     check_criteria,
     check_items,
     check_references,
@@ -27,6 +28,7 @@ from services.finetune.evalspec import (
     item_schema_of,
 )
 from services.finetune.files import file_text
+from services.finetune.responses import response_item, responses_match
 
 KEY_ID_HEADER = "x-crucible-key-id"
 RunStatus = Literal["queued", "in_progress", "completed", "canceled", "failed"]
@@ -81,8 +83,8 @@ def model_available(s: Any, key_id: str, model: str, param: str) -> None:
         )
 
 
-def store_available(s: Any, owner: str, store_id: str, i: int) -> None:
-    """The vector store a retrieval grader searches is the owner's, else 400."""
+def store_available(s: Any, owner: str, store_id: str, param: str) -> None:
+    """A vector store a grader or an agent searches is the owner's, else 400."""
     try:
         r = httpx.get(
             f"{s.retrieval_url}/v1/vector_stores/{quote(store_id, safe='')}",
@@ -92,10 +94,7 @@ def store_available(s: Any, owner: str, store_id: str, i: int) -> None:
     except httpx.HTTPError:
         raise InvalidRequest("could not check the vector store: retrieval is away") from None
     if r.status_code != 200:
-        raise InvalidRequest(
-            f"no vector store {store_id!r}",
-            param=f"testing_criteria[{i}].vector_store_id",
-        )
+        raise InvalidRequest(f"no vector store {store_id!r}", param=param)
 
 
 def _jsonl_items(text: str) -> list[dict[str, Any]]:
@@ -143,15 +142,7 @@ def resolve_items(state: Any, owner: str, row: EvalRow, ds: dict[str, Any]) -> l
         items = _jsonl_items(text)
     elif kind == "stored_completions":
         check_metadata(source.get("metadata"), "data_source.source.metadata")
-        for name in ("created_after", "created_before", "limit"):
-            value = source.get(name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**40
-            ):
-                raise InvalidRequest(
-                    f"data_source.source.{name} must be a non-negative integer",
-                    param=f"data_source.source.{name}",
-                )
+        _bounds(source)
         limit = min(int(source.get("limit") or MAX_ITEMS), MAX_ITEMS)
         f = Filter(
             model=source.get("model"),
@@ -161,13 +152,50 @@ def resolve_items(state: Any, owner: str, row: EvalRow, ds: dict[str, Any]) -> l
         )
         rows = state.captures.rows(owner, f, limit)[:limit]
         items = [{"item": _stored_item(r)} for r, _ in rows]
+    elif kind == "responses":
+        items = [{"item": response_item(r)} for r in _stored_responses(state, owner, source)]
     else:
         raise InvalidRequest(
-            f"data_source.source.type {kind!r}: one of file_content, file_id, stored_completions",
+            f"data_source.source.type {kind!r}: one of file_content, file_id, "
+            "stored_completions, responses",
             param="data_source.source.type",
         )
-    check_items(items, item_schema_of(config) if kind != "stored_completions" else {}, where)
+    stored = kind in ("stored_completions", "responses")
+    check_items(items, {} if stored else item_schema_of(config), where)
     return items
+
+
+def _bounds(source: dict[str, Any]) -> None:
+    for name in ("created_after", "created_before", "limit"):
+        value = source.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**40
+        ):
+            raise InvalidRequest(
+                f"data_source.source.{name} must be a non-negative integer",
+                param=f"data_source.source.{name}",
+            )
+
+
+def _stored_responses(state: Any, owner: str, source: dict[str, Any]) -> list[Any]:
+    """OpenAI's `responses` source: the owner's stored responses that match every filter given
+    (model, metadata, a time range, text in the instructions, sampling params, users, tools)."""
+    check_metadata(source.get("metadata"), "data_source.source.metadata")
+    _bounds(source)
+    for name in ("users", "tools"):
+        value = source.get(name)
+        if value is not None and not (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            raise InvalidRequest(
+                f"data_source.source.{name} must be a list of strings",
+                param=f"data_source.source.{name}",
+            )
+    limit = min(int(source.get("limit") or MAX_ITEMS), MAX_ITEMS)
+    rows = state.responses.rows(
+        owner, source.get("model"), source.get("created_after"), source.get("created_before")
+    )
+    return [r for r in rows if responses_match(r.request, r.metadata_, source)][:limit]
 
 
 def _stored_item(row: Any) -> dict[str, Any]:
@@ -187,14 +215,22 @@ def _new_run(state: Any, owner: str, key_id: str, eval_id: str, body: RunCreate)
     row = evals.get_eval(eval_id, owner)
     ds = body.data_source
     kind = ds.get("type")
-    if kind not in ("jsonl", "completions"):
+    if kind not in ("jsonl", "completions", "responses"):
         raise InvalidRequest(
-            f"data_source.type {kind!r}: jsonl or completions (responses is not served yet)",
+            f"data_source.type {kind!r}: jsonl, completions or responses",
             param="data_source.type",
         )
-    if kind == "completions":
-        if ds.get("model"):
-            model_available(state.settings, key_id, str(ds["model"]), "data_source.model")
+    if ds.get("agent") is not None:
+        for store_id in check_agent(ds).get("vector_store_ids", []):
+            param = "data_source.agent.vector_store_ids"
+            store_available(state.settings, owner, store_id, param)
+    if kind != "jsonl":
+        if ds.get("model") is not None:
+            if not isinstance(ds["model"], str):
+                raise InvalidRequest(
+                    "data_source.model must be a string", param="data_source.model"
+                )
+            model_available(state.settings, key_id, ds["model"], "data_source.model")
         check_references(
             ds.get("input_messages"), item_schema_of(row.data_source_config), "data_source"
         )
@@ -228,7 +264,8 @@ def _new_eval(state: Any, owner: str, key_id: str, body: EvalCreate) -> EvalRow:
         if c["type"] in ("label_model", "score_model"):
             model_available(state.settings, key_id, c["model"], f"testing_criteria[{i}].model")
         if c["type"] == "retrieval":
-            store_available(state.settings, owner, c["vector_store_id"], i)
+            param = f"testing_criteria[{i}].vector_store_id"
+            store_available(state.settings, owner, c["vector_store_id"], param)
     return EvalRow(
         id=new_id("eval_"),
         owner=owner,

@@ -29,12 +29,14 @@ GRADERS = {
     "retrieval",
 }
 SIMILARITY = {"fuzzy_match", "bleu", "rouge_1", "rouge_2", "rouge_l"}
-STORED_ITEM = {  # what an item from stored completions holds (logs / stored_completions evals)
+STORED_ITEM = {  # an item from stored completions or responses (logs / stored_completions evals)
     "type": "object",
     "properties": {
         "input": {"type": "array"},
         "output_text": {"type": ["string", "null"]},
         "completion_id": {"type": "string"},
+        "response_id": {"type": "string"},
+        "instructions": {"type": ["string", "null"]},
         "model": {"type": "string"},
         "metadata": {"type": "object"},
     },
@@ -180,6 +182,62 @@ def _check_grader(c: dict[str, Any], param: str) -> None:
                 f"{param}.passing_labels must be a subset of labels",
                 param=f"{param}.passing_labels",
             )
+
+
+AGENT_FIELDS = {"tools", "vector_store_ids", "instructions", "budgets", "mode", "tool_choice"}
+BUDGETS = {"max_steps", "max_tokens", "max_seconds"}
+
+
+def check_agent(ds: dict[str, Any]) -> dict[str, Any]:
+    """A run's agent configuration (Crucible's extension of a `completions` data source: the
+    item is answered by an agent run with these tools, stores and budgets). The agent checks it
+    again per call; this makes a typo a 400 at create, not 10,000 errored items."""
+    from services.agent.tools import TOOLS
+
+    agent, param = ds["agent"], "data_source.agent"
+    if ds.get("type") != "completions" or not isinstance(ds.get("model"), str):
+        raise InvalidRequest(
+            "an agent samples a completions data source with a model", param="data_source.model"
+        )
+    if not isinstance(agent, dict):
+        raise InvalidRequest(f"{param} must be an object", param=param)
+    if unknown := set(agent) - AGENT_FIELDS:
+        raise InvalidRequest(
+            f"{param} has unknown fields {sorted(unknown)}; it may have {sorted(AGENT_FIELDS)}",
+            param=f"{param}.{sorted(unknown)[0]}",
+        )
+    tools = agent.get("tools", [])
+    if not isinstance(tools, list) or not all(t in TOOLS for t in tools):
+        raise InvalidRequest(
+            f"{param}.tools must be a list of {', '.join(sorted(TOOLS))}", param=f"{param}.tools"
+        )
+    stores = agent.get("vector_store_ids", [])
+    if not isinstance(stores, list) or not all(isinstance(v, str) for v in stores):
+        raise InvalidRequest(
+            f"{param}.vector_store_ids must be a list of ids", param=f"{param}.vector_store_ids"
+        )
+    if "search_documents" in tools and not stores:
+        raise InvalidRequest(
+            "search_documents needs vector_store_ids to search", param=f"{param}.vector_store_ids"
+        )
+    budgets = agent.get("budgets", {})
+    if not isinstance(budgets, dict) or not all(
+        k in BUDGETS and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+        for k, v in budgets.items()
+    ):
+        raise InvalidRequest(
+            f"{param}.budgets may set {', '.join(sorted(BUDGETS))}, each a positive number",
+            param=f"{param}.budgets",
+        )
+    if not isinstance(agent.get("instructions", ""), str):
+        raise InvalidRequest(
+            f"{param}.instructions must be a string", param=f"{param}.instructions"
+        )
+    if agent.get("mode", "auto") not in ("auto", "structured", "native"):
+        raise InvalidRequest(f"{param}.mode: auto, structured or native", param=f"{param}.mode")
+    if agent.get("tool_choice", "auto") not in ("auto", "required"):
+        raise InvalidRequest(f"{param}.tool_choice: auto or required", param=f"{param}.tool_choice")
+    return agent
 
 
 def config_object(config: Any) -> dict[str, Any]:

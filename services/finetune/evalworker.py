@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
@@ -25,14 +25,15 @@ from prometheus_client import Counter, Gauge, start_http_server
 
 from services.common.logging import configure_logging
 from services.common.tenancy import internal_headers
+from services.finetune import samplers
 from services.finetune.config import FinetuneSettings
 from services.finetune.evals import EvalStore, OutputRow, RunRow, new_id
-from services.finetune.graders import GradeError, grade, lookup, render_messages
+from services.finetune.graders import GradeError, grade
 from services.finetune.jobs import JobStore
+from services.finetune.samplers import PostEvents, PostJson
 
 log = logging.getLogger("crucible.finetune.evals")
 
-SAMPLING = ("temperature", "top_p", "seed", "max_completion_tokens", "max_tokens", "stop")
 ITEMS = Counter("crucible_eval_items_total", "Eval output items written, by status", ["status"])
 CALLS = Counter(
     "crucible_eval_model_calls_total", "Model calls by eval runs, by outcome", ["outcome"]
@@ -51,48 +52,65 @@ class Runner:
 
     # --- model calls, as the run's key ---------------------------------------------------
 
-    async def chat(
-        self,
-        run: RunRow,
-        usage: dict[str, dict[str, int]],
-        model: str,
-        messages: list[dict[str, Any]],
-        params: dict[str, Any],
-    ) -> dict[str, Any]:
-        body = {
-            "model": model,
-            "messages": messages,
-            **{k: params[k] for k in SAMPLING if k in params},
-        }
+    async def send(
+        self, run: RunRow, path: str, body: dict[str, Any], stream: bool = False
+    ) -> httpx.Response:
+        """A POST through the gateway as the run's key; a 429 waits as the gateway says and
+        tries again. Anything but a 200 is the item's error."""
         headers = {
             "authorization": f"Bearer {self.s.internal_token.get_secret_value()}",
             "x-crucible-key-id": run.key_id,
         }
+        model = body.get("model")
         for _ in range(20):
+            request = self.http.build_request("POST", path, json=body, headers=headers)
             try:
-                r = await self.http.post("/v1/chat/completions", json=body, headers=headers)
+                r = await self.http.send(request, stream=stream)
             except httpx.HTTPError as exc:
                 CALLS.labels("unreachable").inc()
                 raise GradeError(f"the gateway was unreachable: {type(exc).__name__}") from None
+            if r.status_code == 200:
+                CALLS.labels("ok").inc()
+                return r
+            await r.aread()
+            await r.aclose()
             if r.status_code != 429:
                 break
             CALLS.labels("rate_limited").inc()
             await asyncio.sleep(min(float(r.headers.get("retry-after") or 1), 10.0))
-        if r.status_code != 200:
-            CALLS.labels(f"status_{r.status_code // 100}xx").inc()
+        CALLS.labels(f"status_{r.status_code // 100}xx").inc()
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text[:200]
+        raise GradeError(f"{model} answered {r.status_code}: {message[:300]}")
+
+    def calls(self, run: RunRow, usage: dict[str, dict[str, int]]) -> tuple[PostJson, PostEvents]:
+        """The run's two ways to call: a JSON answer (its tokens counted per model into
+        `usage`), or a stream of server-sent events (the caller counts)."""
+
+        async def post_json(path: str, body: dict[str, Any]) -> dict[str, Any]:
+            r = await self.send(run, path, body)
+            out: dict[str, Any] = r.json()
+            _count(usage, str(body.get("model")), out.get("usage"))
+            return out
+
+        async def post_events(path: str, body: dict[str, Any]) -> AsyncIterator[tuple[str, str]]:
+            r = await self.send(run, path, body, stream=True)
+            name = ""
             try:
-                message = r.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = r.text[:200]
-            raise GradeError(f"{model} answered {r.status_code}: {message[:300]}")
-        CALLS.labels("ok").inc()
-        out: dict[str, Any] = r.json()
-        u = out.get("usage") or {}
-        slot = usage.setdefault(model, {})
-        slot["invocation_count"] = slot.get("invocation_count", 0) + 1
-        for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
-            slot[k] = slot.get(k, 0) + int(u.get(k) or 0)
-        return out
+                async for line in r.aiter_lines():
+                    if line.startswith("event:"):
+                        name = line[6:].strip()
+                    elif line.startswith("data:") and name:
+                        data = line[5:].strip()
+                        yield name, data
+            except httpx.HTTPError as exc:
+                raise GradeError(f"the stream broke: {type(exc).__name__}") from None
+            finally:
+                await r.aclose()
+
+        return post_json, post_events
 
     async def search(self, run: RunRow, store_id: str, query: str, k: int) -> list[dict[str, Any]]:
         """A vector-store search as the run's owner (the retrieval service, directly)."""
@@ -134,42 +152,17 @@ class Runner:
     async def sample(
         self, run: RunRow, usage: dict[str, dict[str, int]], entry: dict[str, Any]
     ) -> dict[str, Any] | None:
-        ds, item = run.data_source, entry["item"]
-        if ds.get("type") != "completions" or not ds.get("model"):
-            return entry.get("sample") or _stored_sample(item)
-        spec = ds.get("input_messages") or {
-            "type": "item_reference",
-            "item_reference": "item.input",
-        }
-        if spec.get("type") == "template":
-            messages = render_messages(spec.get("template") or [], item, None)
-        else:
-            ref = str(spec.get("item_reference") or "item.input")
-            found = lookup(ref, {"item": item})
-            if not isinstance(found, list):
-                raise GradeError(f"{ref} is not a list of messages")
-            messages = found
-        response = await self.chat(
-            run, usage, ds["model"], messages, ds.get("sampling_params") or {}
-        )
-        choice = (response.get("choices") or [{}])[0]
-        message = choice.get("message") or {}
-        text = message.get("content") or ""
-        try:
-            output_json = json.loads(text)
-        except ValueError:
-            output_json = None
-        return {
-            "model": response.get("model"),
-            "input": messages,
-            "output": [{"role": "assistant", "content": text}],
-            "output_text": text,
-            "output_json": output_json,
-            "output_tools": message.get("tool_calls") or [],
-            "choices": response.get("choices"),
-            "finish_reason": choice.get("finish_reason"),
-            "usage": response.get("usage"),
-        }
+        ds = run.data_source
+        post, events = self.calls(run, usage)
+        if not ds.get("model"):
+            return samplers.given(entry)
+        if ds.get("agent") is not None:
+            out = await samplers.agent(events, ds, entry["item"])
+            _count(usage, ds["model"], out.get("usage"))
+            return out
+        if ds.get("type") == "responses":
+            return await samplers.responses(post, ds, entry["item"])
+        return await samplers.chat(post, ds, entry["item"])
 
     async def item(
         self,
@@ -182,13 +175,15 @@ class Runner:
         results: list[dict[str, Any]] = []
         sample = None
         status = "pass"
+        post, _ = self.calls(run, usage)
         try:
             sample = await self.sample(run, usage, entry)
 
             async def judge(
                 model: str, msgs: list[dict[str, Any]], p: dict[str, Any]
             ) -> dict[str, Any]:
-                return await self.chat(run, usage, model, msgs, p)
+                body = {"model": model, "messages": msgs, "store": False}
+                return await post("/v1/chat/completions", {**body, **_chat_params(p)})
 
             async def search(store_id: str, query: str, k: int) -> list[dict[str, Any]]:
                 return await self.search(run, store_id, query, k)
@@ -301,16 +296,21 @@ class Runner:
                 await self._sandbox.close()
 
 
-def _stored_sample(item: dict[str, Any]) -> dict[str, Any] | None:
-    """A stored completion's own answer, for runs that grade what was answered."""
-    if "output_text" not in item:
-        return None
-    text = item.get("output_text") or ""
-    return {
-        "model": item.get("model"),
-        "output_text": text,
-        "output": [{"role": "assistant", "content": text}],
-    }
+def _chat_params(p: dict[str, Any]) -> dict[str, Any]:
+    return {k: p[k] for k in samplers.CHAT_PARAMS if k in p}
+
+
+def _count(usage: dict[str, dict[str, int]], model: str, u: Any) -> None:
+    """One more call of `model` and its tokens (the Responses API's names counted as chat's)."""
+    slot = usage.setdefault(model, {})
+    slot["invocation_count"] = slot.get("invocation_count", 0) + 1
+    if not isinstance(u, dict):
+        return
+    prompt = u.get("prompt_tokens", u.get("input_tokens"))
+    completion = u.get("completion_tokens", u.get("output_tokens"))
+    for k, v in (("prompt_tokens", prompt), ("completion_tokens", completion)):
+        slot[k] = slot.get(k, 0) + int(v or 0)
+    slot["total_tokens"] = slot.get("prompt_tokens", 0) + slot.get("completion_tokens", 0)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from sqlalchemy import JSON, Float, Integer, String
+from sqlalchemy import JSON, Float, Integer, String, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.common.errors import NotFound
@@ -24,6 +24,7 @@ from services.common.tenancy import Owner
 from services.finetune.jobs import Base
 
 SETTLE_S = 2.0  # a follow-up often comes at once, while its predecessor is in the outbox
+MAX_ROWS = 100_000  # what an eval's responses source reads at most, before its own filters
 FINAL_EVENTS = (b"response.completed", b"response.incomplete", b"response.failed")
 
 
@@ -108,6 +109,53 @@ def output_as_input(response: dict[str, Any]) -> list[Any]:
     return items
 
 
+def response_item(row: ResponseRow) -> dict[str, Any]:
+    """A stored response as an eval item (the fields a `logs` eval's items have)."""
+    from services.finetune.samplers import response_text
+
+    messages = []
+    for item in row.input[row.own_input_from :]:
+        if isinstance(item, dict) and item.get("role"):
+            content = item.get("content")
+            if isinstance(content, list):
+                content = "".join(c.get("text", "") for c in content if isinstance(c, dict))
+            messages.append({"role": item["role"], "content": content})
+    return {
+        "input": messages,
+        "output_text": response_text(row.response),
+        "response_id": row.id,
+        "model": row.model,
+        "instructions": row.request.get("instructions"),
+        "metadata": row.metadata_ or {},
+    }
+
+
+def responses_match(request: dict[str, Any], metadata: Any, f: dict[str, Any]) -> bool:
+    """The filters of OpenAI's EvalResponsesSource beyond model and time, over one request."""
+    if any((metadata or {}).get(k) != v for k, v in (f.get("metadata") or {}).items()):
+        return False
+    search = f.get("instructions_search")
+    if search and search.lower() not in str(request.get("instructions") or "").lower():
+        return False
+    for name in ("temperature", "top_p"):
+        if f.get(name) is not None and request.get(name) != f[name]:
+            return False
+    effort = f.get("reasoning_effort")
+    if effort is not None and (request.get("reasoning") or {}).get("effort") != effort:
+        return False
+    if f.get("users") is not None and request.get("user") not in f["users"]:
+        return False
+    if f.get("tools") is not None:
+        names = {
+            t.get("name") or t.get("type")
+            for t in request.get("tools") or []
+            if isinstance(t, dict)
+        }
+        if not set(f["tools"]) <= names:
+            return False
+    return True
+
+
 class ResponseStore:
     def __init__(self, sessions: Any) -> None:
         self.session = sessions
@@ -122,6 +170,20 @@ class ResponseStore:
             if row is not None or time.monotonic() >= deadline:
                 raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
             time.sleep(0.05)
+
+    def rows(
+        self, owner: str, model: str | None, after: int | None, before: int | None
+    ) -> list[ResponseRow]:
+        """The owner's stored responses, oldest first (`after` and `before` inclusive)."""
+        stmt = select(ResponseRow).where(ResponseRow.owner == owner)
+        if model is not None:
+            stmt = stmt.where(ResponseRow.model == model)
+        if after is not None:
+            stmt = stmt.where(ResponseRow.created_at >= after)
+        if before is not None:
+            stmt = stmt.where(ResponseRow.created_at <= before)
+        with self.session() as s:
+            return list(s.scalars(stmt.order_by(ResponseRow.created_at).limit(MAX_ROWS)))
 
     def delete(self, response_id: str, owner: str) -> None:
         self.get(response_id, owner)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from typing import Any
 
 import openai
@@ -15,6 +16,7 @@ import pytest
 from services.gateway.keys import KeyStore
 from services.stack import Stack
 from tests.conftest import DENSE
+from tests.e2e.test_responses import kept as kept_response
 
 QA_SCHEMA = {
     "type": "object",
@@ -220,6 +222,59 @@ def test_a_model_is_sampled_through_the_gateway(client: openai.OpenAI) -> None:
     assert usage[DENSE].invocation_count == 6 and usage[DENSE].completion_tokens > 0
     out = list(client.evals.runs.output_items.list(run.id, eval_id=ev.id))
     assert all(i.sample.model == DENSE and i.sample.output for i in out)
+
+
+def test_stored_responses_are_graded_and_resampled(client: openai.OpenAI) -> None:
+    """The `responses` data source: stored responses picked by metadata and graded as answered,
+    then the same inputs sampled again through the Responses API (not stored again)."""
+    tag = uuid.uuid4().hex[:12]
+    made = [
+        client.responses.create(
+            model=DENSE,
+            input=f"Name element {i}.",
+            max_output_tokens=6,
+            store=True,
+            metadata={"suite": tag},
+        )
+        for i in range(3)
+    ]
+    for r in made:
+        kept_response(client, r.id)
+    ev = client.evals.create(
+        data_source_config={"type": "logs", "metadata": {"suite": tag}},
+        testing_criteria=[
+            {
+                "type": "string_check",
+                "name": "as answered",
+                "input": "{{sample.output_text}}",
+                "reference": "{{item.output_text}}",
+                "operation": "eq",
+            }
+        ],
+    )
+    source: Any = {"type": "responses", "metadata": {"suite": tag}}
+    run = client.evals.runs.create(ev.id, data_source={"type": "responses", "source": source})
+    done = finished(client, ev.id, run.id)
+    assert done.status == "completed" and done.result_counts.passed == 3
+    out = list(client.evals.runs.output_items.list(run.id, eval_id=ev.id))
+    assert sorted(str(i.datasource_item["response_id"]) for i in out) == sorted(r.id for r in made)
+    resampled: Any = {
+        "type": "responses",
+        "model": DENSE,
+        "input_messages": {"type": "item_reference", "item_reference": "item.input"},
+        "sampling_params": {"temperature": 0, "max_completion_tokens": 6},
+        "source": source,
+    }
+    run = client.evals.runs.create(ev.id, data_source=resampled)
+    done = finished(client, ev.id, run.id)
+    assert done.status == "completed" and done.result_counts.total == 3
+    usage = {u.model_name: u for u in done.per_model_usage}
+    assert usage[DENSE].invocation_count == 3 and usage[DENSE].completion_tokens > 0
+    out = list(client.evals.runs.output_items.list(run.id, eval_id=ev.id))
+    assert all(i.sample.model == DENSE and i.sample.output for i in out)
+    # The evaluation's own calls were not stored: the source still holds the three.
+    again = client.evals.runs.create(ev.id, data_source={"type": "responses", "source": source})
+    assert finished(client, ev.id, again.id).result_counts.total == 3
 
 
 def test_a_judge_that_answers_nonsense_errors_the_item(client: openai.OpenAI) -> None:
