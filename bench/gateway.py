@@ -31,8 +31,8 @@ import orjson
 import redis
 
 from bench._load import LoadResult, closed_loop, median, write_result
+from services.common.outbox import CAPTURES
 from services.common.upstream import Pool
-from services.gateway.app import CAPTURES
 from services.gateway.keys import KeyStore
 from services.stack import Ports, Stack, StackConfig
 from services.stackconfig import _free_port, _http_ok, _port_busy

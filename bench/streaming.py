@@ -39,7 +39,7 @@ import redis
 
 from bench._load import write_result
 from bench.gateway import _bench_key, _spawn, _until
-from services.gateway.app import CAPTURES
+from services.common.outbox import CAPTURES
 from services.gateway.config import GatewaySettings
 from services.stack import Ports, Stack, StackConfig
 from services.stackconfig import _free_port, _http_ok, _port_busy

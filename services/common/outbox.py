@@ -21,6 +21,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,8 +30,47 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 log = logging.getLogger("crucible.outbox")
 
+# The streams: the gateway writes them, the finetune service keeps them.
+CAPTURES = "crucible:captures"  # stored completions and responses (finetune/captures.py)
+ALIAS_OUTCOMES = "crucible:alias-outcomes"  # each aliased request's outcome (finetune/aliases.py)
+
 Fields = dict[bytes, bytes]
 """One record as the stream holds it: field name → value (binary-safe)."""
+
+
+class _Metrics:
+    """The outbox metrics of one registry, shared by its outboxes (labelled by stream)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.sent = Counter(
+            "crucible_outbox_sent_total",
+            "Records written to their outbox stream (Redis acknowledged them).",
+            ["stream"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "crucible_outbox_dropped_total",
+            "Records dropped: the buffer was full (Redis away) or the stream was full (its "
+            "consumer away).",
+            ["stream", "reason"],
+            registry=registry,
+        )
+        self.buffered = Gauge(
+            "crucible_outbox_buffered",
+            "Records waiting in this process for Redis.",
+            ["stream"],
+            registry=registry,
+        )
+
+
+_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, _Metrics] = weakref.WeakKeyDictionary()
+
+
+def _metrics(registry: CollectorRegistry) -> _Metrics:
+    found = _BY_REGISTRY.get(registry)
+    if found is None:
+        found = _BY_REGISTRY[registry] = _Metrics(registry)
+    return found
 
 
 class Outbox:
@@ -55,25 +95,10 @@ class Outbox:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_drop_log = 0.0
-        self.sent = Counter(
-            "crucible_outbox_sent_total",
-            "Records written to their outbox stream (Redis acknowledged them).",
-            ["stream"],
-            registry=registry,
-        ).labels(stream)
-        self.dropped = Counter(
-            "crucible_outbox_dropped_total",
-            "Records dropped: the buffer was full (Redis away) or the stream was full (its "
-            "consumer away).",
-            ["stream", "reason"],
-            registry=registry,
-        )
-        Gauge(
-            "crucible_outbox_buffered",
-            "Records waiting in this process for Redis.",
-            ["stream"],
-            registry=registry,
-        ).labels(stream).set_function(lambda: len(self._items))
+        metrics = _metrics(registry)
+        self.sent = metrics.sent.labels(stream)
+        self.dropped = metrics.dropped
+        metrics.buffered.labels(stream).set_function(lambda: len(self._items))
 
     def put(self, meta: dict[str, Any], request: bytes, response: bytes) -> None:
         """Hand a record off (never blocks, never raises)."""

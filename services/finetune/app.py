@@ -18,10 +18,12 @@ import redis
 from fastapi import FastAPI
 
 from services.common.app import build_app, serve
-from services.common.outbox import Consumer
-from services.finetune import adapters, captures_api, evals_api, responses
+from services.common.outbox import ALIAS_OUTCOMES, CAPTURES, Consumer
+from services.finetune import adapters, aliases_api, captures_api, evals_api, responses
+from services.finetune.aliases import AliasStore
+from services.finetune.aliasgate import guard_round
 from services.finetune.api import router, validate_job
-from services.finetune.captures import STREAM, CaptureStore
+from services.finetune.captures import CaptureStore
 from services.finetune.config import FinetuneSettings
 from services.finetune.datasets import DatasetStore
 from services.finetune.evals import EvalStore
@@ -132,26 +134,44 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
         app.state.datasets = DatasetStore(jobs.session)
         app.state.responses = responses.ResponseStore(jobs.session)
         app.state.evals = evals = EvalStore(jobs.session)
+        app.state.aliases = aliases = AliasStore(jobs.session)
         metrics.watch_runs(evals.status_counts)
         lifecycle = LifecycleCollector(captures.feedback_counts, evals.pass_rates)
         app.state.registry.register(lifecycle)
         consumer = Consumer(
             s.captures_redis_url,
-            STREAM,
+            CAPTURES,
             "finetune",
             lambda records: metrics.captures.inc(captures.ingest(records)),
         )
         consumer.start()
+        outcomes = Consumer(s.captures_redis_url, ALIAS_OUTCOMES, "finetune", aliases.ingest)
+        outcomes.start()
+
+        def rolled_back(alias: str, bar: str) -> None:
+            metrics.alias_rollbacks.labels(alias, bar).inc()
+
+        async def guardian() -> None:
+            while True:
+                try:
+                    await asyncio.to_thread(guard_round, aliases, captures, rolled_back)
+                    await asyncio.to_thread(aliases.prune, time.time() - 2 * 86_400)
+                except Exception:
+                    log.warning("alias guard round failed", exc_info=True)
+                await asyncio.sleep(s.alias_guard_every_s)
+
         for job in jobs.with_status("validating_files"):  # interrupted by a restart
             validate(job.id)
         loop_task = asyncio.create_task(reconciler())
+        guard_task = asyncio.create_task(guardian())
         try:
             yield
         finally:
             loop_task.cancel()
             app.state.registry.unregister(lifecycle)
             await asyncio.to_thread(consumer.stop)
-            for t in [loop_task, *tasks]:
+            await asyncio.to_thread(outcomes.stop)
+            for t in [loop_task, guard_task, *tasks]:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
@@ -179,6 +199,7 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
     api.include_router(captures_api.router())
     api.include_router(evals_api.router())
     api.include_router(responses.router())
+    api.include_router(aliases_api.router())
     return api
 
 

@@ -40,7 +40,6 @@ from services.finetune.responses import ResponseRow
 
 log = logging.getLogger("crucible.finetune.captures")
 
-STREAM = "crucible:captures"  # the outbox stream the gateway writes
 # Request fields a stored completion reports (OpenAI's stored completion object).
 ECHOED = (
     "seed",
@@ -351,6 +350,23 @@ class CaptureStore:
             rows = list(s.scalars(stmt.order_by(CompletionRow.created_at).limit(limit + 1)))
             fb = self._feedback(s, [r.id for r in rows])
         return [(r, fb[r.id]) for r in rows]
+
+    def feedback_share(
+        self, owner: str, model: str, since: float, metric: str, negative: list[str]
+    ) -> tuple[int, int]:
+        """(answers of `model` since `since` with feedback on `metric`, how many negative)."""
+        with self.session() as s:
+            rows = s.execute(
+                select(FeedbackRow.value_text)
+                .join(CompletionRow, CompletionRow.id == FeedbackRow.completion_id)
+                .where(
+                    CompletionRow.owner == owner,
+                    CompletionRow.model == model,
+                    CompletionRow.created_at >= since,
+                    FeedbackRow.metric == metric,
+                )
+            ).all()
+        return len(rows), sum(1 for (v,) in rows if v in negative)
 
     def messages(self, completion_id: str, owner: str, q: PageQuery) -> dict[str, Any]:
         with self.session() as s:

@@ -24,8 +24,7 @@ from services.common.pagination import AscPageParams, PageParams
 from services.common.tenancy import Owner, internal_only
 from services.finetune.captures import METRIC_RE, CaptureStore, query_filter
 from services.finetune.datasets import DatasetCreate, make_dataset
-
-KEY_ID_HEADER = "x-crucible-key-id"
+from services.finetune.remote import KEY_ID_HEADER
 
 
 class Correction(BaseModel):

@@ -56,6 +56,7 @@ class FinetuneSettings(ServiceSettings):
     eval_worker_metrics_port: int = 8014
     # The gateway's Redis, where its capture outbox (stored completions) waits for this service.
     captures_redis_url: str = "redis://127.0.0.1:6379/0"
+    alias_guard_every_s: float = 2.0  # how often each guarded alias is judged
 
     def inference_headers(self) -> dict[str, str]:
         if self.inference_api_key is None:

@@ -372,6 +372,27 @@ class EvalStore:
                 .values(status=status, error=error)
             )
 
+    def latest_completed(
+        self, eval_id: str, owner: str, models: list[str]
+    ) -> tuple[str, float] | None:
+        """(run id, share passed) of the eval's latest completed run on any of `models`."""
+        with self.session() as s:
+            row = s.scalars(
+                select(RunRow)
+                .where(
+                    RunRow.eval_id == eval_id,
+                    RunRow.owner == owner,
+                    RunRow.status == "completed",
+                    RunRow.model.in_(models),
+                )
+                .order_by(RunRow.created_at.desc())
+                .limit(1)
+            ).first()
+        if row is None:
+            return None
+        counts = self.counts(row)["result_counts"]
+        return row.id, counts["passed"] / counts["total"] if counts["total"] else 0.0
+
     def pass_rates(self, limit: int) -> list[tuple[str, str, float]]:
         """(eval name, model, share passed) of each eval's latest completed run per model."""
         with self.session() as s:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 from typing import Annotated, Any, Literal
-from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Request
@@ -15,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from services.common.errors import AuthenticationFailed, InvalidRequest, NotFound
 from services.common.metadata import check_metadata
 from services.common.pagination import AscPageParams
-from services.common.tenancy import Owner, internal_headers
+from services.common.tenancy import Owner
 from services.finetune.captures import Filter
 from services.finetune.evals import EvalRow, EvalStore, RunRow, eval_object, new_id
 from services.finetune.evalspec import (
@@ -28,9 +27,9 @@ from services.finetune.evalspec import (
     item_schema_of,
 )
 from services.finetune.files import file_text
+from services.finetune.remote import KEY_ID_HEADER, model_available, store_available
 from services.finetune.responses import response_item, responses_match
 
-KEY_ID_HEADER = "x-crucible-key-id"
 RunStatus = Literal["queued", "in_progress", "completed", "canceled", "failed"]
 
 
@@ -60,41 +59,6 @@ def _key_id(request: Request) -> str:
     if not key_id:
         raise AuthenticationFailed("evaluations are run through the gateway, as a key")
     return key_id
-
-
-def model_available(s: Any, key_id: str, model: str, param: str) -> None:
-    """The model answers for this key through the gateway (a judge or a sampled model), else 400."""
-    try:
-        r = httpx.get(
-            f"{s.gateway_url}/v1/models/{quote(model, safe='')}",
-            headers={
-                "authorization": f"Bearer {s.internal_token.get_secret_value()}",
-                KEY_ID_HEADER: key_id,
-            },
-            timeout=10,
-        )
-    except httpx.HTTPError:
-        raise InvalidRequest(f"could not check model {model!r}: the gateway is away") from None
-    if r.status_code != 200:
-        raise InvalidRequest(
-            f"model {model!r} is not served or not available to this key",
-            param=param,
-            code="model_not_found",
-        )
-
-
-def store_available(s: Any, owner: str, store_id: str, param: str) -> None:
-    """A vector store a grader or an agent searches is the owner's, else 400."""
-    try:
-        r = httpx.get(
-            f"{s.retrieval_url}/v1/vector_stores/{quote(store_id, safe='')}",
-            headers=internal_headers(s.internal_token, owner),
-            timeout=10,
-        )
-    except httpx.HTTPError:
-        raise InvalidRequest("could not check the vector store: retrieval is away") from None
-    if r.status_code != 200:
-        raise InvalidRequest(f"no vector store {store_id!r}", param=param)
 
 
 def _jsonl_items(text: str) -> list[dict[str, Any]]:

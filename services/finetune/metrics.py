@@ -49,6 +49,12 @@ class ApiMetrics:
         self.eval_runs = Gauge(
             "crucible_eval_runs", "Eval runs by status", ["status"], registry=registry
         )
+        self.alias_rollbacks = Counter(
+            "crucible_alias_rollbacks_total",
+            "Revisions an alias's guard rolled back by itself, by alias and the bar crossed",
+            ["alias", "bar"],
+            registry=registry,
+        )
 
     def watch_runs(self, counts: Callable[[], dict[str, int]]) -> None:
         for status in ("queued", "in_progress", "completed", "canceled", "failed"):

@@ -1,6 +1,6 @@
 """Every table of the finetune schema (jobs and the model lifecycle), for migrations to compare."""
 
-from services.finetune import captures, datasets, evals, responses
+from services.finetune import aliases, captures, datasets, evals, responses
 from services.finetune.jobs import Base
 
-__all__ = ["Base", "captures", "datasets", "evals", "responses"]
+__all__ = ["Base", "aliases", "captures", "datasets", "evals", "responses"]

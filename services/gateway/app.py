@@ -22,8 +22,9 @@ from starlette.types import Receive, Scope, Send
 from services.common.app import build_app
 from services.common.errors import AuthenticationFailed, NotFound, PermissionDenied, Unavailable
 from services.common.logging import configure_logging
-from services.common.outbox import Outbox
+from services.common.outbox import ALIAS_OUTCOMES, CAPTURES, Outbox
 from services.common.tenancy import OWNER_RE
+from services.gateway.aliases import AliasRouter, AliasTable
 from services.gateway.config import GatewaySettings
 from services.gateway.forward import ServiceForwarder, route_of
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey, KeyStore
@@ -36,7 +37,6 @@ from services.gateway.redisio import Redis
 from services.gateway.routing import Router
 
 FORWARDED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
-CAPTURES = "crucible:captures"  # the outbox stream the finetune service keeps (captures.py)
 
 
 class Gateway:
@@ -98,12 +98,20 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
             max_len=s.capture_stream_max,
         )
         outbox.start()
-        gateway.proxy = Proxy(s, router, keys, limiter, metrics, owners, outbox)
+        outcomes = Outbox(outbox_redis, ALIAS_OUTCOMES, app.state.registry, max_len=100_000)
+        outcomes.start()
+        aliases = AliasTable(s.finetune_url, s.internal_token, refresh_s=s.alias_refresh_s)
+        await aliases.start()
+        app.state.aliases = aliases
+        alias_router = AliasRouter(aliases, router, metrics, outcomes)
+        gateway.proxy = Proxy(s, router, keys, limiter, metrics, owners, outbox, alias_router)
         gateway.forwarder = ServiceForwarder(s, gateway.proxy)
         try:
             yield
         finally:
             await outbox.aclose(timeout=5.0)  # what is buffered, before the process goes
+            await outcomes.aclose(timeout=1.0)
+            await aliases.aclose()
             await outbox_redis.aclose()
             await gateway.forwarder.aclose()
             await gateway.proxy.lifecycle.aclose()
@@ -203,6 +211,12 @@ def _routes() -> Any:
         owners = request.app.state.owners
         await owners.refresh(min_age=owners.ttl)
         cards = [c for c in request.app.state.router.models() if owners.visible(key, c["id"])]
+        served = {c["id"] for c in cards}
+        cards += [
+            a.card
+            for a in request.app.state.aliases.of_owner(key.owner)
+            if key.may_use(a.name) and a.name not in served
+        ]
         return {"object": "list", "data": cards}
 
     @r.get("/v1/models/{model_id:path}")
@@ -210,6 +224,9 @@ def _routes() -> Any:
         for card in request.app.state.router.models():
             if card["id"] == model_id and await request.app.state.owners.may_use(key, model_id):
                 return dict(card)
+        found = request.app.state.aliases.find(key.owner, model_id)
+        if found is not None and key.may_use(found[0].name):
+            return dict(found[0].card)
         raise NotFound(
             f"The model `{model_id}` does not exist or you do not have access to it.",
             param="model",

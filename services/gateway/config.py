@@ -20,6 +20,7 @@ class GatewaySettings(ServiceSettings):
     # the fewest outstanding requests, and fail over before the first byte.
     inference_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])
     routing_refresh_s: float = 5.0
+    alias_refresh_s: float = 1.0  # how soon every gateway routes by a changed alias
     # Crucible's own services behind the gateway (sent the internal token and the key's owner).
     retrieval_url: str = "http://127.0.0.1:8001"
     finetune_url: str = "http://127.0.0.1:8002"

@@ -48,6 +48,7 @@ SERVICE_ROUTES: dict[str, str] = {
     "/v1/vector_stores": "retrieval",
     "/v1/fine_tuning": "finetune",
     "/v1/evals": "finetune",
+    "/v1/model_aliases": "finetune",
     "/v1/agent": "agent",
     # Stored chat completions (GET, POST /{id}, DELETE): POST to the path itself is the proxy's.
     "/v1/chat/completions": "finetune",
@@ -56,6 +57,7 @@ SERVICE_ROUTES: dict[str, str] = {
 }
 # Services learn which key a request came with: the agent calls the model back as that key.
 KEY_HEADER = ON_BEHALF_HEADER.encode()
+ADMIN_HEADER = b"x-crucible-admin"
 UPLOAD_PATH = "/v1/files"
 MULTIPART_OVERHEAD = 64 << 10
 # Request headers the services read; everything else (the client's key first) stays here.
@@ -172,6 +174,8 @@ class ServiceForwarder:
             (KEY_HEADER, key.id.encode()),
             (b"x-request-id", rid.encode()),
         ]
+        if key.is_admin:  # the services may let an admin do more (force a gated promotion)
+            headers.append((ADMIN_HEADER, b"1"))
         headers += [(k, incoming[k]) for k in PASSED if k in incoming]
         try:
             async with asyncio.timeout(self.s.request_timeout_s):

@@ -67,6 +67,21 @@ class GatewayMetrics:
         )
         # Bounded like the labels: routes x models x status classes.
         self._cache: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        # Per alias and target (at most 8 targets an alias): the traffic its guard judges.
+        self.alias_requests = Counter(
+            "crucible_alias_requests_total",
+            "Requests to a model alias, by target and outcome (ok, client_error, error: 5xx or "
+            "a broken stream, unavailable: the target was chosen but no server had it)",
+            ["alias", "target", "outcome"],
+            registry=registry,
+        )
+        self.alias_latency = Histogram(
+            "crucible_alias_request_seconds",
+            "Time to the first token (streams) or the whole answer, per alias and target",
+            ["alias", "target"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=registry,
+        )
 
     def _children(self, route: str, model: str, status_class: str) -> tuple[Any, Any]:
         """The labelled series of a request, cached: `labels()` is a lock and a dict build."""
@@ -79,6 +94,17 @@ class GatewayMetrics:
             )
             self._cache[key] = pair
         return pair
+
+    def alias_observe(
+        self, alias: Any, target: str, status: int, seconds: float, unavailable: bool
+    ) -> None:
+        name = f"{alias.owner}/{alias.name}"
+        if unavailable:
+            outcome = "unavailable"
+        else:
+            outcome = "ok" if status < 400 else "client_error" if status < 500 else "error"
+            self.alias_latency.labels(name, target).observe(seconds)
+        self.alias_requests.labels(name, target, outcome).inc()
 
     @staticmethod
     def model_label(model: str) -> str:

@@ -42,6 +42,7 @@ from services.common.upstream import (
     UpstreamConnectError,
     UpstreamProtocolError,
 )
+from services.gateway.aliases import Alias, AliasRouter
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey, KeyStore
 from services.gateway.limits import Concurrency, RateLimiter, RedisUnavailable
@@ -79,6 +80,9 @@ class Outcome:
     capture: bytes | None = None  # the request body, when the exchange is to be stored
     previous_response_id: str | None = None  # a response continued from a stored one
     own_input_from: int = 0  # where its own input starts after the conversation before it
+    alias: Alias | None = None  # the alias the request named (`model` is then its target)
+    served: tuple[tuple[bytes, bytes], ...] = ()  # response headers naming what served it
+    forwarded: bool = False  # it reached an engine (its outcome is the target's)
 
 
 class Proxy:
@@ -91,9 +95,11 @@ class Proxy:
         metrics: GatewayMetrics,
         owners: ModelOwners,
         outbox: Outbox,
+        aliases: AliasRouter,
     ) -> None:
         self.s = settings
         self.outbox = outbox
+        self.aliases = aliases
         # The lifecycle store (the finetune service): stored responses a request continues.
         self.lifecycle = Pool(settings.finetune_url)
         self.internal_auth = b"Bearer " + settings.internal_token.get_secret_value().encode()
@@ -120,6 +126,9 @@ class Proxy:
             out.status = 499
         finally:
             elapsed = time.perf_counter() - start
+            if out.alias is not None and out.forwarded:
+                status = 502 if out.failed_midstream else out.status
+                self.aliases.outcome(out.alias, out.model, status, out.ttft or elapsed)
             self.metrics.observe(
                 route,
                 out.model,
@@ -165,6 +174,8 @@ class Proxy:
         path = scope["path"]
         model, stream = check_request(path, payload, self.s)
         out.model = model
+        if self.aliases.table.by_owner and (found := self.aliases.find(key.owner, model)):
+            body, model = self.aliases.resolve(found, payload, key, out)
         if path == RESPONSES:
             if payload.get("previous_response_id"):
                 body = await self.continued(key, payload, out)
@@ -177,7 +188,7 @@ class Proxy:
                 # vLLM names the completion after the request id: a client's own id may repeat,
                 # a stored completion's id must not.
                 rid = f"{rid}-{uuid.uuid4().hex[:16]}"
-        if not await self.owners.may_use(key, model) or not (
+        if not (out.alias or await self.owners.may_use(key, model)) or not (
             backends := await self._backends(model)
         ):
             out.model = "unknown"
@@ -274,6 +285,7 @@ class Proxy:
         out: Outcome,
         start: float,
     ) -> None:
+        out.forwarded = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.s.request_timeout_s
         task = asyncio.current_task()
@@ -380,7 +392,7 @@ class Proxy:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [*JSON_HEADERS, (b"x-request-id", rid.encode())],
+                "headers": [*JSON_HEADERS, (b"x-request-id", rid.encode()), *out.served],
             }
         )
         await send({"type": "http.response.body", "body": raw, "more_body": False})
@@ -401,7 +413,7 @@ class Proxy:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [*SSE_HEADERS, (b"x-request-id", rid.encode())],
+                "headers": [*SSE_HEADERS, (b"x-request-id", rid.encode()), *out.served],
             }
         )
         usage = UsageSniffer(out, strip=out.strip_usage, keep=out.capture is not None)

@@ -4,6 +4,7 @@ measurement. The model name scripts the behaviour:
 | model          | behaviour                                                        |
 |----------------|------------------------------------------------------------------|
 | fake           | answers at once (chat, completions, streams with usage)          |
+| fake-b         | the same: a second healthy model (an alias's other target)       |
 | fake-slow      | waits `--slow-s` seconds before answering                        |
 | fake-500       | answers 500 with an error body                                   |
 | fake-400       | answers 400 with vLLM's error shape, naming a param              |
@@ -36,6 +37,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 MODELS = [
     "fake",
+    "fake-b",
     "fake-slow",
     "fake-500",
     "fake-400",

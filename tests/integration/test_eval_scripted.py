@@ -8,16 +8,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
-from services.stack import Stack
-from services.stackconfig import _free_port
-from tests.processes import Proc, eval_worker, fake_upstream, gateway, make_key, service
+from tests.integration.conftest import Lifecycle
+
+Env = Lifecycle
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 QA: Any = {
@@ -31,61 +29,9 @@ QA: Any = {
 }
 
 
-@dataclass
-class Env:
-    fake: Proc
-    gw: Proc
-    key: str
-    other_key: str
-
-    def script(self, *replies: dict[str, Any]) -> None:
-        httpx.post(f"{self.fake.url}/script", json={"replies": list(replies)}).raise_for_status()
-
-    def seen(self) -> list[dict[str, Any]]:
-        requests: list[dict[str, Any]] = httpx.get(f"{self.fake.url}/script").json()["requests"]
-        return requests
-
-
 @pytest.fixture(scope="module")
-def env(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    stack.up(["redis", "milvus", "retrieval"], echo=lambda _: None)
-    redis = f"redis://127.0.0.1:{stack.config.ports.redis}"
-    retrieval_url = f"http://127.0.0.1:{stack.config.ports.retrieval}"
-    tmp = tmp_path_factory.mktemp("eval-scripted")
-    agent_port, finetune_port = _free_port(), _free_port()
-    with fake_upstream(tmp) as fake:
-        # Redis databases of its own: the stack's finetune service reads the stack's captures.
-        finetune: dict[str, object] = {
-            "redis_url": f"{redis}/11",
-            "captures_redis_url": f"{redis}/12",
-            "retrieval_url": retrieval_url,
-            "inference_urls": json.dumps([fake.url]),
-            "eval_concurrency": 1,  # items in order, so the script's replies meet them in order
-        }
-        with (
-            gateway(
-                tmp,
-                [fake.url],
-                f"{redis}/12",
-                retrieval_url=retrieval_url,
-                agent_url=f"http://127.0.0.1:{agent_port}",
-                finetune_url=f"http://127.0.0.1:{finetune_port}",
-                routing_refresh_s=0.5,
-            ) as gw,
-            service(
-                "agent",
-                tmp,
-                {"retrieval_url": retrieval_url, "gateway_url": gw.url},
-                ready="/ready",
-                port=agent_port,
-                timeout=60,
-            ),
-            service(
-                "finetune", tmp, finetune := {**finetune, "gateway_url": gw.url}, port=finetune_port
-            ),
-            eval_worker(tmp, finetune),
-        ):
-            yield Env(fake, gw, make_key(tmp, "judge-alice"), make_key(tmp, "judge-bob"))
+def env(lifecycle: Lifecycle) -> Lifecycle:
+    return lifecycle
 
 
 @pytest.fixture(scope="module")

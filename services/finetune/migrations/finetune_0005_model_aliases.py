@@ -1,0 +1,88 @@
+"""model aliases, revisions and what the gateways saw
+
+Revision ID: finetune_0005
+Revises: finetune_0004
+Create Date: 2026-12-01 03:57:20.817096
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "finetune_0005"
+down_revision = "finetune_0004"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "model_alias_stats",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("alias_id", sa.String(length=40), nullable=False),
+        sa.Column("revision", sa.Integer(), nullable=False),
+        sa.Column("target", sa.String(length=256), nullable=False),
+        sa.Column("at", sa.Float(), nullable=False),
+        sa.Column("requests", sa.Integer(), nullable=False),
+        sa.Column("errors", sa.Integer(), nullable=False),
+        sa.Column("unavailable", sa.Integer(), nullable=False),
+        sa.Column("buckets", sa.JSON(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("model_alias_stats", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_model_alias_stats_alias_id"), ["alias_id"], unique=False
+        )
+        batch_op.create_index(batch_op.f("ix_model_alias_stats_at"), ["at"], unique=False)
+
+    op.create_table(
+        "model_aliases",
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("owner", sa.String(length=128), nullable=False),
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("created_at", sa.Float(), nullable=False),
+        sa.Column("revision", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("owner", "name"),
+    )
+    with op.batch_alter_table("model_aliases", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_model_aliases_owner"), ["owner"], unique=False)
+
+    op.create_table(
+        "model_alias_revisions",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("alias_id", sa.String(length=40), nullable=False),
+        sa.Column("number", sa.Integer(), nullable=False),
+        sa.Column("created_at", sa.Float(), nullable=False),
+        sa.Column("actor", sa.String(length=64), nullable=False),
+        sa.Column("action", sa.String(length=16), nullable=False),
+        sa.Column("reason", sa.String(length=1000), nullable=True),
+        sa.Column("forced", sa.Boolean(), nullable=False),
+        sa.Column("config", sa.JSON(), nullable=False),
+        sa.Column("restored", sa.Integer(), nullable=True),
+        sa.Column("evidence", sa.JSON(), nullable=True),
+        sa.ForeignKeyConstraint(["alias_id"], ["model_aliases.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("alias_id", "number"),
+    )
+    with op.batch_alter_table("model_alias_revisions", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_model_alias_revisions_alias_id"), ["alias_id"], unique=False
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("model_alias_revisions", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_model_alias_revisions_alias_id"))
+
+    op.drop_table("model_alias_revisions")
+    with op.batch_alter_table("model_aliases", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_model_aliases_owner"))
+
+    op.drop_table("model_aliases")
+    with op.batch_alter_table("model_alias_stats", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_model_alias_stats_at"))
+        batch_op.drop_index(batch_op.f("ix_model_alias_stats_alias_id"))
+
+    op.drop_table("model_alias_stats")
