@@ -97,9 +97,15 @@ def shares(routes: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def raised(before: dict[str, Any] | None, after: dict[str, Any]) -> list[str]:
-    """The targets whose share a change raises: what a gate must clear and a guard watches."""
+    """The candidates a change raises (a share up, the incumbent, heaviest before, aside):
+    what a gate must clear and a guard watches. Shrinking a canary raises nothing."""
     old = shares(before["routes"]) if before else {}
-    return [m for m, v in shares(after["routes"]).items() if v > old.get(m, 0.0) + 1e-9]
+    incumbent = max(old, key=lambda m: old[m]) if old else None
+    return [
+        m
+        for m, v in shares(after["routes"]).items()
+        if v > old.get(m, 0.0) + 1e-9 and m != incumbent
+    ]
 
 
 def alias_object(row: AliasRow, rev: RevisionRow) -> dict[str, Any]:
