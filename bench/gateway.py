@@ -31,7 +31,7 @@ import orjson
 import redis
 
 from bench._load import LoadResult, closed_loop, median, write_result
-from services.common.outbox import CAPTURES
+from services.common.outbox import ALIAS_OUTCOMES, CAPTURES
 from services.common.upstream import Pool
 from services.gateway.keys import KeyStore
 from services.stack import Ports, Stack, StackConfig
@@ -60,19 +60,23 @@ async def added_latency(
 ) -> dict[str, Any]:
     """Open loop at `rate` requests/s per target, the targets taking turns request by request:
     the upstream directly, through the gateway, through the gateway with `store: true` (the
-    exchange handed to the capture outbox), through the naive FastAPI + httpx proxy."""
+    exchange handed to the capture outbox), through the gateway to a model alias (resolved,
+    sticky per user, its outcome handed to the alias outbox), through the naive FastAPI + httpx
+    proxy."""
     body = orjson.dumps(CHAT)
     stored = orjson.dumps({**CHAT, "store": True, "metadata": {"bench": "capture"}})
+    aliased = orjson.dumps({**CHAT, "model": "bench-alias", "user": "researcher-1"})
     plain = [(b"content-type", b"application/json")]
     auth = [*plain, (b"authorization", f"Bearer {key}".encode())]
     pools = {
         "direct": Pool(direct),
         "gateway": Pool(gateway),
         "gateway_store": Pool(gateway),
+        "gateway_alias": Pool(gateway),
         "naive_proxy": Pool(naive),
     }
-    hdrs = {"direct": plain, "naive_proxy": plain, "gateway": auth, "gateway_store": auth}
-    bodies = {t: stored if t == "gateway_store" else body for t in pools}
+    hdrs = {t: auth if t.startswith("gateway") else plain for t in pools}
+    bodies = {t: body for t in pools} | {"gateway_store": stored, "gateway_alias": aliased}
     lat: dict[str, list[float]] = {t: [] for t in pools}
     targets = list(pools)
     n = int(rate * seconds)
@@ -97,11 +101,17 @@ async def added_latency(
             "p99_ms": round(pct(values, 0.99) * 1000, 3),
             "n": len(values),
         }
-    for prefix, via in (("", "gateway"), ("naive_", "naive_proxy"), ("store_", "gateway_store")):
+    for prefix, via in (
+        ("", "gateway"),
+        ("naive_", "naive_proxy"),
+        ("store_", "gateway_store"),
+        ("alias_", "gateway_alias"),
+    ):
         out[f"{prefix}added_p50_ms"] = round(out[via]["p50_ms"] - out["direct"]["p50_ms"], 3)
         out[f"{prefix}added_p99_ms"] = round(out[via]["p99_ms"] - out["direct"]["p99_ms"], 3)
     # What `store` adds on top of the gateway's own cost, the same requests interleaved.
     out["store_over_plain_p50_ms"] = round(out["store_added_p50_ms"] - out["added_p50_ms"], 3)
+    out["alias_over_plain_p50_ms"] = round(out["alias_added_p50_ms"] - out["added_p50_ms"], 3)
     return out
 
 
@@ -199,6 +209,8 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
                 "CRUCIBLE_GATEWAY_PORT": str(gw_port),
                 "CRUCIBLE_GATEWAY_INFERENCE_URLS": f'["http://127.0.0.1:{fake_port}"]',
                 "CRUCIBLE_GATEWAY_REDIS_URL": redis_url,
+                # The fake serves the alias table too (`bench-alias`, the bench key's owner's).
+                "CRUCIBLE_GATEWAY_FINETUNE_URL": f"http://127.0.0.1:{fake_port}",
             },
             tmp / "gateway.log",
         ),
@@ -234,7 +246,7 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
         for p in procs:
             p.terminate()
             p.wait(10)
-        redis.Redis.from_url(redis_url).delete(CAPTURES)
+        redis.Redis.from_url(redis_url).delete(CAPTURES, ALIAS_OUTCOMES)
     return {
         "rate_per_target": args.rate,
         "seconds_per_round": args.seconds,
@@ -245,6 +257,7 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
         "naive_proxy_median_added_p99_ms": median([r["naive_added_p99_ms"] for r in rounds]),
         "store_median_added_p50_ms": median([r["store_added_p50_ms"] for r in rounds]),
         "store_median_over_plain_p50_ms": median([r["store_over_plain_p50_ms"] for r in rounds]),
+        "alias_median_over_plain_p50_ms": median([r["alias_over_plain_p50_ms"] for r in rounds]),
         "saturation_rps_gateway": [round(x) for x in sat_gw],
         "saturation_rps_direct_fake": [round(x) for x in sat_direct],
         "median_saturation_rps_gateway": round(median(sat_gw)),

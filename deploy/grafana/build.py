@@ -17,6 +17,8 @@ OUT = Path(__file__).resolve().parent / "dashboards"
 # A panel: (title, unit, [(expr, legend), ...]).
 Panel = tuple[str, str, list[tuple[str, str]]]
 
+CAPTURED = '{stream="crucible:captures"}'
+ALIAS_RATE = "rate(crucible_alias_requests_total[5m])"
 HTTP = '{__name__=~"crucible_[a-z]+_http_requests_total"}'
 HTTP_5XX = '{__name__=~"crucible_[a-z]+_http_requests_total", status="5xx"}'
 HTTP_BUCKETS = '{__name__=~"crucible_[a-z]+_http_request_duration_seconds_bucket"}'
@@ -271,7 +273,10 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 "Stored completions",
                 "reqps",
                 [
-                    ("sum(rate(crucible_outbox_sent_total[5m]))", "handed off by gateways"),
+                    (
+                        f"sum(rate(crucible_outbox_sent_total{CAPTURED}[5m]))",
+                        "handed off by gateways",
+                    ),
                     ("sum(rate(crucible_captures_stored_total[5m]))", "stored"),
                 ],
             ),
@@ -281,12 +286,13 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 [
                     (
                         zero_if_none(
-                            "sum by (reason) (increase(crucible_outbox_dropped_total[1h]))",
-                            "sum(crucible_outbox_buffered)",
+                            "sum by (stream, reason) "
+                            "(increase(crucible_outbox_dropped_total[1h]))",
+                            "sum by (stream) (crucible_outbox_buffered)",
                         ),
-                        "dropped: {{reason}}",
+                        "dropped: {{stream}} {{reason}}",
                     ),
-                    ("sum(crucible_outbox_buffered)", "waiting in gateways"),
+                    ("sum by (stream) (crucible_outbox_buffered)", "waiting: {{stream}}"),
                 ],
             ),
             (
@@ -308,6 +314,49 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 "Eval items graded",
                 "reqps",
                 [("sum by (status) (rate(crucible_eval_items_total[5m]))", "{{status}}")],
+            ),
+            (
+                "Alias traffic share by target",
+                "percentunit",
+                [
+                    (
+                        f"sum by (alias, target) ({ALIAS_RATE})"
+                        f" / on (alias) group_left sum by (alias) ({ALIAS_RATE})",
+                        "{{alias}} → {{target}}",
+                    )
+                ],
+            ),
+            (
+                "Alias errors by target (5xx, broken streams, not served)",
+                "percentunit",
+                [
+                    (
+                        "sum by (alias, target) (rate(crucible_alias_requests_total"
+                        '{outcome=~"error|unavailable"}[5m]))'
+                        f" / sum by (alias, target) ({ALIAS_RATE})",
+                        "{{alias}} → {{target}}",
+                    )
+                ],
+            ),
+            (
+                "Alias p95 latency by target (to first token when streamed)",
+                "s",
+                [
+                    (
+                        p95("crucible_alias_request_seconds_bucket", by="alias, target"),
+                        "{{alias}} → {{target}}",
+                    )
+                ],
+            ),
+            (
+                "Alias rollbacks by the guard (last hour)",
+                "short",
+                [
+                    (
+                        "sum by (alias, bar) (increase(crucible_alias_rollbacks_total[1h]))",
+                        "{{alias}}: {{bar}}",
+                    )
+                ],
             ),
         ],
     ),

@@ -108,6 +108,19 @@ def raised(before: dict[str, Any] | None, after: dict[str, Any]) -> list[str]:
     ]
 
 
+def promoted(config: dict[str, Any], model: str, weight: float) -> dict[str, Any]:
+    """`model` at `weight`% of the traffic, the others sharing the rest as they did (at 100%,
+    they stay listed at weight 0: reachable pinned, and one rollback away)."""
+    others = [x for x in config["routes"] if x["model"] != model]
+    rest = sum(x["weight"] for x in others)
+    left = 100 - weight
+    routes = [{"model": model, "weight": weight}] + [
+        {"model": x["model"], "weight": round(x["weight"] / rest * left, 4) if rest else 0}
+        for x in others
+    ]
+    return {**config, "routes": routes}
+
+
 def alias_object(row: AliasRow, rev: RevisionRow) -> dict[str, Any]:
     c = rev.config
     return {

@@ -32,7 +32,7 @@ from services.common.errors import (
 from services.common.pagination import PageParams
 from services.common.tenancy import Owner, internal_only
 from services.finetune.adapters import served_models
-from services.finetune.aliases import NAME_RE, PIN, AliasStore, alias_object
+from services.finetune.aliases import NAME_RE, PIN, AliasStore, alias_object, promoted
 from services.finetune.aliasgate import check_gate
 from services.finetune.remote import ADMIN_HEADER, KEY_ID_HEADER, model_available
 
@@ -249,16 +249,7 @@ def router() -> APIRouter:
     @r.post("/v1/model_aliases/{name}/promote")
     def promote(name: str, body: Promote, request: Request, owner: Owner) -> dict[str, Any]:
         def make(current: dict[str, Any]) -> dict[str, Any]:
-            # The model gets `weight`% of the traffic; the others share the rest as before
-            # (at 100%, they stay listed at weight 0: reachable pinned, one rollback away).
-            others = [x for x in current["routes"] if x["model"] != body.model]
-            rest = sum(x["weight"] for x in others)
-            left = 100 - body.weight
-            routes = [{"model": body.model, "weight": body.weight}] + [
-                {"model": x["model"], "weight": round(x["weight"] / rest * left, 4) if rest else 0}
-                for x in others
-            ]
-            return {**current, "routes": routes}
+            return promoted(current, body.model, body.weight)
 
         return change(request, owner, name, "promote", body.reason, make, force=body.force)
 

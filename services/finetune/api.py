@@ -16,7 +16,9 @@ from services.common.errors import Conflict, InvalidRequest, NotFound
 from services.common.pagination import Cursor, PageParams
 from services.common.tenancy import Owner, internal_only
 from services.finetune.files import file_info, file_text
+from services.finetune.handoff import HandoffRow, Promote, check_promote
 from services.finetune.jobs import JobRow, JobStore, job_object, new_job_id
+from services.finetune.remote import KEY_ID_HEADER
 from services.finetune.training import ALL_LINEAR, auto_epochs
 from services.finetune.validation import TrainingFileError, parse
 
@@ -53,6 +55,8 @@ class LoraOptions(BaseModel):
     # 4bit: QLoRA (bitsandbytes NF4); auto: 4-bit where a GPU is present.
     quantize: Literal["auto", "4bit", "none"] = "auto"
     checkpoint_every: Annotated[int, Field(ge=1)] | None = None
+    # On success, evaluate the model on the alias's gate and, past it, add it at a canary weight.
+    promote: Promote | None = None
 
 
 class JobCreate(BaseModel):
@@ -79,16 +83,10 @@ def router() -> APIRouter:
         owner: Owner,
         idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
     ) -> dict[str, Any]:
-        state = request.app.state
-        s = state.settings
-        row = await asyncio.to_thread(_new_job, body, owner, s, idempotency_key)
-        job, created = state.jobs.create(row)
-        if not created and job.request_hash != row.request_hash:
-            raise Conflict(
-                "this Idempotency-Key was used for a different request", param="Idempotency-Key"
-            )
-        if created:
-            state.validate(job.id)
+        key_id = request.headers.get(KEY_ID_HEADER, "")
+        job = await asyncio.to_thread(
+            submit, request.app.state, owner, key_id, body, idempotency_key
+        )
         return job_object(job)
 
     @r.get("/v1/fine_tuning/jobs")
@@ -129,6 +127,39 @@ def router() -> APIRouter:
         return {"data": [{"model": a.model, "owner": a.owner} for a in rows]}
 
     return r
+
+
+def submit(
+    state: Any, owner: str, key_id: str, body: JobCreate, idempotency_key: str | None = None
+) -> JobRow:
+    """A new job (or the one this Idempotency-Key made), queued for validation; with its
+    hand-off to an alias when it asks for one."""
+    promote = body.crucible.promote
+    if promote is not None:
+        check_promote(state, owner, promote)
+    row = _new_job(body, owner, state.settings, idempotency_key)
+    job, created = state.jobs.create(row)
+    if not created and job.request_hash != row.request_hash:
+        raise Conflict(
+            "this Idempotency-Key was used for a different request", param="Idempotency-Key"
+        )
+    if created:
+        if promote is not None:
+            state.handoffs.add(
+                HandoffRow(
+                    job_id=job.id,
+                    owner=owner,
+                    key_id=key_id,
+                    alias=promote.alias,
+                    weight=promote.weight,
+                    data_source=promote.data_source,
+                    reason=promote.reason,
+                    status="waiting",
+                    updated_at=time.time(),
+                )
+            )
+        state.validate(job.id)
+    return job
 
 
 def _new_job(body: JobCreate, owner: str, s: Any, idempotency_key: str | None) -> JobRow:

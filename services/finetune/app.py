@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from services.common.app import build_app, serve
 from services.common.outbox import ALIAS_OUTCOMES, CAPTURES, Consumer
-from services.finetune import adapters, aliases_api, captures_api, evals_api, responses
+from services.finetune import adapters, aliases_api, captures_api, evals_api, responses, schedules
 from services.finetune.aliases import AliasStore
 from services.finetune.aliasgate import guard_round
 from services.finetune.api import router, validate_job
@@ -27,8 +27,10 @@ from services.finetune.captures import CaptureStore
 from services.finetune.config import FinetuneSettings
 from services.finetune.datasets import DatasetStore
 from services.finetune.evals import EvalStore
+from services.finetune.handoff import HandoffStore, handoff_round
 from services.finetune.jobs import JobStore
 from services.finetune.metrics import ApiMetrics, LifecycleCollector
+from services.finetune.schedules import ScheduleStore, schedule_round
 from services.finetune.worker import TASK, make_celery, worker_key
 
 log = logging.getLogger("crucible.finetune")
@@ -135,6 +137,8 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
         app.state.responses = responses.ResponseStore(jobs.session)
         app.state.evals = evals = EvalStore(jobs.session)
         app.state.aliases = aliases = AliasStore(jobs.session)
+        app.state.handoffs = HandoffStore(jobs.session)
+        app.state.schedules = ScheduleStore(jobs.session)
         metrics.watch_runs(evals.status_counts)
         lifecycle = LifecycleCollector(captures.feedback_counts, evals.pass_rates)
         app.state.registry.register(lifecycle)
@@ -155,6 +159,8 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
             while True:
                 try:
                     await asyncio.to_thread(guard_round, aliases, captures, rolled_back)
+                    await asyncio.to_thread(handoff_round, app.state)
+                    await asyncio.to_thread(schedule_round, app.state)
                     await asyncio.to_thread(aliases.prune, time.time() - 2 * 86_400)
                 except Exception:
                     log.warning("alias guard round failed", exc_info=True)
@@ -200,6 +206,7 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
     api.include_router(evals_api.router())
     api.include_router(responses.router())
     api.include_router(aliases_api.router())
+    api.include_router(schedules.router())
     return api
 
 

@@ -173,7 +173,7 @@ def _stored_item(row: Any) -> dict[str, Any]:
     }
 
 
-def _new_run(state: Any, owner: str, key_id: str, eval_id: str, body: RunCreate) -> RunRow:
+def new_run(state: Any, owner: str, key_id: str, eval_id: str, body: RunCreate) -> RunRow:
     check_metadata(body.metadata)
     evals: EvalStore = state.evals
     row = evals.get_eval(eval_id, owner)
@@ -276,7 +276,7 @@ def router() -> APIRouter:
         eval_id: str, body: RunCreate, request: Request, owner: Owner
     ) -> dict[str, Any]:
         state = request.app.state
-        row = await asyncio.to_thread(_new_run, state, owner, _key_id(request), eval_id, body)
+        row = await asyncio.to_thread(new_run, state, owner, _key_id(request), eval_id, body)
         return await asyncio.to_thread(store(request).add_run, row)
 
     @r.get("/v1/evals/{eval_id}/runs")

@@ -17,6 +17,8 @@ measurement. The model name scripts the behaviour:
 |                | `--token-interval-ms`, a finish event, usage when asked, [DONE]  |
 | fake-split     | like fake-paced, but the usage event comes in two writes 50 ms   |
 |                | apart, split inside "completion_tokens" (two reads downstream)   |
+| (GET /internal/aliases) | an alias table, as the finetune service serves it:    |
+|                | `bench-alias` of owner `bench`, fake 90 / fake-b 10              |
 | scripted       | chat answers from a script: `POST /script` sets the replies, each |
 |                | `{"content": ...}` or `{"tool_calls": [{"name", "arguments"}]}`, |
 |                | optional `"delay_s"`, `"repeat": true` (kept for every later     |
@@ -49,6 +51,22 @@ MODELS = [
     "scripted",
 ]
 JSON = [(b"content-type", b"application/json")]
+# The alias table a gateway pointed here as its finetune service routes by: `bench-alias`, the
+# bench key's, splitting fake 90 / fake-b 10 (the gateway benchmark's alias path).
+BENCH_ALIASES = {
+    "object": "list",
+    "data": [
+        {
+            "id": "alias_bench",
+            "owner": "bench",
+            "name": "bench-alias",
+            "revision": 1,
+            "created": 0,
+            "routes": [{"model": "fake", "weight": 90}, {"model": "fake-b", "weight": 10}],
+            "sticky": "user",
+        }
+    ],
+}
 
 
 def _completion(chat: bool, model: str) -> bytes:
@@ -115,6 +133,9 @@ class FakeUpstream:
             return
         if path == "/script":
             await self._script(scope, receive, send)
+            return
+        if path == "/internal/aliases":  # standing in for the finetune service (bench/gateway.py)
+            await _respond(send, 200, orjson.dumps(BENCH_ALIASES))
             return
         if path == "/v1/models":
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in MODELS]
