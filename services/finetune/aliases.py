@@ -91,6 +91,13 @@ class StatsRow(Base):
     buckets: Mapped[list[int]] = mapped_column(JSON)  # latency counts per BUCKETS_MS (+ over)
 
 
+# Each alias with its current revision.
+CURRENT = select(AliasRow, RevisionRow).join(
+    RevisionRow,
+    (RevisionRow.alias_id == AliasRow.id) & (RevisionRow.number == AliasRow.revision),
+)
+
+
 def shares(routes: list[dict[str, Any]]) -> dict[str, float]:
     total = sum(r["weight"] for r in routes)
     return {r["model"]: r["weight"] / total for r in routes}
@@ -210,28 +217,13 @@ class AliasStore:
 
     def of_owner(self, owner: str) -> list[dict[str, Any]]:
         with self.session() as s:
-            rows = s.execute(
-                select(AliasRow, RevisionRow)
-                .join(
-                    RevisionRow,
-                    (RevisionRow.alias_id == AliasRow.id)
-                    & (RevisionRow.number == AliasRow.revision),
-                )
-                .where(AliasRow.owner == owner)
-                .order_by(AliasRow.name)
-            ).all()
+            rows = s.execute(CURRENT.where(AliasRow.owner == owner).order_by(AliasRow.name)).all()
         return [alias_object(a, r) for a, r in rows]
 
     def table(self) -> list[dict[str, Any]]:
         """Every alias's current routing, for the gateways."""
         with self.session() as s:
-            rows = s.execute(
-                select(AliasRow, RevisionRow).join(
-                    RevisionRow,
-                    (RevisionRow.alias_id == AliasRow.id)
-                    & (RevisionRow.number == AliasRow.revision),
-                )
-            ).all()
+            rows = s.execute(CURRENT).all()
         return [
             {
                 "id": a.id,
@@ -425,13 +417,7 @@ class AliasStore:
         """Aliases with a guard, their current revision and the one before it."""
         out = []
         with self.session() as s:
-            rows = s.execute(
-                select(AliasRow, RevisionRow).join(
-                    RevisionRow,
-                    (RevisionRow.alias_id == AliasRow.id)
-                    & (RevisionRow.number == AliasRow.revision),
-                )
-            ).all()
+            rows = s.execute(CURRENT).all()
             for a, r in rows:
                 if r.config.get("guard") and r.number > 1:
                     before = s.scalars(

@@ -118,10 +118,17 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
             if await asyncio.to_thread(validate_job, jobs, s, job_id):
                 await asyncio.to_thread(dispatcher.send, job_id)
 
-        def validate(job_id: str) -> None:
+        loop = asyncio.get_running_loop()
+
+        def start_validation(job_id: str) -> None:
             task = asyncio.create_task(validate_and_queue(job_id))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+
+        def validate(job_id: str) -> None:
+            """Validate and queue a new job; callable from the loop or from a worker thread (a
+            route's `to_thread`, a schedule's run)."""
+            loop.call_soon_threadsafe(start_validation, job_id)
 
         async def reconciler() -> None:
             while True:

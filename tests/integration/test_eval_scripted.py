@@ -6,13 +6,13 @@ random, so verdicts can only be checked against a scripted one."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
 
+from tests.e2e.test_evals import finished
 from tests.integration.conftest import Lifecycle
 
 Env = Lifecycle
@@ -39,16 +39,6 @@ def client(env: Env) -> Iterator[openai.OpenAI]:
     c = openai.OpenAI(base_url=f"{env.gw.url}/v1", api_key=env.key, max_retries=0)
     yield c
     c.close()
-
-
-def finished(client: openai.OpenAI, eval_id: str, run_id: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        run = client.evals.runs.retrieve(run_id, eval_id=eval_id)
-        if run.status in ("completed", "failed", "canceled"):
-            return run
-        assert time.monotonic() < deadline, f"run {run_id} still {run.status}"
-        time.sleep(0.1)
 
 
 def given(*answers: str) -> Any:
