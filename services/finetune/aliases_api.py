@@ -130,7 +130,11 @@ def _key_id(request: Request) -> str:
     return key_id
 
 
-def _check_routes(request: Request, owner: str, name: str, routes: list[dict[str, Any]]) -> None:
+def _check_routes(
+    request: Request, owner: str, routes: list[dict[str, Any]], known: frozenset[str] = frozenset()
+) -> None:
+    """Targets once each, none an alias, some weight; each new one usable by the caller's key
+    (one already routed is not asked again: an adapter since retired must not block a change)."""
     s, store = request.app.state.settings, request.app.state.aliases
     seen = set()
     for i, r in enumerate(routes):
@@ -140,7 +144,8 @@ def _check_routes(request: Request, owner: str, name: str, routes: list[dict[str
         seen.add(model)
         if PIN in model or store.exists(owner, model):
             raise InvalidRequest(f"{model} is an alias; an alias routes to models", param=param)
-        model_available(s, _key_id(request), model, param)
+        if model not in known:
+            model_available(s, _key_id(request), model, param)
     if not sum(r["weight"] for r in routes) > 0:
         raise InvalidRequest("at least one route needs a weight above 0", param="routes")
 
@@ -208,7 +213,8 @@ def router() -> APIRouter:
             raise PermissionDenied("only an admin key may force past the gate", param="force")
         row, current = store(request).get(owner, name)
         config = make(current.config)
-        _check_routes(request, owner, name, config["routes"])
+        known = frozenset(r["model"] for r in current.config["routes"])
+        _check_routes(request, owner, config["routes"], known)
         _check_gate_eval(request, owner, config)
         evidence = None
         if not force:
@@ -224,7 +230,7 @@ def router() -> APIRouter:
         if store(request).exists(owner, body.name):
             raise Conflict(f"A model alias named '{body.name}' already exists.", param="name")
         config = _config(body, None)
-        _check_routes(request, owner, body.name, config["routes"])
+        _check_routes(request, owner, config["routes"])
         _check_gate_eval(request, owner, config)
         return store(request).create(owner, body.name, config, _key_id(request), body.reason)
 

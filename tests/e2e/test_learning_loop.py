@@ -178,6 +178,14 @@ def test_another_owner_gets_nothing_from_the_filter(
         other.get(f"/fine_tuning/datasets/{made['id']}", cast_to=object)
 
 
+def routed(client: openai.OpenAI, alias: str, revision: int, timeout: float = 5) -> None:
+    """Wait until the gateway routes by `revision` of the alias (its model card says which)."""
+    deadline = time.monotonic() + timeout
+    while cast(Any, client.models.retrieve(alias)).alias["revision"] != revision:
+        assert time.monotonic() < deadline, f"revision {revision} not routed in {timeout} s"
+        time.sleep(0.1)
+
+
 def served(client: openai.OpenAI, model: str, who: str) -> str:
     reply = client.chat.completions.create(
         model=model,
@@ -237,7 +245,7 @@ def test_the_weekly_loop_trains_gates_and_canaries_the_new_model(
     events = [e.message for e in client.fine_tuning.jobs.list_events(done.id, limit=50)]
     assert any(f"joined alias {alias} at 10%" in m for m in events), events
     # The canary: 400 requests from 200 researchers, each staying on one model.
-    time.sleep(2)  # every gateway has the new revision (they re-read the table each second)
+    routed(client, alias, 2)
     on: dict[str, set[str]] = {}
     for _ in range(2):
         for i in range(200):
@@ -263,7 +271,7 @@ def test_the_weekly_loop_trains_gates_and_canaries_the_new_model(
     # Promotion to 100%, then a rollback to the canary.
     full = api(client, f"/model_aliases/{alias}/promote", {"model": ft, "reason": "won the week"})
     assert full["shares"] == {ft: 1.0, DENSE: 0.0}
-    time.sleep(2)
+    routed(client, alias, 3)
     assert {served(client, alias, f"r{i}") for i in range(20)} == {ft}
     back = api(client, f"/model_aliases/{alias}/rollback", {"reason": "second thoughts"})
     assert back["revision"] == 4 and back["shares"] == canary["shares"]
