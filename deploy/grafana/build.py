@@ -286,8 +286,7 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 [
                     (
                         zero_if_none(
-                            "sum by (stream, reason) "
-                            "(increase(crucible_outbox_dropped_total[1h]))",
+                            "sum by (stream, reason) (increase(crucible_outbox_dropped_total[1h]))",
                             "sum by (stream) (crucible_outbox_buffered)",
                         ),
                         "dropped: {{stream}} {{reason}}",
@@ -331,9 +330,12 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 "percentunit",
                 [
                     (
-                        "sum by (alias, target) (rate(crucible_alias_requests_total"
-                        '{outcome=~"error|unavailable"}[5m]))'
-                        f" / sum by (alias, target) ({ALIAS_RATE})",
+                        zero_if_none(
+                            "sum by (alias, target) (rate(crucible_alias_requests_total"
+                            '{outcome=~"error|unavailable"}[5m]))'
+                            f" / sum by (alias, target) ({ALIAS_RATE})",
+                            f"sum by (alias, target) ({ALIAS_RATE})",
+                        ),
                         "{{alias}} → {{target}}",
                     )
                 ],
@@ -349,11 +351,24 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 ],
             ),
             (
+                "Alias feedback by target (current revision)",
+                "short",
+                [
+                    (
+                        "sum by (alias, target, value) (crucible_alias_feedback)",
+                        "{{alias}} → {{target}}: {{value}}",
+                    )
+                ],
+            ),
+            (
                 "Alias rollbacks by the guard (last hour)",
                 "short",
                 [
                     (
-                        "sum by (alias, bar) (increase(crucible_alias_rollbacks_total[1h]))",
+                        zero_if_none(
+                            "sum by (alias, bar) (increase(crucible_alias_rollbacks_total[1h]))",
+                            f"sum by (alias) ({ALIAS_RATE})",
+                        ),
                         "{{alias}}: {{bar}}",
                     )
                 ],

@@ -220,6 +220,12 @@ class AliasStore:
             rows = s.execute(CURRENT.where(AliasRow.owner == owner).order_by(AliasRow.name)).all()
         return [alias_object(a, r) for a, r in rows]
 
+    def current(self, limit: int) -> list[tuple[AliasRow, RevisionRow]]:
+        """Aliases with their current revision (the `limit` most recently changed)."""
+        with self.session() as s:
+            rows = s.execute(CURRENT.order_by(RevisionRow.created_at.desc()).limit(limit)).all()
+        return [(a, r) for a, r in rows]
+
     def table(self) -> list[dict[str, Any]]:
         """Every alias's current routing, for the gateways."""
         with self.session() as s:

@@ -112,6 +112,22 @@ def verdict(
     return None
 
 
+def alias_feedback(
+    store: AliasStore, captures: CaptureStore, limit: int
+) -> list[tuple[str, str, str, int]]:
+    """(alias, target, value, how many): the feedback on each target's answers since the current
+    revision, on the guard's feedback metric ("rating" without a guard)."""
+    out = []
+    for row, rev in store.current(limit):
+        metric = (rev.config.get("guard") or {}).get("feedback_metric", "rating")
+        models = [r["model"] for r in rev.config["routes"]]
+        for model, value, n in captures.feedback_by_model(
+            row.owner, models, rev.created_at, metric
+        ):
+            out.append((f"{row.owner}/{row.name}", model, value, n))
+    return out
+
+
 def guard_round(
     store: AliasStore,
     captures: CaptureStore,

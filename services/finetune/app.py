@@ -21,7 +21,7 @@ from services.common.app import build_app, serve
 from services.common.outbox import ALIAS_OUTCOMES, CAPTURES, Consumer
 from services.finetune import adapters, aliases_api, captures_api, evals_api, responses, schedules
 from services.finetune.aliases import AliasStore
-from services.finetune.aliasgate import guard_round
+from services.finetune.aliasgate import alias_feedback, guard_round
 from services.finetune.api import router, validate_job
 from services.finetune.captures import CaptureStore
 from services.finetune.config import FinetuneSettings
@@ -147,7 +147,11 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
         app.state.handoffs = HandoffStore(jobs.session)
         app.state.schedules = ScheduleStore(jobs.session)
         metrics.watch_runs(evals.status_counts)
-        lifecycle = LifecycleCollector(captures.feedback_counts, evals.pass_rates)
+        lifecycle = LifecycleCollector(
+            captures.feedback_counts,
+            evals.pass_rates,
+            lambda limit: alias_feedback(aliases, captures, limit),
+        )
         app.state.registry.register(lifecycle)
         consumer = Consumer(
             s.captures_redis_url,

@@ -428,6 +428,26 @@ class CaptureStore:
                 return  # found, or the caller's lookup answers 404
             time.sleep(0.05)
 
+    def feedback_by_model(
+        self, owner: str, models: list[str], since: float, metric: str
+    ) -> list[tuple[str, str, int]]:
+        """(model, value, how many) of the feedback on `metric` given to the owner's answers from
+        `models` since `since`."""
+        with self.session() as s:
+            n = func.count().label("n")
+            rows = s.execute(
+                select(CompletionRow.model, FeedbackRow.value_text, n)
+                .join(CompletionRow, CompletionRow.id == FeedbackRow.completion_id)
+                .where(
+                    CompletionRow.owner == owner,
+                    CompletionRow.model.in_(models),
+                    CompletionRow.created_at >= since,
+                    FeedbackRow.metric == metric,
+                )
+                .group_by(CompletionRow.model, FeedbackRow.value_text)
+            ).all()
+        return [(m, v, int(c)) for m, v, c in rows]
+
     def feedback_counts(self, limit: int) -> list[tuple[str, str, int]]:
         with self.session() as s:
             n = func.count().label("n")

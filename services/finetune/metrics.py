@@ -67,14 +67,21 @@ class ApiMetrics:
 
 
 class LifecycleCollector:
-    """Feedback counts by metric and value, and the pass rate of each eval's latest completed
-    run per model, read from SQL at each scrape. Both are bounded (the 50 largest and the 50
-    latest): metric names, values and evals are the users' own words."""
+    """Feedback counts by metric and value, the pass rate of each eval's latest completed run
+    per model, and the feedback on each alias's targets, read from SQL at each scrape. Each is
+    bounded (the 50 largest, latest, or most recently changed): metric names, values, evals and
+    aliases are the users' own words."""
 
     LIMIT = 50
 
-    def __init__(self, feedback: Callable[[int], Any], pass_rates: Callable[[int], Any]) -> None:
+    def __init__(
+        self,
+        feedback: Callable[[int], Any],
+        pass_rates: Callable[[int], Any],
+        alias_feedback: Callable[[int], Any],
+    ) -> None:
         self.feedback, self.pass_rates = feedback, pass_rates
+        self.alias_feedback = alias_feedback
 
     def collect(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
@@ -93,6 +100,14 @@ class LifecycleCollector:
         for name, model, passed in self.pass_rates(self.LIMIT):
             rate.add_metric([name[:64], model], passed)
         yield rate
+        by_target = GaugeMetricFamily(
+            "crucible_alias_feedback",
+            "Feedback on each alias target's answers since the alias's current revision",
+            labels=["alias", "target", "value"],
+        )
+        for alias, target, value, n in self.alias_feedback(self.LIMIT):
+            by_target.add_metric([alias, target, value[:64]], n)
+        yield by_target
 
     def describe(self) -> list[Any]:
         return []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -46,10 +47,16 @@ def wait_for(prom: str, expr: str, timeout: float = 30) -> list[dict[str, Any]]:
     return result
 
 
-def one_round(client: openai.OpenAI, store_id: str) -> None:
+def one_round(client: openai.OpenAI, store_id: str, alias: str) -> None:
     """What a busy lab does in a minute, through the gateway."""
     hi: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
     client.chat.completions.create(model=DENSE, messages=hi, max_tokens=8)
+    aliased = client.chat.completions.create(model=alias, messages=hi, max_tokens=2, store=True)
+    client.post(
+        f"/chat/completions/{aliased.id}/feedback",
+        cast_to=cast(Any, object),
+        body={"metric": "rating", "value": "good"},
+    )
     stream = client.chat.completions.create(
         model=DENSE, messages=hi, max_tokens=16, stream=True, stream_options={"include_usage": True}
     )
@@ -144,10 +151,17 @@ def traffic(prom: str, client: openai.OpenAI) -> Iterator[None]:
     `rate()`, so the second round, scraped after the first, is what the panels see (as in a
     platform that has been running)."""
     store = client.vector_stores.create(name="observed")
-    one_round(client, store.id)
+    alias = f"observed-{uuid.uuid4().hex[:8]}"
+    route = [{"model": DENSE, "weight": 1}]
+    client.post("/model_aliases", cast_to=object, body={"name": alias, "routes": route})
+    deadline = time.monotonic() + 5
+    while alias not in {m.id for m in client.models.list()}:
+        assert time.monotonic() < deadline, "the alias was not routed within 5 s"
+        time.sleep(0.1)
+    one_round(client, store.id, alias)
     wait_for(prom, 'crucible_agent_runs_total{status=~"completed|incomplete"} > 0')
     time.sleep(2)
-    one_round(client, store.id)
+    one_round(client, store.id, alias)
     wait_for(prom, 'sum(crucible_agent_runs_total{status=~"completed|incomplete"}) > 1')
     wait_for(prom, 'sum(crucible_finetune_jobs{status="succeeded"}) > 1')
     time.sleep(3)  # the last of it scraped (1 s interval) before the queries

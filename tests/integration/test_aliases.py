@@ -315,3 +315,59 @@ def test_the_guard_rolls_back_a_failing_candidate_by_itself(
     assert newest["evidence"]["target"] == "fake-500" and newest["evidence"]["error_ratio"] > 0.2
     after = finetune_metric(lifecycle, "crucible_alias_rollbacks_total", label)
     assert after == before + 1
+
+
+def test_agent_and_eval_runs_take_an_alias_like_a_model(
+    client: openai.OpenAI, lifecycle: Lifecycle
+) -> None:
+    """The agent asks the gateway for the alias (listed) and calls it; an eval run samples it."""
+    name = new_alias(client, {"scripted": 100})
+    until(lambda: known(client, name), 5, "the alias is listed")
+    lifecycle.script({"content": '{"action": "final_answer", "answer": "C9H8O4", "citations": []}'})
+    run = api(
+        client,
+        "post",
+        "/agent/runs",
+        {"model": name, "messages": [{"role": "user", "content": "Aspirin's formula?"}]},
+    )
+    deadline = time.monotonic() + 30
+    while (run := api(client, "get", f"/agent/runs/{run['id']}"))["status"] in (
+        "queued",
+        "in_progress",
+    ):
+        assert time.monotonic() < deadline, "the agent run did not finish"
+        time.sleep(0.1)
+    assert run["status"] == "completed" and run["output"]["answer"] == "C9H8O4"
+    assert [r["model"] for r in lifecycle.seen()] == ["scripted"]  # the engine got the target
+    ev = client.evals.create(
+        data_source_config=QA,
+        testing_criteria=[
+            {
+                "type": "string_check",
+                "name": "ok",
+                "input": "{{sample.output_text}}",
+                "reference": "ok",
+                "operation": "eq",
+            }
+        ],
+    )
+    lifecycle.script({"content": "ok", "repeat": True})
+    sampled = client.evals.runs.create(
+        ev.id,
+        data_source={
+            "type": "completions",
+            "model": name,
+            "source": {"type": "file_content", "content": [{"item": {"q": "q"}}]},
+            "input_messages": {
+                "type": "template",
+                "template": [{"role": "user", "content": "{{item.q}}"}],
+            },
+        },
+    )
+    until(
+        lambda: client.evals.runs.retrieve(sampled.id, eval_id=ev.id).status == "completed",
+        30,
+        "the eval run completes",
+    )
+    [item] = client.evals.runs.output_items.list(sampled.id, eval_id=ev.id)
+    assert item.status == "pass" and item.sample.model == "scripted"
