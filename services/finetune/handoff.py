@@ -24,6 +24,7 @@ from services.finetune.jobs import Base
 from services.finetune.remote import model_available
 
 log = logging.getLogger("crucible.finetune.handoff")
+SERVED_WITHIN_S = 3600  # a model not served to the key this long after its job: the hand-off fails
 
 
 class Promote(BaseModel):
@@ -112,6 +113,9 @@ def handoff_round(state: Any) -> None:
                 _waiting(state, h)
             else:
                 _evaluating(state, h)
+        except NotFound as exc:  # the alias (or the run) was deleted meanwhile
+            if state.handoffs.advance(h.job_id, h.status, "failed", detail=exc.message[:2000]):
+                state.jobs.event(h.job_id, f"Not handed to alias {h.alias}: {exc.message[:500]}")
         except Exception:  # one hand-off's trouble must not stop the others
             log.warning("hand-off step failed", extra={"job": h.job_id}, exc_info=True)
 
@@ -130,7 +134,12 @@ def _waiting(state: Any, h: HandoffRow) -> None:
     try:
         model_available(state.settings, h.key_id, model, "model")
     except InvalidRequest:
-        return  # not served yet (the adapter is being loaded): next round
+        if time.time() - (job.finished_at or time.time()) < SERVED_WITHIN_S:
+            return  # not served yet (the adapter is being loaded): next round
+        detail = f"{model} was not served to the job's key within {SERVED_WITHIN_S // 60} min"
+        if state.handoffs.advance(h.job_id, "waiting", "failed", detail=detail):
+            state.jobs.event(h.job_id, f"Not handed to alias {h.alias}: {detail}", level="warn")
+        return
     _, rev = state.aliases.get(h.owner, h.alias)
     eval_id = rev.config["gate"]["eval_id"]
     body = RunCreate(

@@ -281,3 +281,62 @@ def test_the_weekly_loop_trains_gates_and_canaries_the_new_model(
     assert revisions[2]["evidence"][ft]["run_id"] == handoff["eval_run_id"]
     # The same facts asked directly agree with the eval.
     assert sum(answers(client, ft)) >= 0.8 * len(EXAMPLES)
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"cron": "61 * * * *"}, "cron"),
+        ({"cron": "every monday"}, "cron"),
+        ({"job": {"model": DENSE, "training_file": "file-x"}}, "job.training_file"),
+        ({"job": {"model": "no-such-base"}}, "model"),
+        ({"job": {"model": DENSE, "seed": "seven"}}, "job.seed"),
+        ({"window_days": 0}, None),
+        (
+            {
+                "job": {
+                    "model": DENSE,
+                    "crucible": {"promote": {"alias": "nope", "data_source": {}}},
+                }
+            },
+            "crucible.promote.alias",
+        ),
+    ],
+)
+def test_bad_schedules_are_refused_naming_the_param(
+    client: openai.OpenAI, change: dict[str, Any], param: str | None
+) -> None:
+    body = {"cron": "0 3 * * 1", "dataset": {}, "job": {"model": DENSE}, **change}
+    with pytest.raises(openai.BadRequestError) as err:
+        api(client, "/fine_tuning/schedules", body)
+    if param:
+        assert err.value.param == param, err.value.message
+
+
+def test_a_schedule_is_its_owners_and_can_be_paused(
+    client: openai.OpenAI, gateway_url: str, keys: KeyStore
+) -> None:
+    made = api(
+        client,
+        "/fine_tuning/schedules",
+        {"cron": "0 3 * * 1", "dataset": {}, "job": {"model": DENSE}},
+    )
+    paused = api(client, f"/fine_tuning/schedules/{made['id']}", {"enabled": False})
+    assert paused["enabled"] is False and paused["next_run_at"] is None
+    assert made["id"] in [s["id"] for s in api(client, "/fine_tuning/schedules?limit=100")["data"]]
+    secret, _ = keys.create("stranger-schedules")
+    other = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=secret, max_retries=0)
+    for path in (
+        f"/fine_tuning/schedules/{made['id']}",
+        f"/fine_tuning/schedules/{made['id']}/runs",
+    ):
+        with pytest.raises(openai.NotFoundError):
+            api(other, path)
+    with pytest.raises(openai.NotFoundError):
+        api(other, f"/fine_tuning/schedules/{made['id']}/run", {})
+    # No answers this week: the run is recorded as failed, with the reason, and no job starts.
+    run = api(client, f"/fine_tuning/schedules/{made['id']}/run", {})
+    assert run["status"] == "failed" and run["fine_tuning_job_id"] is None
+    assert run["error"]["param"] == "min_rows" and "0 rows" in run["error"]["message"]
+    assert api(client, f"/fine_tuning/schedules/{made['id']}/runs")["data"][0]["id"] == run["id"]
+    assert client.delete(f"/fine_tuning/schedules/{made['id']}", cast_to=object)["deleted"]  # type: ignore[index]

@@ -210,3 +210,97 @@ def test_the_gate_holds_a_candidate_to_the_incumbent(jobs: JobStore) -> None:
     }
     # Lowering a share raises nothing: no run is needed to shrink a canary.
     assert check_gate(evals, "lab", "chem", after, before) == {}
+
+
+def test_a_hand_off_whose_model_misses_the_gate_is_refused_and_says_why(jobs: JobStore) -> None:
+    from types import SimpleNamespace
+
+    from services.finetune.handoff import HandoffRow, HandoffStore, handoff_round
+    from services.finetune.jobs import JobRow
+
+    evals, aliases = EvalStore(jobs.session), AliasStore(jobs.session)
+    state = SimpleNamespace(
+        jobs=jobs, evals=evals, aliases=aliases, handoffs=HandoffStore(jobs.session)
+    )
+    with jobs.session.begin() as s:
+        s.add(
+            EvalRow(
+                id="eval_1",
+                owner="lab",
+                name="qa",
+                created_at=time.time(),
+                data_source_config={},
+                testing_criteria=[],
+            )
+        )
+    gate = {"eval_id": "eval_1", "min_pass_rate": 0.8}
+    aliases.create("lab", "chem", config({"base": 100}, gate=gate), "key_a", None)
+    for job_id, model in (("ftjob-a", "ft:weak"), ("ftjob-b", "ft:orphan")):
+        with jobs.session.begin() as s:
+            s.add(
+                JobRow(
+                    id=job_id,
+                    owner="lab",
+                    model="base",
+                    training_file="file-x",
+                    seed=1,
+                    hyperparameters={},
+                    lora={},
+                    status="succeeded",
+                    fine_tuned_model=model,
+                    created_at=int(time.time()),
+                    attempts=1,
+                    cancel_requested=False,
+                )
+            )
+    weak = add_run(jobs, "eval_1", "ft:weak", 3, 10)
+    orphan = add_run(jobs, "eval_1", "ft:orphan", 10, 10)
+    for job_id, alias, run_id in (("ftjob-a", "chem", weak), ("ftjob-b", "gone", orphan)):
+        state.handoffs.add(
+            HandoffRow(
+                job_id=job_id,
+                owner="lab",
+                key_id="key_a",
+                alias=alias,
+                weight=10,
+                data_source={},
+                status="evaluating",
+                run_id=run_id,
+                updated_at=time.time(),
+            )
+        )
+    handoff_round(state)
+    refused, failed = state.handoffs.get("ftjob-a"), state.handoffs.get("ftjob-b")
+    assert refused is not None and refused.status == "refused" and weak in (refused.detail or "")
+    assert failed is not None and failed.status == "failed" and "gone" in (failed.detail or "")
+    assert aliases.get("lab", "chem")[1].number == 1  # the alias did not move
+    events = [e["message"] for e in jobs.events("ftjob-a", "lab", 10, None)["data"]]
+    assert any("Not promoted" in m and "30.0%" in m for m in events), events
+    assert state.handoffs.open() == []  # nothing left to retry
+
+
+def test_a_due_schedule_is_claimed_once(jobs: JobStore) -> None:
+    from services.finetune.schedules import ScheduleRow, ScheduleStore, next_run
+
+    store = ScheduleStore(jobs.session)
+    now = time.time()
+    store.add(
+        ScheduleRow(
+            id="ftsched_1",
+            owner="lab",
+            key_id="k",
+            name="weekly",
+            cron="0 3 * * 1",
+            dataset={},
+            window_days=None,
+            job={},
+            enabled=True,
+            next_run_at=now - 1,
+            created_at=now,
+        )
+    )
+    [due] = store.due(now)
+    first, second = store.claim(due, now), store.claim(due, now)  # two replicas, one stale read
+    assert (first, second) == (True, False)
+    assert store.due(now) == []
+    assert store.get("ftsched_1").next_run_at == next_run("0 3 * * 1", now) > now
