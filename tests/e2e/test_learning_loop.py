@@ -316,11 +316,9 @@ def test_bad_schedules_are_refused_naming_the_param(
 def test_a_schedule_is_its_owners_and_can_be_paused(
     client: openai.OpenAI, gateway_url: str, keys: KeyStore
 ) -> None:
-    made = api(
-        client,
-        "/fine_tuning/schedules",
-        {"cron": "0 3 * * 1", "dataset": {}, "job": {"model": DENSE}},
-    )
+    nothing = {"filter": {"metadata": {"loop": "never-stored"}}}  # no answers this week
+    body = {"cron": "0 3 * * 1", "dataset": nothing, "job": {"model": DENSE}}
+    made = api(client, "/fine_tuning/schedules", body)
     paused = api(client, f"/fine_tuning/schedules/{made['id']}", {"enabled": False})
     assert paused["enabled"] is False and paused["next_run_at"] is None
     assert made["id"] in [s["id"] for s in api(client, "/fine_tuning/schedules?limit=100")["data"]]
