@@ -1,0 +1,74 @@
+"""Hostile and careless input that must be refused at once, not served for minutes (#22): each
+case failed on the main it started from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from services.common.errors import InvalidRequest
+from services.finetune.api import JobCreate, _new_job
+from services.finetune.validation import parse
+from services.retrieval.parsing import check_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "round(1, -10**8)",  # 10**100000000 built on the agent's event loop
+        "round(7, -(10**9))",
+        "(10**300) ** 1024 * 2",
+    ],
+)
+def test_the_calculator_refuses_a_huge_intermediate_at_once(expression: str) -> None:
+    """In a subprocess with a deadline: before the fix these ran for minutes."""
+    code = (
+        "from services.agent.tools.calculator import evaluate\n"
+        "from services.agent.tools.base import ToolError\n"
+        f"try:\n    evaluate({expression!r})\nexcept ToolError as e:\n    print('refused', e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=5
+    )
+    assert out.stdout.startswith("refused"), (out.stdout, out.stderr[-500:])
+
+
+LINE_SEPARATED = {  # U+2028 and U+2029 are valid raw inside a JSON string; only \n ends a line
+    "messages": [
+        {"role": "user", "content": "first\u2028second\u2029third\x85fourth"},
+        {"role": "assistant", "content": "ok"},
+    ]
+}
+
+
+def test_a_jsonl_line_is_split_on_newline_only() -> None:
+    text = json.dumps(LINE_SEPARATED, ensure_ascii=False) + "\r\n"
+    assert parse(text, min_examples=1)[0] == LINE_SEPARATED
+    check_jsonl(text)  # an upload for retrieval: accepted, not "line 1: not valid JSON"
+
+
+def test_a_jsonl_eval_file_keeps_its_line_separators() -> None:
+    from services.finetune.evals_api import _jsonl_items
+
+    item = {"question": "a\u2028b", "answer": "c"}
+    assert _jsonl_items(json.dumps(item, ensure_ascii=False) + "\n") == [{"item": item}]
+
+
+@pytest.mark.parametrize("model", ["../outside", "dev/../dev", "dev/", "/abs/dev", "."])
+def test_a_fine_tuning_model_is_a_name_never_a_path(tmp_path: Path, model: str) -> None:
+    models = tmp_path / "models"
+    for d in (models / "dev", tmp_path / "outside", Path(tmp_path / "abs" / "dev")):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+    settings = SimpleNamespace(models=lambda: models)
+    body = JobCreate(model=model, training_file="file-x")
+    with pytest.raises(InvalidRequest) as err:
+        _new_job(body, "lab", settings, None)
+    assert err.value.param == "model" and err.value.code == "model_not_available"
