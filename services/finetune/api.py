@@ -162,16 +162,23 @@ def submit(
     return job
 
 
+def check_base_model(s: Any, model: str) -> None:
+    """A model to fine-tune is a directory name in the models directory, never a path (no
+    separators, no dot names): else 400."""
+    is_name = model not in ("", ".", "..") and not any(c in model for c in "/\\\0")
+    if not is_name or not (s.models() / model / "config.json").exists():
+        raise InvalidRequest(
+            f"model {model!r} is not available for fine-tuning",
+            param="model",
+            code="model_not_available",
+        )
+
+
 def _new_job(body: JobCreate, owner: str, s: Any, idempotency_key: str | None) -> JobRow:
     """Check what can be checked at once (400/404 now, not a failed job later)."""
     if body.integrations:
         raise InvalidRequest("integrations are not supported", param="integrations")
-    if not (s.models() / body.model / "config.json").exists():
-        raise InvalidRequest(
-            f"model {body.model!r} is not available for fine-tuning",
-            param="model",
-            code="model_not_available",
-        )
+    check_base_model(s, body.model)
     file_info(s.retrieval_url, s.internal_token, owner, body.training_file)
     if body.validation_file:
         file_info(s.retrieval_url, s.internal_token, owner, body.validation_file)

@@ -11,6 +11,7 @@ import httpx
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from services.common import jsonl
 from services.common.errors import AuthenticationFailed, InvalidRequest, NotFound
 from services.common.metadata import check_metadata
 from services.common.pagination import AscPageParams
@@ -63,9 +64,7 @@ def _key_id(request: Request) -> str:
 
 def _jsonl_items(text: str) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, line in jsonl.lines(text):
         if len(items) >= MAX_ITEMS:
             raise InvalidRequest(f"the file has over {MAX_ITEMS} items", param="data_source")
         try:

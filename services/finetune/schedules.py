@@ -102,7 +102,7 @@ def next_run(cron: str, after: float) -> float:
 
 def check_job(state: Any, owner: str, job: dict[str, Any]) -> None:
     """The job a schedule will submit is one `client.fine_tuning.jobs.create` would take."""
-    from services.finetune.api import JobCreate, _new_job
+    from services.finetune.api import JobCreate, check_base_model
     from services.finetune.handoff import check_promote
 
     for name in ("training_file", "validation_file"):
@@ -114,8 +114,7 @@ def check_job(state: Any, owner: str, job: dict[str, Any]) -> None:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"])
         raise InvalidRequest(f"job.{where}: {error['msg']}", param=f"job.{where}") from None
-    if not (state.settings.models() / body.model / "config.json").exists():
-        _new_job(body, owner, state.settings, None)  # raises its 400 naming the model
+    check_base_model(state.settings, body.model)
     if body.crucible.promote is not None:
         check_promote(state, owner, body.crucible.promote)
 

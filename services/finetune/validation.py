@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from services.common import jsonl
+
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 MIN_EXAMPLES = 10
 MAX_ERRORS = 10
@@ -33,9 +35,7 @@ def parse(
     errors: list[str] = []
     examples: list[dict[str, Any]] = []
     formats: set[str] = set()
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in jsonl.lines(text):
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from services.common import jsonl
 from services.common.errors import InvalidRequest, UnsupportedMediaType
 
 TEXT_TYPES = {".txt", ".md", ".markdown", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".html"}
@@ -49,9 +50,7 @@ def check_upload(filename: str, purpose: str, path: Path) -> None:
 
 def check_jsonl(text: str) -> None:
     """Every non-blank line one JSON object; errors name the line."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in jsonl.lines(text):
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:

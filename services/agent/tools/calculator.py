@@ -19,6 +19,7 @@ from services.agent.tools.base import ToolError
 MAX_MAGNITUDE = 1e300
 MAX_EXPONENT = 1024
 MAX_NODES = 200
+MAX_DIGITS = 308  # round()'s ndigits: a float has no digits beyond these
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
@@ -89,7 +90,11 @@ def _eval(node: ast.AST) -> Any:
         and node.func.id in _FUNCTIONS
         and not node.keywords
     ):
-        return _bounded(_FUNCTIONS[node.func.id](*(_eval(a) for a in node.args)))
+        args = [_eval(a) for a in node.args]
+        if node.func.id == "round" and len(args) > 1 and abs(args[1]) > MAX_DIGITS:
+            # round(x, -n) builds 10**n first: bounded before it is built.
+            raise ToolError(f"round's ndigits must be within ±{MAX_DIGITS}")
+        return _bounded(_FUNCTIONS[node.func.id](*args))
     raise ToolError(f"not allowed in an expression: {ast.unparse(node)[:40]!r}")
 
 
