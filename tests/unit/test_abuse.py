@@ -72,3 +72,44 @@ def test_a_fine_tuning_model_is_a_name_never_a_path(tmp_path: Path, model: str) 
     with pytest.raises(InvalidRequest) as err:
         _new_job(body, "lab", settings, None)
     assert err.value.param == "model" and err.value.code == "model_not_available"
+
+
+def _check(path: str, **payload: object) -> None:
+    from services.gateway.config import GatewaySettings
+    from services.gateway.validation import check_request
+
+    check_request(path, {"model": "m", **payload}, GatewaySettings())
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "param"),
+    [
+        ("/v1/completions", {"prompt": ["a prompt"] * 5000}, "prompt"),  # 5,000 sequences
+        ("/v1/completions", {"prompt": [[1, 2, 3]] * 5000}, "prompt"),  # token-id prompts
+        ("/v1/completions", {"prompt": "x" * (2 << 20)}, "prompt"),  # 2 M characters
+        ("/v1/completions", {"prompt": ["y" * (600 << 10)] * 4}, "prompt"),
+        ("/v1/completions", {"prompt": [1] * 300_000}, "prompt"),  # one prompt of token ids
+        ("/v1/completions", {"prompt": [{"not": "a prompt"}]}, "prompt"),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "logit_bias": {str(i): 1 for i in range(5000)},
+            },
+            "logit_bias",
+        ),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": []}, "logit_bias"),
+    ],
+)
+def test_the_engine_side_size_of_a_request_is_bounded(
+    path: str, payload: dict[str, object], param: str
+) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        _check(path, **payload)
+    assert err.value.param == param
+
+
+def test_ordinary_prompts_pass() -> None:
+    _check("/v1/completions", prompt=["a", "b"], logit_bias={"50256": -100})
+    _check("/v1/completions", prompt=[1, 2, 3])
+    _check("/v1/completions", prompt=[[1, 2], [3]])
