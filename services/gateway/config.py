@@ -40,6 +40,12 @@ class GatewaySettings(ServiceSettings):
     upload_timeout_s: float = 300.0
     max_tokens_cap: int = 8192
     max_n: int = 8
+    # /v1/completions: sequences per request, and their size without tokenizing (characters of
+    # text prompts, token ids of pre-tokenized ones); logit_bias entries on any route.
+    max_prompts: int = 64
+    max_prompt_chars: int = 1 << 20
+    max_prompt_token_ids: int = 256 << 10
+    max_logit_bias: int = 300
     max_top_logprobs: int = 20
     max_schema_bytes: int = 64 << 10
     connect_timeout_s: float = 1.0

@@ -44,6 +44,43 @@ def _check_input(value: Any) -> None:
     )
 
 
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    )
+
+
+def _check_prompt(prompt: Any, s: GatewaySettings) -> None:
+    """What the engine will process, bounded without tokenizing: the number of prompts (each is
+    a sequence the engine runs), their characters, their token ids."""
+    if isinstance(prompt, str) or _token_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and all(isinstance(p, str) or _token_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise InvalidRequest(
+            "prompt must be a string, an array of strings, an array of token ids or an array "
+            "of arrays of token ids",
+            param="prompt",
+            code="invalid_type",
+        )
+    if len(prompts) > s.max_prompts:
+        raise InvalidRequest(
+            f"{len(prompts)} prompts in one request; at most {s.max_prompts}",
+            param="prompt",
+            code="invalid_value",
+        )
+    chars = sum(len(p) for p in prompts if isinstance(p, str))
+    ids = sum(len(p) for p in prompts if isinstance(p, list))
+    if chars > s.max_prompt_chars or ids > s.max_prompt_token_ids:
+        raise InvalidRequest(
+            f"the prompts hold {chars} characters and {ids} token ids; at most "
+            f"{s.max_prompt_chars} and {s.max_prompt_token_ids}",
+            param="prompt",
+            code="invalid_value",
+        )
+
+
 def check_request(path: str, payload: dict[str, Any], s: GatewaySettings) -> tuple[str, bool]:
     """Raise InvalidRequest naming the param, else return (model, stream)."""
     model = payload.get("model")
@@ -85,7 +122,15 @@ def check_request(path: str, payload: dict[str, Any], s: GatewaySettings) -> tup
         prompt = payload.get("prompt")
         if prompt is None or prompt == "" or prompt == []:
             raise InvalidRequest("prompt is required", param="prompt", code="missing_required")
+        _check_prompt(prompt, s)
         _int(payload, "logprobs", 0, s.max_top_logprobs)
+    bias = payload.get("logit_bias")
+    if bias is not None and (not isinstance(bias, dict) or len(bias) > s.max_logit_bias):
+        raise InvalidRequest(
+            f"logit_bias must be an object of at most {s.max_logit_bias} tokens",
+            param="logit_bias",
+            code="invalid_value",
+        )
     _int(payload, "max_tokens", 1, s.max_tokens_cap)
     _int(payload, "n", 1, s.max_n)
     _int(payload, "best_of", 1, s.max_n)
