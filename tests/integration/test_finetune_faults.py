@@ -110,6 +110,28 @@ def test_cancel_stops_training_within_seconds_and_the_worker_moves_on(
     assert done.status == "succeeded", done.error
 
 
+def test_cancelling_a_job_whose_worker_is_gone_ends_cancelled(
+    client: openai.OpenAI, worker: Stack
+) -> None:
+    """#22: the worker dies mid-job and the researcher cancels. The job must end `cancelled`
+    (it used to be re-queued as "worker lost" and wait for a worker, re-sent every round)."""
+    long = create(client, epochs=400)
+    wait(client, long.id, lambda j: j.status == "running" and steps_seen(client, j.id))
+    pgid = worker.pid("finetune-worker")
+    assert pgid is not None
+    os.killpg(pgid, signal.SIGKILL)  # the worker dies mid-job...
+    worker.down_one("finetune-worker")  # ...and is not started again: no worker at all now
+    try:
+        client.fine_tuning.jobs.cancel(long.id)
+        # Its heartbeat stops; within the stale limit (15 s) and a reconcile round it ends.
+        done = wait(client, long.id, lambda j: j.status != "running", timeout=40)
+        assert done.status == "cancelled"
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(long.id, limit=20)]
+        assert not any("resuming" in m for m in messages), messages
+    finally:
+        worker.up(["finetune-worker"], echo=lambda _: None)
+
+
 def test_a_job_waiting_in_redis_survives_a_redis_restart(
     client: openai.OpenAI, worker: Stack
 ) -> None:
