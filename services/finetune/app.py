@@ -71,6 +71,14 @@ def reconcile(jobs: JobStore, d: Dispatcher, s: FinetuneSettings, metrics: ApiMe
     now = time.time()
     for job in jobs.with_status("running"):
         if job.heartbeat_at is not None and job.heartbeat_at < now - s.stale_after_s:
+            if job.cancel_requested:  # its worker is gone and it was cancelled: nothing to resume
+                jobs.transition(
+                    job.id,
+                    "cancelled",
+                    only_from=("running",),
+                    message="Job cancelled (its worker was gone)",
+                )
+                continue
             if job.attempts >= s.max_attempts:
                 jobs.transition(
                     job.id,
