@@ -113,3 +113,45 @@ def test_ordinary_prompts_pass() -> None:
     _check("/v1/completions", prompt=["a", "b"], logit_bias={"50256": -100})
     _check("/v1/completions", prompt=[1, 2, 3])
     _check("/v1/completions", prompt=[[1, 2], [3]])
+
+
+def _nested(depth: int) -> dict[str, object]:
+    f: dict[str, object] = {"type": "eq", "key": "k", "value": 1}
+    for _ in range(depth):
+        f = {"type": "and", "filters": [f]}
+    return f
+
+
+@pytest.mark.parametrize(
+    ("filters", "why"),
+    [
+        (_nested(200), "deeper"),  # accepted before, and evaluated per file on the event loop
+        (
+            {
+                "type": "or",
+                "filters": [
+                    {"type": "and", "filters": [{"type": "eq", "key": "k", "value": 1}] * 32}
+                ]
+                * 32,
+            },
+            "comparisons",
+        ),  # 1,024 comparisons per file
+        ({"type": "in", "key": "k", "value": list(range(5000))}, "values"),
+    ],
+)
+def test_a_search_filter_is_bounded_in_depth_size_and_values(
+    filters: dict[str, object], why: str
+) -> None:
+    from pydantic import ValidationError
+
+    from services.retrieval.stores import SearchRequest
+
+    with pytest.raises(ValidationError, match=why):
+        SearchRequest.model_validate({"query": "q", "filters": filters})
+
+
+def test_an_ordinary_filter_passes() -> None:
+    from services.retrieval.stores import SearchRequest
+
+    ok = {"type": "and", "filters": [_nested(6), {"type": "in", "key": "s", "value": ["a", "b"]}]}
+    assert SearchRequest.model_validate({"query": "q", "filters": ok}).filters is not None
