@@ -34,6 +34,26 @@ class Compound(BaseModel):
 
 Filter = Annotated[Comparison | Compound, Field(discriminator="type")]
 
+# Bounds of one filter: it is evaluated for every file of a store.
+MAX_DEPTH = 8
+MAX_COMPARISONS = 64
+MAX_VALUES = 256  # in an `in` / `nin` list
+
+
+def check_size(f: Comparison | Compound, depth: int = 1) -> int:
+    """The number of comparisons in `f`; ValueError past a bound (pydantic makes it a 400)."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"filters nested deeper than {MAX_DEPTH} levels")
+    if isinstance(f, Comparison):
+        if isinstance(f.value, list) and len(f.value) > MAX_VALUES:
+            raise ValueError(f"an '{f.type}' filter takes at most {MAX_VALUES} values")
+        return 1
+    n = sum(check_size(child, depth + 1) for child in f.filters)
+    if n > MAX_COMPARISONS:
+        raise ValueError(f"filters hold over {MAX_COMPARISONS} comparisons")
+    return n
+
+
 Attributes = dict[str, str | bool | int | float]
 
 

@@ -15,7 +15,14 @@ from services.common.tenancy import Owner
 from services.retrieval.catalog import Catalog, StoreRow, store_file_object
 from services.retrieval.chunking import ChunkingError, Strategy, resolve
 from services.retrieval.embedder import USER
-from services.retrieval.filters import Filter, check_attributes, matches
+from services.retrieval.filters import (
+    Comparison,
+    Compound,
+    Filter,
+    check_attributes,
+    check_size,
+    matches,
+)
 from services.retrieval.vectors import Hit
 
 Metadata = Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)]
@@ -73,6 +80,13 @@ class SearchRequest(BaseModel):
     filters: Filter | None = None
     ranking_options: RankingOptions = Field(default_factory=RankingOptions)
     rewrite_query: StrictBool = False
+
+    @field_validator("filters")
+    @classmethod
+    def _bounded(cls, value: Comparison | Compound | None) -> Comparison | Compound | None:
+        if value is not None:
+            check_size(value)
+        return value
 
 
 def store_object(row: StoreRow, counts: dict[str, int]) -> dict[str, Any]:
@@ -240,17 +254,24 @@ async def _search(
     state.embed_queue.embedder.counted(queries, "query", isinstance(body.query, list))
     # The query embedding (the larger part of a search's own time) overlaps the catalog lookup.
     embedding = state.embed_queue.start(queries, priority=USER, queries=True)
+
+    def admitted() -> tuple[list[Any], dict[str, Any], list[str]]:
+        """The store's files and those the filter admits, off the event loop (a filter is
+        evaluated for every file)."""
+        members = state.catalog.members(owner, store_id)
+        files = {m.file_id: m for m in members if m.status == "completed"}
+        allowed = [
+            fid
+            for fid, m in files.items()
+            if body.filters is None or matches(body.filters, m.attributes())
+        ]
+        return members, files, allowed
+
     try:
-        members = await asyncio.to_thread(state.catalog.members, owner, store_id)
+        members, files, allowed = await asyncio.to_thread(admitted)
     except BaseException:
         _drop(embedding)
         raise
-    files = {m.file_id: m for m in members if m.status == "completed"}
-    allowed = [
-        fid
-        for fid, m in files.items()
-        if body.filters is None or matches(body.filters, m.attributes())
-    ]
     hybrid = state.settings.search_mode == "hybrid" and body.ranking_options.ranker != "none"
     mode = "hybrid" if hybrid and state.index.hybrid else "dense"
     hits: dict[str, Hit] = {}
