@@ -9,12 +9,14 @@ import os
 import re
 import signal
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from pymilvus import MilvusClient
 
@@ -69,7 +71,11 @@ class Client:
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     with retrieval(
-        tmp_path_factory.mktemp("retrieval"), max_upload_bytes=200_000, max_inputs_per_request=8
+        tmp_path_factory.mktemp("retrieval"),
+        max_upload_bytes=200_000,
+        max_inputs_per_request=8,
+        parse_timeout_s=2.0,
+        parse_memory_mb=128,
     ) as p:
         yield p
 
@@ -123,13 +129,20 @@ def expected_chunks(text: str) -> int:
 
 def _pdf(text: str) -> bytes:
     """A minimal one-page PDF with `text` on it (offsets computed, so readers accept it)."""
-    stream = f"BT /F1 12 Tf 72 712 Td ({text}) Tj ET".encode()
+    return _pdf_page(f"BT /F1 12 Tf 72 712 Td ({text}) Tj ET".encode())
+
+
+def _pdf_page(stream: bytes, flate: bool = False) -> bytes:
+    """A one-page PDF whose page is the content `stream` (compressed when `flate`)."""
+    head = b"<< /Length %d >>"
+    if flate:
+        stream, head = zlib.compress(stream, 9), b"<< /Length %d /Filter /FlateDecode >>"
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
         b"/Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        head % len(stream) + b"\nstream\n" + stream + b"\nendstream",
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
     ]
     out, offsets = bytearray(b"%PDF-1.4\n"), []
@@ -322,6 +335,56 @@ def test_a_pdf_is_parsed_and_found(alice: Client) -> None:
     assert "cyclooxygenase" in hits[0]["content"][0]["text"]
 
 
+# 100,000 text operators in 3.5 KB: pypdf takes ~7 s to walk them.
+SLOW_PDF = _pdf_page(b"BT /F1 12 Tf 72 712 Td " + b"(ab) Tj 1 0 Td " * 100_000 + b"ET", True)
+# 70 MB of content in 70 KB: inflated whole before a word is read.
+BOMB_PDF = _pdf_page(b"BT /F1 12 Tf 72 712 Td (x) Tj ET " + b" " * (70 << 20), True)
+
+
+def test_a_document_that_hangs_or_floods_the_parser_fails_and_nothing_else_waits(
+    svc: Proc, alice: Client
+) -> None:
+    """The service's caps here: 2 s and 128 MiB per parse. The poison files fail with the
+    reason; a good file added beside them completes, and the service answers throughout."""
+    slow = alice.file_id("slow.pdf", SLOW_PDF)
+    bomb = alice.file_id("bomb.pdf", BOMB_PDF)
+    good = alice.file_id("good.pdf", _pdf("Paracetamol is an analgesic and antipyretic"))
+    store = alice.store(file_ids=[slow, bomb, good])
+    t0 = time.monotonic()
+    while alice.http.get(f"/v1/vector_stores/{store}").json()["file_counts"]["in_progress"]:
+        r = httpx.get(f"{svc.url}/ready", timeout=1)  # answers while the parsers spin
+        assert r.status_code == 200
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.1)
+    files = {f["id"]: f for f in alice.http.get(f"/v1/vector_stores/{store}/files").json()["data"]}
+    assert files[good]["status"] == "completed"
+    assert files[slow]["status"] == "failed", files[slow]
+    assert "longer than 2 s" in files[slow]["last_error"]["message"]
+    assert files[bomb]["status"] == "failed", files[bomb]
+    assert "128 MiB" in files[bomb]["last_error"]["message"]
+    assert files[slow]["last_error"]["code"] == files[bomb]["last_error"]["code"] == "invalid_file"
+    hits = alice.search(store, query="what is paracetamol").json()["data"]
+    assert [h["file_id"] for h in hits] == [good]
+
+
+def test_html_is_indexed_as_its_text_without_markup_scripts_or_styles(alice: Client) -> None:
+    page = (
+        b"<!doctype html><html><head><title>Caffeine</title>"
+        b"<style>.zzstyle { color: red }</style>"
+        b'<script>var zzscript = "<p>not text</p>";</script></head>'
+        b"<body><h1>Caffeine</h1><p>Caffeine is a central nervous system "
+        b"<b>stimulant</b> &amp; an adenosine receptor antagonist.</p>"
+        b"<noscript>zznoscript</noscript></body></html>"
+    )
+    store = alice.store(file_ids=[alice.file_id("caffeine.html", page)])
+    assert alice.wait(store)["file_counts"]["completed"] == 1
+    [hit] = alice.search(store, query="what kind of drug is caffeine").json()["data"]
+    text = hit["content"][0]["text"]
+    assert "Caffeine is a central nervous system stimulant & an adenosine" in text, text
+    for leaked in ("zzstyle", "zzscript", "zznoscript", "<p>", "<b>", "&amp;"):
+        assert leaked not in text, text
+
+
 def test_a_file_with_no_text_fails_with_the_reason(alice: Client) -> None:
     store = alice.store(file_ids=[alice.file_id("blank.md", b"   \n\n  ")])
     body = alice.wait(store)
@@ -482,6 +545,39 @@ def test_a_crash_mid_ingestion_then_a_retry_ends_with_exactly_the_right_chunks(
         assert held == expected_chunks(texts[name]), name
 
 
+def test_a_file_that_takes_the_service_down_is_tried_three_times_then_fails(
+    tmp_path: Path,
+) -> None:
+    """A document that kills the service while it is being ingested (here: the service is killed
+    each time its ingestion is under way) must not crash-loop it: three tries, then `failed`."""
+    var = tmp_path / "var"
+    settings = {"parse_timeout_s": 60.0}
+    store = file_id = ""
+    for attempt in range(3):
+        with retrieval(var, **settings) as p:
+            c = Client(p.url, "frank")
+            if not store:
+                file_id = c.file_id("slow.pdf", SLOW_PDF)
+                store = c.store(file_ids=[file_id])
+            deadline = time.monotonic() + 30
+            while not _parsing(p.popen.pid):  # its parse is under way
+                assert time.monotonic() < deadline, f"try {attempt + 1} never started"
+                time.sleep(0.02)
+            os.killpg(p.popen.pid, signal.SIGKILL)
+            p.popen.wait(10)
+    with retrieval(var, **settings) as p:
+        c = Client(p.url, "frank")
+        body = c.wait(store, timeout=10)  # not a fourth 7-second parse, and no crash loop
+        assert body["file_counts"] == {**body["file_counts"], "failed": 1, "in_progress": 0}
+        vs_file = c.http.get(f"/v1/vector_stores/{store}/files/{file_id}").json()
+        assert vs_file["status"] == "failed"
+        assert "3 times" in vs_file["last_error"]["message"], vs_file
+        # And the service goes on ingesting other files.
+        good = c.file_id("good.md", b"Ibuprofen is a nonsteroidal anti-inflammatory drug.")
+        assert c.http.post(f"/v1/vector_stores/{store}/files", json={"file_id": good}).is_success
+        assert c.wait(store)["file_counts"]["completed"] == 1
+
+
 def test_milvus_going_away_is_a_503_and_its_return_heals(tmp_path: Path) -> None:
     var = tmp_path / "var"
     port = _free_port()
@@ -552,6 +648,21 @@ def test_ingestion_waits_out_a_milvus_outage_and_completes_exactly(tmp_path: Pat
             assert hits and hits[0]["file_id"] == file_id
             rows = milvus_rows(var, f"http://127.0.0.1:{port}")
     assert len(rows) == len({r["id"] for r in rows}) == expected_chunks(text)
+
+
+def _parsing(pid: int) -> bool:
+    """Whether the service `pid` has a parser process running."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return False
+    for child in children:
+        try:
+            if "parseworker" in " ".join(child.cmdline()):
+                return True
+        except psutil.Error:  # ended meanwhile
+            continue
+    return False
 
 
 def _metric(url: str, name: str) -> float:
