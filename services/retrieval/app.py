@@ -64,6 +64,8 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
             s.ingest_concurrency,
             metrics,
             s.ingest_outage_seconds,
+            s.parse_timeout_s,
+            s.parse_memory_mb,
         )
         metrics.watch(lambda: ingestor.active, catalog.totals)
         metrics.small_calls_onnx.set_function(lambda: float(embedder.small_calls_on_onnx))

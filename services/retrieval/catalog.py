@@ -78,6 +78,9 @@ class StoreFileRow(Base):
     chunk_count: Mapped[int] = mapped_column(Integer, default=0)
     usage_bytes: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[int] = mapped_column(Integer, index=True)
+    # Ingestions begun (each start of the service resumes one in progress): bounded, so a file
+    # that takes the service down cannot crash-loop it.
+    tries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 Row = TypeVar("Row", FileRow, StoreRow, StoreFileRow)
@@ -354,6 +357,15 @@ class Catalog:
                 (r.vector_store_id, r.file_id)
                 for r in s.scalars(select(StoreFileRow).where(StoreFileRow.status == "in_progress"))
             ]
+
+    def begin(self, store_id: str, file_id: str) -> int | None:
+        """Count one more try at ingesting the file; how many there have been (None: removed)."""
+        with self.session.begin() as s:
+            row = s.get(StoreFileRow, (store_id, file_id))
+            if row is None:
+                return None
+            row.tries = (row.tries or 0) + 1
+            return row.tries
 
     def set_attributes(
         self, owner: str, store_id: str, file_id: str, attributes: dict[str, Any]

@@ -60,6 +60,9 @@ class RetrievalSettings(ServiceSettings):
     ingest_concurrency: int = 2
     # While Milvus is unreachable a file waits, `in_progress`, retrying with backoff; then fails.
     ingest_outage_seconds: float = 300.0
+    # PDF and HTML are parsed in a worker process stopped at these caps (the file then fails).
+    parse_timeout_s: float = 60.0
+    parse_memory_mb: int = 1024
 
     def db_url(self) -> str:
         return self.database_url or self.sqlite_url("retrieval")

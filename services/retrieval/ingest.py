@@ -21,7 +21,7 @@ from services.retrieval.catalog import Catalog
 from services.retrieval.chunking import Chunk, chunk_id, chunk_text
 from services.retrieval.embedder import INGEST, EmbedQueue
 from services.retrieval.metrics import RetrievalMetrics
-from services.retrieval.parsing import extract_text
+from services.retrieval.parsing import ParseError, parse_file
 from services.retrieval.vectors import VectorIndex
 
 log = logging.getLogger("crucible.retrieval.ingest")
@@ -30,6 +30,7 @@ UPSERT_BATCH = 64
 FLUSH_EVERY = 4000  # unsealed rows; more make counts and searches slow on Milvus Lite
 MAX_CHUNK_BYTES = 65535  # Milvus's VARCHAR limit for the chunk text
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # seconds between tries while Milvus is unreachable
+MAX_TRIES = 3  # ingestions of one file begun across restarts before it fails
 
 
 class IngestError(Exception):
@@ -48,6 +49,8 @@ class Ingestor:
     metrics: RetrievalMetrics
     # How long a file waits for an unreachable Milvus (still `in_progress`) before it fails.
     outage_seconds: float = 300.0
+    parse_timeout_s: float = 60.0
+    parse_memory_mb: int = 1024
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.concurrency)
@@ -89,6 +92,15 @@ class Ingestor:
         async with self._slots:
             start = time.perf_counter()
             try:
+                tries = await asyncio.to_thread(self.catalog.begin, store_id, file_id)
+                if tries is None:
+                    return  # removed meanwhile
+                if tries > MAX_TRIES:
+                    raise IngestError(
+                        "invalid_file",
+                        f"ingestion was interrupted {MAX_TRIES} times (the service stopped while"
+                        " ingesting this file); it is not tried again",
+                    )
                 count, used = await self._ingest_through_outages(store_id, file_id, resumed)
             except IngestError as exc:
                 await self._discard(store_id, file_id)
@@ -200,9 +212,11 @@ class Ingestor:
     def _chunks(self, filename: str, file_id: str, chunking: dict[str, Any]) -> list[Chunk]:
         path = self.files_dir / file_id
         try:
-            text = extract_text(filename, path.read_bytes())
+            text = parse_file(filename, path, self.parse_timeout_s, self.parse_memory_mb)
         except FileNotFoundError:
             raise IngestError("invalid_file", "the file's content is missing") from None
+        except ParseError as exc:
+            raise IngestError("invalid_file", str(exc)) from None
         except Exception as exc:
             raise IngestError("invalid_file", f"could not read the file: {exc}"[:300]) from None
         if not text.strip():

@@ -1,26 +1,27 @@
 """File types: what an upload may be, and the text a file holds.
 
 Uploads are checked when they arrive (type by extension, then by content), so a file that is
-accepted can later be parsed; parsing happens during ingestion, off the event loop.
+accepted can later be parsed; parsing happens during ingestion, off the event loop, and PDF and
+HTML in a worker process with time and memory caps (`parse_file`).
 """
 
 from __future__ import annotations
 
-import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Literal
 
 from services.common import jsonl
+from services.common.config import scrubbed_env
 from services.common.errors import InvalidRequest, UnsupportedMediaType
+from services.common.rlimits import OUT_OF_MEMORY
+from services.retrieval.extract import extension, extract_text
 
 TEXT_TYPES = {".txt", ".md", ".markdown", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".html"}
 SUPPORTED = TEXT_TYPES | {".pdf"}
 Purpose = Literal["assistants", "batch", "fine-tune", "vision", "user_data", "evals"]
-
-
-def extension(filename: str) -> str:
-    return Path(filename).suffix.lower()
 
 
 def check_upload(filename: str, purpose: str, path: Path) -> None:
@@ -63,11 +64,37 @@ def check_jsonl(text: str) -> None:
             )
 
 
-def extract_text(filename: str, data: bytes) -> str:
-    """The text of an accepted file (PDF: page by page)."""
-    if extension(filename) == ".pdf":
-        from pypdf import PdfReader
+class ParseError(Exception):
+    """The file could not be parsed, or its parse was stopped at a cap: the reason says which."""
 
-        reader = PdfReader(io.BytesIO(data))
-        return "\n\n".join((page.extract_text() or "").strip() for page in reader.pages)
-    return data.decode("utf-8-sig")
+
+# Parsed in a capped worker process; plain text is decoded here (linear, it cannot hang).
+SANDBOXED = {".pdf", ".html"}
+
+
+def parse_file(filename: str, path: Path, timeout_s: float, memory_mb: int) -> str:
+    """The text of the file at `path`; PDF and HTML in a worker process stopped at `timeout_s`
+    and `memory_mb`, so a poisoned document fails alone, with the reason."""
+    ext = extension(filename)
+    if ext not in SANDBOXED:
+        try:
+            return extract_text(filename, path.read_bytes())
+        except UnicodeDecodeError as exc:
+            raise ParseError(f"the file is not UTF-8 text (byte {exc.start})") from None
+    if not path.exists():
+        raise FileNotFoundError(path)
+    argv = [sys.executable, "-m", "services.retrieval.parseworker", ext, str(path), str(memory_mb)]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, timeout=timeout_s, env=scrubbed_env(), check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise ParseError(f"parsing took longer than {timeout_s:g} s and was stopped") from None
+    if done.returncode == OUT_OF_MEMORY:
+        raise ParseError(f"parsing needed more than {memory_mb} MiB and was stopped")
+    if done.returncode < 0:
+        raise ParseError(f"the parser crashed on this file (signal {-done.returncode})")
+    if done.returncode != 0:
+        reason = done.stderr.decode("utf-8", "replace").strip() or f"status {done.returncode}"
+        raise ParseError(f"could not read the file: {reason}"[:300])
+    return done.stdout.decode("utf-8", "surrogatepass")
