@@ -29,8 +29,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._load import write_result
-from services.agent.tools import chemworker
-from services.agent.tools.chemistry import ChemSandbox
+from services.agent.tools import sandboxworker
+from services.agent.tools.sandbox import ToolSandbox
 from services.stackconfig import _free_port
 from tests.processes import fake_upstream, gateway, make_key, service
 
@@ -126,7 +126,7 @@ def rdkit_latency(rounds: int) -> dict[str, Any]:
     calls += [("substructure_match", {"smiles": s, "pattern": "c1ccccc1"}) for s in DRUGS.values()]
 
     async def measure() -> dict[str, dict[str, list[float]]]:
-        sandbox = ChemSandbox(workers=1, timeout_s=10)
+        sandbox = ToolSandbox(workers=1, timeout_s=10)
         await sandbox.start()
         out: dict[str, dict[str, list[float]]] = {}
         try:
@@ -136,7 +136,7 @@ def rdkit_latency(rounds: int) -> dict[str, Any]:
                     await sandbox.call(op, args, time.monotonic() + 10)
                     boxed = (time.perf_counter() - t0) * 1000
                     t0 = time.perf_counter()
-                    chemworker.answer({"op": op, "args": args}, 1000)
+                    sandboxworker.answer({"op": op, "args": args}, 1000)
                     raw = (time.perf_counter() - t0) * 1000
                     slot = out.setdefault(op, {"sandbox": [], "in_process": []})
                     slot["sandbox"].append(boxed)

@@ -14,7 +14,7 @@ from services.agent.metrics import AgentMetrics
 from services.agent.routes import router
 from services.agent.runner import Runner, Services
 from services.agent.runs import RunStore
-from services.agent.tools.chemistry import ChemSandbox
+from services.agent.tools.sandbox import ToolSandbox
 from services.common.app import build_app, serve
 
 INTERRUPTED = {
@@ -31,27 +31,25 @@ def create_app(settings: AgentSettings | None = None) -> FastAPI:
         store = RunStore(s.db_url())
         for run_id in await asyncio.to_thread(store.interrupted):
             await asyncio.to_thread(store.finish, run_id, "failed", error=INTERRUPTED)
-        chemistry = ChemSandbox(
-            s.chem_workers, s.chem_timeout_s, s.chem_memory_mb, s.chem_max_atoms
-        )
-        await chemistry.start()
+        sandbox = ToolSandbox(s.chem_workers, s.chem_timeout_s, s.chem_memory_mb, s.chem_max_atoms)
+        await sandbox.start()
         model = ModelClient(s.gateway_url, s.internal_token)
         retrieval = RetrievalClient(s.retrieval_url, s.internal_token)
-        services = Services(s, store, model, retrieval, chemistry, AgentMetrics(app.state.registry))
+        services = Services(s, store, model, retrieval, sandbox, AgentMetrics(app.state.registry))
         runner = Runner(services)
         app.state.store, app.state.runner = store, runner
-        app.state.model, app.state.retrieval, app.state.chemistry = model, retrieval, chemistry
+        app.state.model, app.state.retrieval, app.state.sandbox = model, retrieval, sandbox
         try:
             yield
         finally:
             await runner.close()
-            await chemistry.close()
+            await sandbox.close()
             await model.aclose()
             await retrieval.aclose()
             store.engine.dispose()
 
-    async def chemistry_ready() -> None:
-        await api.state.chemistry.ready()
+    async def sandbox_ready() -> None:
+        await api.state.sandbox.ready()
 
     async def gateway_ready() -> None:
         # Every model call goes through the gateway: without it no run can make a step.
@@ -62,7 +60,7 @@ def create_app(settings: AgentSettings | None = None) -> FastAPI:
         "agent",
         settings=s,
         lifespan=lifespan,
-        ready_checks=[("chemistry", chemistry_ready), ("gateway", gateway_ready)],
+        ready_checks=[("sandbox", sandbox_ready), ("gateway", gateway_ready)],
         body_limit=s.max_body_bytes,
         title="Crucible agent",
         version="0.1.0",

@@ -25,7 +25,7 @@ class Services:
     store: Any
     model: Any
     retrieval: Any
-    chemistry: Any
+    sandbox: Any  # the tool sandbox (RDKit, calculator)
     metrics: Any
 
 

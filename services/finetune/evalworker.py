@@ -132,11 +132,11 @@ class Runner:
     async def canonical(self, smiles: str) -> str | None:
         """RDKit's canonical SMILES, computed in the agent's capped sandbox (None: no molecule)."""
         from services.agent.tools.base import ToolError
-        from services.agent.tools.chemistry import ChemSandbox
+        from services.agent.tools.sandbox import ToolSandbox
 
         async with self._sandbox_lock:
             if self._sandbox is None:
-                sandbox = ChemSandbox(workers=1)
+                sandbox = ToolSandbox(workers=1)
                 await sandbox.start()
                 self._sandbox = sandbox
         try:

@@ -403,6 +403,40 @@ def test_hostile_chemistry_ends_as_a_tool_error_within_the_timeout(
     assert httpx.get(f"{env.agent.url}/ready").status_code == 200
 
 
+def test_a_tool_running_to_its_cap_holds_neither_other_runs_nor_ready(
+    env: Env, client: openai.OpenAI
+) -> None:
+    """While one run's tool spins until the sandbox stops it (2 s), another run's calculator
+    and model calls go through and `/ready` answers at once: tools run off the event loop."""
+    env.script(
+        {"tool_calls": [{"name": "substructure_match", "arguments": pathological_match()}]},
+        {"tool_calls": [{"name": "calculator", "arguments": {"expression": "6*7"}}]},
+        {"content": "42"},
+        {"content": "no match found in time"},
+    )
+    slow = create(client, tools=["substructure_match"], mode="native")
+    deadline = time.monotonic() + 10
+    while not env.seen():  # the slow run has asked the model and is now in its tool
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    quick = wait(client, create(client, tools=["calculator"], mode="native")["id"])
+    quick_s = time.monotonic() - t0
+    ready = []
+    for _ in range(5):
+        t1 = time.monotonic()
+        assert httpx.get(f"{env.agent.url}/ready").status_code == 200
+        ready.append(time.monotonic() - t1)
+    assert get(client, f"/agent/runs/{slow['id']}")["status"] == "in_progress"  # still spinning
+    assert quick["status"] == "completed", quick
+    [calc] = [s for s in quick["steps"] if s["type"] == "tool_call"]
+    assert calc["status"] == "ok" and calc["result"]["result"] == 42
+    assert quick_s < 1.5 and max(ready) < 0.5, (quick_s, ready)
+    slow = wait(client, slow["id"])
+    [spin] = [s for s in slow["steps"] if s["type"] == "tool_call"]
+    assert spin["status"] == "error" and "longer than" in spin["error"]
+
+
 def pathological_match() -> dict[str, str]:
     """An 8x8 grid of carbons and an odd ring of 21 wildcard atoms: the grid is bipartite, so
     there is no match, and proving it means walking every simple path (17 atoms already take
@@ -525,5 +559,5 @@ def test_without_its_gateway_the_agent_is_not_ready_and_says_why(env: Env, tmp_p
     with service("agent", tmp_path, {**env.settings, "gateway_url": nowhere}) as lone:
         r = httpx.get(f"{lone.url}/ready")
         assert r.status_code == 503
-        assert r.json()["checks"]["gateway"] != "ok" and r.json()["checks"]["chemistry"] == "ok"
+        assert r.json()["checks"]["gateway"] != "ok" and r.json()["checks"]["sandbox"] == "ok"
     # With its gateway up (the module's agent, earlier in this file) `/ready` was 200.

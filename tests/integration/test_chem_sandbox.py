@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.agent.tools.chemistry import ChemSandbox
+from services.agent.tools.sandbox import ToolSandbox
 
 
 def test_chemistry_workers_inherit_no_token_or_database_url(
@@ -20,7 +20,7 @@ def test_chemistry_workers_inherit_no_token_or_database_url(
         return Path(f"/proc/{pid}/environ").read_bytes()
 
     async def scenario() -> tuple[dict[str, object], list[bytes]]:
-        sandbox = ChemSandbox(workers=1, timeout_s=30)
+        sandbox = ToolSandbox(workers=1, timeout_s=30)
         await sandbox.start()
         try:
             result = await sandbox.call("molecule_info", {"smiles": "CCO"}, time.monotonic() + 30)

@@ -14,7 +14,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.agent.tools.base import ToolError
+from services.agent.tools.base import ToolContext, ToolError
+from services.agent.tools.sandbox import ToolSandbox
 
 MAX_MAGNITUDE = 1e300
 MAX_EXPONENT = 1024
@@ -106,5 +107,12 @@ def _bounded(value: Any) -> Any:
     return value
 
 
-async def calculator(args: CalculatorArgs, _: object) -> dict[str, Any]:
-    return {"expression": args.expression, "result": evaluate(args.expression)}
+async def calculator(args: CalculatorArgs, ctx: ToolContext) -> dict[str, Any]:
+    """Evaluated in the tool sandbox: bounded above, and off the event loop with a time cap."""
+    sandbox: ToolSandbox = ctx.services.sandbox
+    return await sandbox.call("calculator", args.model_dump(), ctx.deadline)
+
+
+def calculate(expression: str) -> dict[str, Any]:
+    """The sandbox worker's side."""
+    return {"expression": expression, "result": evaluate(expression)}

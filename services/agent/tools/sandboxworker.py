@@ -1,4 +1,4 @@
-"""The RDKit side of the chemistry tools, run as its own process (`ChemSandbox`).
+"""The tool sandbox's worker process (`sandbox.ToolSandbox`): RDKit's chemistry and the calculator.
 
 RDKit can spin for hours or allocate without bound on adversarial input, and crash on very large
 molecules, so it never runs in the service's process: this worker reads one JSON request per line
@@ -9,13 +9,16 @@ kills it at the call's timeout and starts another.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from rdkit import Chem, DataStructs, RDLogger
 from rdkit.Chem import Crippen, Descriptors, Lipinski, rdFingerprintGenerator, rdMolDescriptors
+
+from services.agent.tools.base import ToolError
+from services.agent.tools.calculator import calculate
+from services.common.rlimits import cap_memory
 
 RDLogger.DisableLog("rdApp.*")  # the answers carry the errors; stderr is not read
 
@@ -97,10 +100,18 @@ def substructure_match(smiles: str, pattern: str, max_atoms: int) -> dict[str, A
     }
 
 
+def calculator(expression: str, max_atoms: int) -> dict[str, Any]:
+    try:
+        return calculate(expression)
+    except ToolError as exc:
+        raise ChemError(str(exc)) from None
+
+
 OPS: dict[str, Callable[..., dict[str, Any]]] = {
     "molecule_info": molecule_info,
     "similarity": similarity,
     "substructure_match": substructure_match,
+    "calculator": calculator,
 }
 
 
@@ -116,17 +127,9 @@ def answer(request: dict[str, Any], max_atoms: int) -> dict[str, Any]:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
-def _cap_memory(extra_mb: int) -> None:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[0])
-    current = pages * resource.getpagesize()
-    limit = current + extra_mb * (1 << 20)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
 def main() -> None:
     max_atoms, memory_mb = int(sys.argv[1]), int(sys.argv[2])
-    _cap_memory(memory_mb)
+    cap_memory(memory_mb)
     out = sys.stdout
     out.write('{"ready": true}\n')
     out.flush()
