@@ -6,8 +6,9 @@ A. Loop overhead. Runs of K steps against the scripted model (tests/fakes, answe
    (wall - model - tools) / steps. Side by side, interleaved run by run, the benchmark calls the
    model directly through the gateway K times: the client-side cost of a step against the bare
    model call.
-B. RDKit tools. The same molecules through the agent's sandbox (as a tool call sees it: a
-   round trip to a worker process) and through RDKit in this process (the baseline).
+B. Sandboxed tools. The same molecules (and a calculator expression) through the agent's tool
+   sandbox (as a tool call sees it: a round trip to a worker process) and in this process (the
+   baseline).
 
     .venv/bin/python bench/agent.py [--smoke] [--redis-url URL]
 """
@@ -124,6 +125,7 @@ def rdkit_latency(rounds: int) -> dict[str, Any]:
     calls = [("molecule_info", {"smiles": s}) for s in DRUGS.values()]
     calls += [("similarity", {"smiles_a": DRUGS["aspirin"], "smiles_b": s}) for s in DRUGS.values()]
     calls += [("substructure_match", {"smiles": s, "pattern": "c1ccccc1"}) for s in DRUGS.values()]
+    calls += [("calculator", {"expression": "sqrt(2**10 + 1) * 180.159 / 3"})] * len(DRUGS)
 
     async def measure() -> dict[str, dict[str, list[float]]]:
         sandbox = ToolSandbox(workers=1, timeout_s=10)
