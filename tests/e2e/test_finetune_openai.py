@@ -185,6 +185,49 @@ def test_one_idempotency_key_makes_one_job(client: openai.OpenAI) -> None:
     client.fine_tuning.jobs.cancel(first.id)
 
 
+def test_concurrent_creates_with_one_idempotency_key_make_one_job(client: openai.OpenAI) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    upload = client.files.create(file=DATA.open("rb"), purpose="fine-tune")
+    key = {"Idempotency-Key": f"race-{time.time()}"}
+    before = {j.id for j in client.fine_tuning.jobs.list(limit=100)}
+
+    def create(_: int) -> str:
+        job = client.fine_tuning.jobs.create(
+            model=DENSE, training_file=upload.id, extra_headers=key
+        )
+        return job.id
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = set(pool.map(create, range(8)))  # any 5xx raises here
+    assert len(ids) == 1
+    after = {j.id for j in client.fine_tuning.jobs.list(limit=100)}
+    assert after - before == ids
+    client.fine_tuning.jobs.cancel(ids.pop())
+
+
+def test_an_example_longer_than_the_context_fails_validation_naming_its_line(
+    client: openai.OpenAI,
+) -> None:
+    """Not a job that reaches a worker and fails there, worker after worker: validation
+    counts the tokens of examples that could be too long, with the model's own tokenizer."""
+    lines = DATA.read_text().splitlines()
+    long = json.loads(lines[6])
+    long["messages"][-1]["content"] = " ".join(f"word{i}" for i in range(3000))
+    lines[6] = json.dumps(long)
+    upload = client.files.create(
+        file=("long.jsonl", "\n".join(lines).encode()), purpose="fine-tune"
+    )
+    job = client.fine_tuning.jobs.create(model=DENSE, training_file=upload.id)
+    done = wait_for(client, job.id, timeout=60)
+    assert done.status == "failed"
+    assert done.error.code == "invalid_training_file", done.error
+    assert "line 7" in done.error.message and "tokens" in done.error.message, done.error
+    assert "2048" in done.error.message
+    statuses = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert not any("Training started" in m for m in statuses), statuses
+
+
 def test_another_owner_can_neither_see_nor_use_the_fine_tuned_model(
     finished_job: Any, gateway_url: str, keys: KeyStore
 ) -> None:
