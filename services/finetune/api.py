@@ -15,12 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from services.common.errors import Conflict, InvalidRequest, NotFound
 from services.common.pagination import Cursor, PageParams
 from services.common.tenancy import Owner, internal_only
-from services.finetune.files import file_info, file_text
+from services.finetune.files import FilesUnavailable, file_info, file_text
 from services.finetune.handoff import HandoffRow, Promote, check_promote
 from services.finetune.jobs import JobRow, JobStore, job_object, new_job_id
 from services.finetune.remote import KEY_ID_HEADER
-from services.finetune.training import ALL_LINEAR, auto_epochs
-from services.finetune.validation import TrainingFileError, parse
+from services.finetune.training import ALL_LINEAR, auto_epochs, example_limit, load_tokenizer
+from services.finetune.validation import TrainingFileError, check_lengths, parse_numbered
 
 log = logging.getLogger("crucible.finetune")
 
@@ -247,16 +247,28 @@ def validate_job(jobs: JobStore, s: Any, job_id: str) -> bool:
     """Read and check the training data (line numbers in every error); queue or fail the job.
     Returns whether it was queued."""
     job = jobs.get(job_id)
+    model_dir = s.models() / job.model
     try:
-        examples = parse(
-            file_text(s.retrieval_url, s.internal_token, job.owner, job.training_file),
-            max_examples=s.max_examples,
+        read = functools.partial(
+            file_text, s.retrieval_url, s.internal_token, job.owner, retry_s=s.files_retry_s
         )
+        numbered = parse_numbered(read(job.training_file), max_examples=s.max_examples)
+        limit = example_limit(model_dir, s.max_example_tokens)
+        tokenizer = functools.partial(load_tokenizer, model_dir)
+        check_lengths(numbered, tokenizer, limit)
         if job.validation_file:
-            parse(
-                file_text(s.retrieval_url, s.internal_token, job.owner, job.validation_file),
-                min_examples=1,
+            check_lengths(
+                parse_numbered(read(job.validation_file), min_examples=1), tokenizer, limit
             )
+    except FilesUnavailable as exc:
+        jobs.transition(
+            job_id,
+            "failed",
+            only_from=("validating_files",),
+            error={"code": "files_unavailable", "message": str(exc), "param": "training_file"},
+            message=f"Training file unreadable: {exc}",
+        )
+        return False
     except (TrainingFileError, NotFound) as exc:
         jobs.transition(
             job_id,
@@ -270,7 +282,7 @@ def validate_job(jobs: JobStore, s: Any, job_id: str) -> bool:
             message=f"Training file invalid: {str(exc)[:500]}",
         )
         return False
-    hp = resolve_hyperparameters(job.hyperparameters, len(examples))
+    hp = resolve_hyperparameters(job.hyperparameters, len(numbered))
     return jobs.transition(
         job_id,
         "queued",

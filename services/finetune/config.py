@@ -32,6 +32,12 @@ class FinetuneSettings(ServiceSettings):
     base_learning_rate: float = 2e-4  # times the job's learning_rate_multiplier
     checkpoint_every: int = 50
     max_examples: int = 100_000
+    # The longest example in tokens (within the base model's context): longer ones fail
+    # validation, naming their line.
+    max_example_tokens: int = 2048
+    # While the retrieval service (where training files live) is unreachable, reading a file
+    # retries this long; then the job fails, saying why.
+    files_retry_s: float = 120.0
     # Liveness: a running job's worker beats every heartbeat_s; a job whose beat is older than
     # stale_after_s is resumed elsewhere from its last checkpoint (the broker's visibility
     # timeout is hours long, so recovery cannot wait for it).

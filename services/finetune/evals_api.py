@@ -100,7 +100,7 @@ def resolve_items(state: Any, owner: str, row: EvalRow, ds: dict[str, Any]) -> l
         s = state.settings
         try:
             text = file_text(s.retrieval_url, s.internal_token, owner, str(source.get("id")))
-        except httpx.HTTPStatusError:
+        except (httpx.HTTPStatusError, NotFound):
             raise NotFound(f"No such File object: {source.get('id')}", param="file_id") from None
         items = _jsonl_items(text)
     elif kind == "stored_completions":

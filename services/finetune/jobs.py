@@ -25,6 +25,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.common import migrations
@@ -170,20 +171,28 @@ class JobStore:
         self.session = make_sessionmaker(self.engine)
 
     def create(self, row: JobRow) -> tuple[JobRow, bool]:
-        """Insert, or return the job an earlier request with the same idempotency key made."""
-        with self.session.begin() as s:
-            if row.idempotency_key:
-                existing = s.scalar(
-                    select(JobRow).where(
-                        JobRow.owner == row.owner, JobRow.idempotency_key == row.idempotency_key
-                    )
-                )
-                if existing is not None:
-                    return existing, False
-            s.add(row)
-            s.flush()  # the job row first: events reference it
-            s.add(_event(row.id, "info", f"Created fine-tuning job: {row.id}"))
+        """Insert, or return the job an earlier request with the same idempotency key made
+        (concurrent requests with one key included: the unique key decides, the loser reads)."""
+        if row.idempotency_key and (existing := self._by_key(row)) is not None:
+            return existing, False
+        try:
+            with self.session.begin() as s:
+                s.add(row)
+                s.flush()  # the job row first: events reference it
+                s.add(_event(row.id, "info", f"Created fine-tuning job: {row.id}"))
+        except IntegrityError:
+            if not row.idempotency_key or (existing := self._by_key(row)) is None:
+                raise
+            return existing, False
         return row, True
+
+    def _by_key(self, row: JobRow) -> JobRow | None:
+        with self.session() as s:
+            return s.scalar(
+                select(JobRow).where(
+                    JobRow.owner == row.owner, JobRow.idempotency_key == row.idempotency_key
+                )
+            )
 
     def get(self, job_id: str, owner: str | None = None) -> JobRow:
         with self.session() as s:

@@ -5,17 +5,19 @@ Called by the Celery task; a plain function, so it can also run without Celery.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Any
 
 import httpx
 
+from services.common.errors import NotFound
 from services.finetune import adapters, trainproc
 from services.finetune.config import FinetuneSettings
-from services.finetune.files import file_text
+from services.finetune.files import FilesUnavailable, file_text
 from services.finetune.jobs import AdapterRow, JobRow, JobStore
-from services.finetune.training import Hooks, TrainSpec
+from services.finetune.training import Hooks, TrainSpec, example_limit
 from services.finetune.validation import TrainingFileError, parse
 
 log = logging.getLogger("crucible.finetune.runner")
@@ -77,16 +79,17 @@ def run(job_id: str, s: FinetuneSettings, worker: str, metrics: Any = None) -> N
 def _train_and_register(
     store: JobStore, job: JobRow, s: FinetuneSettings, watch: _Watch, metrics: Any
 ) -> None:
+    read = functools.partial(
+        file_text, s.retrieval_url, s.internal_token, job.owner, retry_s=s.files_retry_s
+    )
     try:
-        examples = parse(file_text(s.retrieval_url, s.internal_token, job.owner, job.training_file))
-        valid = None
-        if job.validation_file:
-            valid = parse(
-                file_text(s.retrieval_url, s.internal_token, job.owner, job.validation_file),
-                min_examples=1,
-            )
+        examples = parse(read(job.training_file))
+        valid = parse(read(job.validation_file), min_examples=1) if job.validation_file else None
     except TrainingFileError as exc:
         _fail(store, job.id, "invalid_training_file", str(exc), "training_file")
+        return
+    except (FilesUnavailable, NotFound) as exc:
+        _fail(store, job.id, "files_unavailable", str(exc), "training_file")
         return
     spec = _spec(job, s, examples, valid)
     store.event(job.id, f"Training started: {len(spec.train)} examples, {spec.n_epochs} epochs")
@@ -161,6 +164,7 @@ def _spec(
         target_modules=lora["target_modules"],
         quantize_4bit=lora["quantize"] == "4bit",
         checkpoint_every=lora.get("checkpoint_every") or s.checkpoint_every,
+        max_length=example_limit(s.models() / job.model, s.max_example_tokens),
     )
 
 

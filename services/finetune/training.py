@@ -9,6 +9,7 @@ renamed into place, with a marker file written last: a half-written checkpoint i
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -61,6 +62,22 @@ class TrainResult:
     train_loss: float | None
     valid_loss: float | None
     resumed_from: int | None
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model's tokenizer (cached: validation checks every job's file with it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def example_limit(model_dir: Path, max_tokens: int) -> int:
+    """The longest example (in tokens) training accepts: the setting, within the model's
+    context."""
+    config = json.loads((model_dir / "config.json").read_text())
+    context = config.get("max_position_embeddings") or max_tokens
+    return min(max_tokens, int(context))
 
 
 def encode_example(

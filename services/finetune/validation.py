@@ -7,6 +7,7 @@ prompt/completion (`{"prompt": ..., "completion": ...}`). One file holds one for
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from services.common import jsonl
@@ -32,8 +33,22 @@ def parse(
     max_chars: int = 64_000,
 ) -> list[dict[str, Any]]:
     """The examples of a JSONL training file, or TrainingFileError listing what is wrong."""
+    numbered = parse_numbered(
+        text, min_examples=min_examples, max_examples=max_examples, max_chars=max_chars
+    )
+    return [example for _, example in numbered]
+
+
+def parse_numbered(
+    text: str,
+    *,
+    min_examples: int = MIN_EXAMPLES,
+    max_examples: int = 100_000,
+    max_chars: int = 64_000,
+) -> list[tuple[int, dict[str, Any]]]:
+    """`parse`, each example with its line number."""
     errors: list[str] = []
-    examples: list[dict[str, Any]] = []
+    examples: list[tuple[int, dict[str, Any]]] = []
     formats: set[str] = set()
     for number, line in jsonl.lines(text):
         try:
@@ -49,7 +64,7 @@ def parse(
             errors.append(f"line {number}: example longer than {max_chars} characters")
             continue
         formats.add(kind)
-        examples.append(value)
+        examples.append((number, value))
     if len(formats) > 1:
         errors.append("the file mixes the chat and prompt/completion formats")
     if not errors and len(examples) < min_examples:
@@ -87,3 +102,30 @@ def _check_messages(messages: Any) -> str | None:
     if not any(m["role"] == "assistant" and m["content"] for m in messages):
         return "an example needs an assistant message with content to learn from"
     return None
+
+
+def check_lengths(
+    numbered: list[tuple[int, dict[str, Any]]], tokenizer: Callable[[], Any], max_tokens: int
+) -> None:
+    """TrainingFileError naming each example longer than `max_tokens` as training encodes it.
+    Only examples that could be that long are tokenized: a token is at least one byte of the
+    text, and the chat template adds fewer tokens than the JSON spends on each message, so a
+    line of at most `max_tokens // 2` bytes always fits (and the tokenizer, `tokenizer()`, is
+    loaded only when some line is longer)."""
+    from services.finetune.training import encode_example
+
+    errors: list[str] = []
+    for number, example in numbered:
+        if len(json.dumps(example, ensure_ascii=False).encode()) <= max_tokens // 2:
+            continue
+        try:
+            ids, _ = encode_example(tokenizer(), example, max_length=1 << 62)
+        except ValueError as exc:
+            errors.append(f"line {number}: {exc}")
+            continue
+        if len(ids) > max_tokens:
+            errors.append(
+                f"line {number}: the example is {len(ids)} tokens long; the limit is {max_tokens}"
+            )
+    if errors:
+        raise TrainingFileError(errors)
