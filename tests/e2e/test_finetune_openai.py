@@ -110,7 +110,9 @@ def test_public_metrics_count_adapter_traffic_without_naming_the_adapter(
     assert now == before + len(EXAMPLES)
 
 
-def test_events_checkpoints_and_listing(client: openai.OpenAI, finished_job: Any) -> None:
+def test_events_checkpoints_and_listing(
+    client: openai.OpenAI, finished_job: Any, stack: Stack
+) -> None:
     events = list(client.fine_tuning.jobs.list_events(finished_job.id, limit=1000))
     messages = [e.message for e in events]
     assert any("validated" in m for m in messages) and any("succeeded" in m for m in messages)
@@ -120,8 +122,15 @@ def test_events_checkpoints_and_listing(client: openai.OpenAI, finished_job: Any
     steps = sorted(d["step"] for d in metrics)
     assert steps[-1] == 450
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(finished_job.id))
-    assert sorted(c.step_number for c in checkpoints) == [100, 200, 300, 400]
+    # Checkpoints at 100, 200, 300 and 400; the newest three are kept (files and listing).
+    assert sorted(c.step_number for c in checkpoints) == [200, 300, 400]
     assert all(c.metrics.train_loss is not None for c in checkpoints)
+    on_disk = stack.config.var_dir / "adapters" / finished_job.id / "checkpoints"
+    assert sorted(p.name for p in on_disk.iterdir()) == [
+        "step-000200",
+        "step-000300",
+        "step-000400",
+    ]
     assert finished_job.id in [j.id for j in client.fine_tuning.jobs.list(limit=100)]
 
 

@@ -54,6 +54,19 @@ def test_a_run_stopped_and_resumed_ends_where_an_uninterrupted_run_does(tmp_path
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_only_the_last_checkpoints_are_kept_on_disk(tmp_path: Path) -> None:
+    """Every checkpoint holds the adapter and the optimizer's state: a long job checkpointing
+    often would fill the disk. The newest `keep_checkpoints` stay (a resume needs one)."""
+    saved: list[int] = []
+    result = train(
+        spec(tmp_path, checkpoint_every=1, keep_checkpoints=2),
+        Hooks(on_checkpoint=lambda step, *_: saved.append(step)),
+    )
+    assert result.adapter_dir is not None and saved == [1, 2, 3, 4, 5]
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step-000004", "step-000005"]
+
+
 def test_qlora_trains_a_4bit_base_on_the_cpu(tmp_path: Path) -> None:
     losses: list[float] = []
     result = train(
