@@ -31,6 +31,7 @@ class FinetuneSettings(ServiceSettings):
     supported_target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR))
     base_learning_rate: float = 2e-4  # times the job's learning_rate_multiplier
     checkpoint_every: int = 50
+    keep_checkpoints: int = 3  # per job, the newest on disk (each holds the optimizer's state)
     max_examples: int = 100_000
     # The longest example in tokens (within the base model's context): longer ones fail
     # validation, naming their line.

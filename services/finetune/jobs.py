@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
     and_,
+    delete,
     or_,
     select,
     update,
@@ -302,8 +303,18 @@ class JobStore:
             "has_more": len(rows) > limit,
         }
 
-    def add_checkpoint(self, job_id: str, step: int, metrics: dict[str, float]) -> None:
+    def add_checkpoint(
+        self, job_id: str, step: int, metrics: dict[str, float], keep: list[int] | None = None
+    ) -> None:
+        """Record a checkpoint; with `keep`, the job's other checkpoints not among those steps
+        (removed from disk) leave the listing."""
         with self.session.begin() as s:
+            if keep is not None:
+                s.execute(
+                    delete(CheckpointRow).where(
+                        CheckpointRow.job_id == job_id, CheckpointRow.step.not_in(keep)
+                    )
+                )
             s.add(
                 CheckpointRow(
                     id="ftckpt_" + secrets.token_hex(12),

@@ -17,7 +17,7 @@ from services.finetune import adapters, trainproc
 from services.finetune.config import FinetuneSettings
 from services.finetune.files import FilesUnavailable, file_text
 from services.finetune.jobs import AdapterRow, JobRow, JobStore
-from services.finetune.training import Hooks, TrainSpec, example_limit
+from services.finetune.training import Hooks, TrainSpec, checkpoint_steps, example_limit
 from services.finetune.validation import TrainingFileError, parse
 
 log = logging.getLogger("crucible.finetune.runner")
@@ -165,6 +165,7 @@ def _spec(
         quantize_4bit=lora["quantize"] == "4bit",
         checkpoint_every=lora.get("checkpoint_every") or s.checkpoint_every,
         max_length=example_limit(s.models() / job.model, s.max_example_tokens),
+        keep_checkpoints=s.keep_checkpoints,
     )
 
 
@@ -186,8 +187,9 @@ def _hooks(store: JobStore, job_id: str, watch: _Watch, metrics: Any) -> Hooks:
                 },
             )
 
-    def on_checkpoint(step: int, _path: Any, values: dict[str, float]) -> None:
-        store.add_checkpoint(job_id, step, values)
+    def on_checkpoint(step: int, path: Any, values: dict[str, float]) -> None:
+        # The listing shows what is on disk: training keeps the newest few.
+        store.add_checkpoint(job_id, step, values, keep=checkpoint_steps(path.parents[1]))
         valid = f", validation loss={values['valid_loss']:.4f}" if "valid_loss" in values else ""
         store.event(
             job_id,

@@ -41,6 +41,7 @@ class TrainSpec:
     quantize_4bit: bool = False
     checkpoint_every: int = 50
     max_length: int = 2048
+    keep_checkpoints: int = 3  # the newest on disk; older ones are removed as new ones land
 
 
 @dataclass
@@ -130,8 +131,30 @@ def schedule(n_examples: int, batch_size: int, n_epochs: int, seed: int) -> list
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    done = [p for p in (output_dir / "checkpoints").glob("step-*") if (p / COMPLETE).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    return max(_complete(output_dir), key=_step, default=None)
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> list[int]:
+    """Remove all but the newest `keep` whole checkpoints (at least one stays, for a resume);
+    the steps still on disk."""
+    done = sorted(_complete(output_dir), key=_step)
+    cut = max(0, len(done) - max(keep, 1))
+    for old in done[:cut]:
+        shutil.rmtree(old, ignore_errors=True)
+    return [_step(p) for p in done[cut:]]
+
+
+def checkpoint_steps(output_dir: Path) -> list[int]:
+    """The steps of the whole checkpoints on disk, oldest first."""
+    return sorted(_step(p) for p in _complete(output_dir))
+
+
+def _complete(output_dir: Path) -> list[Path]:
+    return [p for p in (output_dir / "checkpoints").glob("step-*") if (p / COMPLETE).exists()]
+
+
+def _step(path: Path) -> int:
+    return int(path.name.split("-")[1])
 
 
 def train(spec: TrainSpec, hooks: Hooks | None = None) -> TrainResult:
@@ -191,6 +214,7 @@ def train(spec: TrainSpec, hooks: Hooks | None = None) -> TrainResult:
             if valid:
                 metrics["valid_loss"] = _valid_loss(model, valid, pad, device, spec.batch_size)
             path = _save_checkpoint(model, optimizer, spec.output_dir, step)
+            prune_checkpoints(spec.output_dir, spec.keep_checkpoints)
             if hooks.on_checkpoint:
                 hooks.on_checkpoint(step, path, metrics)
     valid_loss = _valid_loss(model, valid, pad, device, spec.batch_size) if valid else None
