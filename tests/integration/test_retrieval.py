@@ -68,6 +68,9 @@ class Client:
         return self.http.post(f"/v1/vector_stores/{store_id}/search", json=body)
 
 
+QUOTA = 4_000_000  # bytes of files per owner, in this module's service
+
+
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     with retrieval(
@@ -76,6 +79,7 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
         max_inputs_per_request=8,
         parse_timeout_s=2.0,
         parse_memory_mb=128,
+        owner_quota_bytes=QUOTA,
     ) as p:
         yield p
 
@@ -324,6 +328,34 @@ def test_bad_uploads_are_refused_and_leave_nothing_behind(
     assert alice.http.get("/v1/files").json()["data"] == before
     files_dir = svc.log.parent / "files"
     assert sorted(p.name for p in files_dir.iterdir()) == sorted(f["id"] for f in before)
+
+
+def test_an_owner_filling_the_quota_gets_429_insufficient_quota_and_keeps_every_file(
+    svc: Proc,
+) -> None:
+    """Uploads of 190 kB until the owner's 4 MB are used: then 429 `insufficient_quota` naming
+    the bytes; nothing half-stored; another owner unaffected; deleting a file makes room."""
+    carol, dave = Client(svc.url, "quota-carol"), Client(svc.url, "quota-dave")
+    block = b"Gallium arsenide is a III-V semiconductor.\n" * 4318  # 190 kB
+    accepted: list[str] = []
+    while len(accepted) < 40:
+        r = carol.upload(f"notes-{len(accepted)}.txt", block)
+        if r.status_code != 200:
+            break
+        accepted.append(r.json()["id"])
+    assert len(accepted) == QUOTA // len(block), len(accepted)
+    assert r.status_code == 429, r.text
+    error = r.json()["error"]
+    assert error["type"] == error["code"] == "insufficient_quota"
+    used = len(accepted) * len(block)
+    assert f"{used:,} of {QUOTA:,} bytes" in error["message"], error
+    listed = {f["id"] for f in carol.http.get("/v1/files").json()["data"]}
+    assert listed == set(accepted)
+    files_dir = svc.log.parent / "files"
+    assert not [p for p in files_dir.iterdir() if p.name.startswith("tmp")]
+    assert dave.upload("mine.txt", block).status_code == 200  # per owner
+    assert carol.http.delete(f"/v1/files/{accepted[0]}").status_code == 200
+    assert carol.upload("again.txt", block).status_code == 200
 
 
 def test_a_pdf_is_parsed_and_found(alice: Client) -> None:

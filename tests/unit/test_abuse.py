@@ -155,3 +155,31 @@ def test_an_ordinary_filter_passes() -> None:
 
     ok = {"type": "and", "filters": [_nested(6), {"type": "in", "key": "s", "value": ["a", "b"]}]}
     assert SearchRequest.model_validate({"query": "q", "filters": ok}).filters is not None
+
+
+def test_an_accepted_upload_is_on_stable_storage_before_its_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's bytes and the directory entry of its final name are both fsynced before the
+    upload returns (a power cut after the 200 must not lose an accepted file)."""
+    import io
+    import os
+
+    from starlette.datastructures import UploadFile
+
+    from services.retrieval import files
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    upload = UploadFile(io.BytesIO(b"Benzene is aromatic.\n"), filename="notes.txt")
+    size, _ = files._store(upload, "notes.txt", "assistants", tmp_path, "file-abc")
+    assert size == 21 and (tmp_path / "file-abc").read_bytes() == b"Benzene is aromatic.\n"
+    file_synced = [p for p in synced if Path(p).parent == tmp_path and p != str(tmp_path)]
+    assert file_synced, synced  # the bytes (under the temporary name, before the rename)
+    assert synced[-1] == str(tmp_path)  # then the directory, holding the final name
