@@ -83,6 +83,12 @@ class RateLimited(CrucibleError):
         self.headers["retry-after"] = str(max(1, round(retry_after)))
 
 
+class QuotaExceeded(CrucibleError):
+    """An owner's stored bytes (files, adapters, stored data) would pass their quota."""
+
+    status, type, code = 429, "insufficient_quota", "insufficient_quota"
+
+
 class UpstreamError(CrucibleError):
     status, type, code = 502, "upstream_error", "bad_gateway"
 

@@ -183,6 +183,14 @@ class Catalog:
             s.add(row)
         return file_object(row)
 
+    def owner_bytes(self, owner: str) -> int:
+        """The bytes of the owner's files (what their quota counts)."""
+        with self.session() as s:
+            used = s.scalar(
+                select(func.coalesce(func.sum(FileRow.bytes), 0)).where(FileRow.owner == owner)
+            )
+        return int(used or 0)
+
     def file(self, owner: str, file_id: str) -> FileRow:
         with self.session() as s:
             return _owned(s, FileRow, file_id, owner)

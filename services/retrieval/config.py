@@ -56,6 +56,8 @@ class RetrievalSettings(ServiceSettings):
     max_body_bytes: int = 8 << 20
     max_upload_bytes: int = 64 << 20
     max_files_per_store: int = 10_000
+    # Bytes of files one owner may hold; an upload past it is 429 insufficient_quota.
+    owner_quota_bytes: int = 20 << 30
     # Files ingested at once; the rest wait their turn in the background.
     ingest_concurrency: int = 2
     # While Milvus is unreachable a file waits, `in_progress`, retrying with backoff; then fails.

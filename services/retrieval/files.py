@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidRequest, QuotaExceeded
 from services.common.pagination import Cursor
 from services.common.tenancy import Owner
 from services.retrieval.catalog import Catalog, file_object, new_id
@@ -55,9 +55,19 @@ def router() -> APIRouter:
         request: Request, owner: Owner, file: UploadFile, purpose: Annotated[Purpose, Form()]
     ) -> dict[str, Any]:
         catalog: Catalog = request.app.state.catalog
-        files_dir: Path = request.app.state.settings.files_dir()
+        settings = request.app.state.settings
+        files_dir: Path = settings.files_dir()
         filename = clean_filename(file.filename)
         file_id = new_id("file-")
+        used = await asyncio.to_thread(catalog.owner_bytes, owner)
+        quota = settings.owner_quota_bytes
+        size = _size(file)
+        if used + size > quota:
+            raise QuotaExceeded(
+                f"the files of this owner use {used:,} of {quota:,} bytes; this upload of "
+                f"{size:,} bytes does not fit (delete files to make room)",
+                param="file",
+            )
         size, digest = await asyncio.to_thread(_store, file, filename, purpose, files_dir, file_id)
         return catalog.add_file(owner, file_id, filename, purpose, size, digest)
 
@@ -114,11 +124,30 @@ def _store(
                 digest.update(block)
                 out.write(block)
             size = out.tell()
+            out.flush()
+            os.fsync(out.fileno())  # the bytes on stable storage before the 200
         if size == 0:
             raise InvalidRequest("the file is empty", param="file")
         check_upload(filename, purpose, tmp)
         os.replace(tmp, files_dir / file_id)
+        _fsync_dir(files_dir)  # and the name it was given
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return size, digest.hexdigest()
+
+
+def _size(upload: UploadFile) -> int:
+    """The upload's size in bytes (spooled by the multipart parser before the route runs)."""
+    if upload.size is not None:
+        return upload.size
+    upload.file.seek(0, os.SEEK_END)
+    return upload.file.tell()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
