@@ -183,3 +183,21 @@ def test_an_accepted_upload_is_on_stable_storage_before_its_answer(
     file_synced = [p for p in synced if Path(p).parent == tmp_path and p != str(tmp_path)]
     assert file_synced, synced  # the bytes (under the temporary name, before the rename)
     assert synced[-1] == str(tmp_path)  # then the directory, holding the final name
+
+
+def test_every_service_reports_the_space_left_on_its_data_disk(tmp_path: Path) -> None:
+    """What the disk-space alert (CrucibleDiskAlmostFull) reads, from any service's /metrics."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.common.app import build_app
+    from services.common.config import ServiceSettings
+
+    with TestClient(build_app("probe", settings=ServiceSettings(var_dir=tmp_path))) as client:
+        text = client.get("/metrics").text
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    usage = shutil.disk_usage(tmp_path)
+    assert values["crucible_disk_size_bytes"] == usage.total
+    assert abs(values["crucible_disk_free_bytes"] - usage.free) < 256 << 20
