@@ -14,7 +14,12 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from services.common.bodylimit import BodyLimitMiddleware, LimitFor
 from services.common.errors import install_error_handlers
-from services.common.metrics import HttpMetrics, ObservabilityMiddleware, metrics_endpoint
+from services.common.metrics import (
+    DiskCollector,
+    HttpMetrics,
+    ObservabilityMiddleware,
+    metrics_endpoint,
+)
 
 ReadyCheck = Callable[[], Awaitable[None]]
 """Raises when a dependency is unreachable; its message goes into `/ready`'s body."""
@@ -39,6 +44,7 @@ def build_app(
     if settings is not None:
         app.state.settings = settings
         app.state.internal_token = settings.internal_token
+        registry.register(DiskCollector(settings.var_dir))
     app.state.http_metrics = HttpMetrics(service, registry)
     install_error_handlers(app)
     checks = list(ready_checks)

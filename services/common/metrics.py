@@ -7,12 +7,16 @@ status class.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client import generate_latest as _generate
+from prometheus_client.core import GaugeMetricFamily
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -106,3 +110,27 @@ def metrics_endpoint(registry: CollectorRegistry) -> Any:
         return Response(_generate(registry), media_type=CONTENT_TYPE_LATEST)
 
     return metrics
+
+
+class DiskCollector:
+    """Free and total bytes of the filesystem holding a service's data (its var dir), read at
+    each scrape: the disk-space alert (CrucibleDiskAlmostFull) watches their ratio."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            usage = shutil.disk_usage(self.path)
+        except OSError:  # not created yet: nothing to report
+            return
+        free = GaugeMetricFamily(
+            "crucible_disk_free_bytes", "Bytes free for this service's data (its var dir)."
+        )
+        free.add_metric([], usage.free)
+        size = GaugeMetricFamily(
+            "crucible_disk_size_bytes", "Size of the filesystem holding this service's data."
+        )
+        size.add_metric([], usage.total)
+        yield free
+        yield size
