@@ -185,6 +185,65 @@ def test_concurrency_beyond_the_key_limit_is_429_at_once(gw: Proc) -> None:
     assert rejected < 0.5
 
 
+def _stalled(port: int, key: str, declared: int) -> socket.socket:
+    """A request whose headers arrive and whose body of `declared` bytes does not."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+        b"authorization: Bearer " + key.encode() + b"\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n{" % declared
+    )
+    return sock
+
+
+def _chat(url: str, key: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "fake", "messages": HI},
+        timeout=5,
+    )
+
+
+def test_a_key_takes_its_concurrency_slot_before_its_body_is_read(gw: Proc) -> None:
+    """A client trickling bodies cannot hold the gateway's memory and time beyond its key's
+    concurrency: the slot is taken when the headers arrive."""
+    narrow = make_key(gw.log.parent, rpm=0, max_concurrency=1)
+    with _stalled(gw.port, narrow, 1000):
+        deadline = time.monotonic() + 3
+        while (r := _chat(gw.url, narrow)).status_code != 429:
+            assert r.status_code == 200
+            assert time.monotonic() < deadline, "a second request was admitted meanwhile"
+        assert "concurrent" in r.json()["error"]["message"]
+    deadline = time.monotonic() + 3  # the stalled client left: its slot is free again
+    while (r := _chat(gw.url, narrow)).status_code != 200:
+        assert time.monotonic() < deadline, r.text
+
+
+def test_a_key_cannot_hold_more_body_bytes_in_flight_than_its_share(
+    tmp_path: Path, fake: Proc, redis_url: str
+) -> None:
+    with gateway(
+        tmp_path, [fake.url], redis_url, max_body_bytes=65536, max_key_bytes_in_flight=100_000
+    ) as g:
+        k, other = make_key(tmp_path, rpm=0), make_key(tmp_path, "other", rpm=0)
+        with _stalled(g.port, k, 60_000):
+            deadline = time.monotonic() + 3
+            while True:
+                with _stalled(g.port, k, 60_000) as second:
+                    second.settimeout(1)
+                    try:
+                        reply = second.recv(4096)
+                    except TimeoutError:
+                        reply = b""  # admitted and waiting for its body
+                if reply:
+                    break
+                assert time.monotonic() < deadline, "60 kB more was admitted beside 60 kB"
+            assert reply.startswith(b"HTTP/1.1 429") and b"100,000 bytes" in reply, reply
+            assert _chat(g.url, other).status_code == 200  # another key is not held back
+            assert _chat(g.url, k).status_code == 200  # a small body still fits beside it
+
+
 @pytest.mark.parametrize(("rpm", "burst"), [(10, 30), (300, 600)])
 def test_rpm_is_never_exceeded_across_two_gateway_processes(
     gw: Proc, fake: Proc, redis_url: str, rpm: int, burst: int
