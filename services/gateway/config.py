@@ -68,6 +68,9 @@ class GatewaySettings(ServiceSettings):
     default_max_concurrency: int = 32
     # Across all keys, per gateway process: beyond it, 429 at once instead of a queue.
     max_concurrency: int = 512
+    # Bytes of request bodies one key may hold in flight in a gateway process (uploads count):
+    # beyond it, 429 at once. Two largest uploads by default.
+    max_key_bytes_in_flight: int = 128 << 20
     # A Redis outage: "open" admits requests without the per-minute limit (concurrency caps, which
     # are local and exact, still bound the load); "closed" answers 503 until Redis is back.
     rate_limit_on_redis_error: Literal["open", "closed"] = "open"

@@ -20,8 +20,6 @@ from starlette.types import Receive, Scope, Send
 from services.common.errors import (
     CrucibleError,
     NotFound,
-    RateLimited,
-    RequestTimeout,
     Unavailable,
     UpstreamError,
     UpstreamTimeout,
@@ -37,7 +35,8 @@ from services.common.upstream import (
 )
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey
-from services.gateway.proxy import ClientGone, Proxy, read_body, send_error
+from services.gateway.limits import BodyBytes
+from services.gateway.proxy import ClientGone, Proxy, send_error
 
 log = logging.getLogger("crucible.gateway")
 
@@ -137,21 +136,16 @@ class ServiceForwarder:
         upload = route == UPLOAD_PATH and scope["method"] == "POST"
         limit = self.s.max_upload_bytes + MULTIPART_OVERHEAD if upload else self.s.max_body_bytes
         wait = self.s.upload_timeout_s if upload else self.s.body_timeout_s
+        self.proxy.admit(key)
+        held = BodyBytes(self.proxy.concurrency, key.id)
         try:
-            async with asyncio.timeout(wait):
-                body = await read_body(receive, headers, limit)
-        except TimeoutError:
-            raise RequestTimeout(f"request body not received within {wait:g}s") from None
-        if route == "/v1/embeddings" and key.models is not None:
-            _check_model(body, key.models)
-        hit = self.proxy.concurrency.try_acquire(key.id, key.max_concurrency)
-        if hit is not None:
-            self.proxy.metrics.rejections.labels(f"concurrency_{hit}").inc()
-            raise RateLimited(f"too many concurrent requests ({hit} limit)", retry_after=1)
-        try:
+            body = await self.proxy.body(receive, headers, limit, wait, held)
+            if route == "/v1/embeddings" and key.models is not None:
+                _check_model(body, key.models)
             await self.proxy.reserve(key)
             await self._forward(scope, send, body, SERVICE_ROUTES[route], key, rid, out)
         finally:
+            held.release()
             self.proxy.concurrency.release(key.id)
 
     async def _forward(

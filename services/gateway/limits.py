@@ -1,7 +1,8 @@
 """Limits, checked before anything is forwarded.
 
-- Concurrency per key and overall: in-process counters, exact for this process; beyond them the
-  answer is 429 at once, never a queue.
+- Concurrency per key and overall: in-process counters, exact for this process, taken when a
+  request's headers arrive (before its body is read); beyond them the answer is 429 at once,
+  never a queue. So are the bytes of request bodies a key holds in flight.
 - Requests per minute per key: reserved atomically in Redis before forwarding (GCRA in one Lua
   script, with Redis's clock), so several gateway processes share one exact budget and a burst
   cannot slip through between a check and an update. To keep a Redis round trip off most
@@ -19,6 +20,7 @@ import logging
 import time
 from collections import defaultdict
 
+from services.common.errors import RateLimited
 from services.gateway.redisio import Redis, RedisReplyError
 
 log = logging.getLogger("crucible.gateway.limits")
@@ -66,10 +68,12 @@ class _Lease:
 
 
 class Concurrency:
-    def __init__(self, overall: int) -> None:
+    def __init__(self, overall: int, key_bytes: int = 1 << 62) -> None:
         self.overall = overall
         self.total = 0
         self.per_key: defaultdict[str, int] = defaultdict(int)
+        self.key_bytes = key_bytes  # of request bodies one key may hold in flight
+        self.bytes: defaultdict[str, int] = defaultdict(int)
 
     def try_acquire(self, key_id: str, key_limit: int) -> str | None:
         """None when admitted, else which limit was hit ("key" or "overall")."""
@@ -88,6 +92,43 @@ class Concurrency:
             self.per_key[key_id] = left
         else:
             del self.per_key[key_id]
+
+    def hold(self, key_id: str, n: int) -> bool:
+        """Count `n` more bytes of the key's bodies in flight, if they fit."""
+        if self.bytes[key_id] + n > self.key_bytes:
+            if not self.bytes[key_id]:
+                del self.bytes[key_id]
+            return False
+        self.bytes[key_id] += n
+        return True
+
+    def unhold(self, key_id: str, n: int) -> None:
+        left = self.bytes[key_id] - n
+        if left:
+            self.bytes[key_id] = left
+        else:
+            del self.bytes[key_id]
+
+
+class BodyBytes:
+    """The bytes one request's body holds of its key's share, while the request lasts."""
+
+    def __init__(self, concurrency: Concurrency, key_id: str) -> None:
+        self.c, self.key_id, self.n = concurrency, key_id, 0
+
+    def __call__(self, n: int) -> None:
+        if not self.c.hold(self.key_id, n):
+            raise RateLimited(
+                f"this key's request bodies in flight would pass {self.c.key_bytes:,} bytes "
+                f"({self.c.bytes.get(self.key_id, 0):,} held, {n:,} more asked)",
+                retry_after=1,
+            )
+        self.n += n
+
+    def release(self) -> None:
+        if self.n:
+            self.c.unhold(self.key_id, self.n)
+            self.n = 0
 
 
 class RedisUnavailable(Exception):

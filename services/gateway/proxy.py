@@ -45,7 +45,7 @@ from services.common.upstream import (
 from services.gateway.aliases import Alias, AliasRouter
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey, KeyStore
-from services.gateway.limits import Concurrency, RateLimiter, RedisUnavailable
+from services.gateway.limits import BodyBytes, Concurrency, RateLimiter, RedisUnavailable
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.owners import ModelOwners
 from services.gateway.routing import Backend, Router, choose
@@ -108,7 +108,7 @@ class Proxy:
         self.keys = keys
         self.limiter = limiter
         self.metrics = metrics
-        self.concurrency = Concurrency(settings.max_concurrency)
+        self.concurrency = Concurrency(settings.max_concurrency, settings.max_key_bytes_in_flight)
         self.inference_headers = settings.inference_headers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -163,13 +163,54 @@ class Proxy:
         headers = dict(scope["headers"])
         key = await self.authenticate(headers)
         out.key = key
+        self.admit(key)
+        held = BodyBytes(self.concurrency, key.id)
         try:
-            async with asyncio.timeout(self.s.body_timeout_s):
-                body = await read_body(receive, headers, self.s.max_body_bytes)
+            await self._admitted(scope, receive, send, headers, key, held, rid, out, start)
+        finally:
+            held.release()
+            self.concurrency.release(key.id)
+
+    def admit(self, key: ApiKey) -> None:
+        """Take one of the key's concurrency slots (and one of the process's), or 429 at once:
+        before the body is read, so slow bodies count against the key too."""
+        hit = self.concurrency.try_acquire(key.id, key.max_concurrency)
+        if hit is not None:
+            self.metrics.rejections.labels(f"concurrency_{hit}").inc()
+            raise RateLimited(f"too many concurrent requests ({hit} limit)", retry_after=1)
+
+    async def body(
+        self,
+        receive: Receive,
+        headers: dict[bytes, bytes],
+        limit: int,
+        wait: float,
+        held: BodyBytes,
+    ) -> bytes:
+        """The body within `wait` seconds (else 408), held against the key's bytes in flight
+        (else 429)."""
+        try:
+            async with asyncio.timeout(wait):
+                return await read_body(receive, headers, limit, held)
         except TimeoutError:
-            raise RequestTimeout(
-                f"request body not received within {self.s.body_timeout_s:g}s"
-            ) from None
+            raise RequestTimeout(f"request body not received within {wait:g}s") from None
+        except RateLimited:
+            self.metrics.rejections.labels("bytes_in_flight").inc()
+            raise
+
+    async def _admitted(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[bytes, bytes],
+        key: ApiKey,
+        held: BodyBytes,
+        rid: str,
+        out: Outcome,
+        start: float,
+    ) -> None:
+        body = await self.body(receive, headers, self.s.max_body_bytes, self.s.body_timeout_s, held)
         payload = _parse(body)
         path = scope["path"]
         model, stream = check_request(path, payload, self.s)
@@ -197,15 +238,8 @@ class Proxy:
                 param="model",
                 code="model_not_found",
             )
-        hit = self.concurrency.try_acquire(key.id, key.max_concurrency)
-        if hit is not None:
-            self.metrics.rejections.labels(f"concurrency_{hit}").inc()
-            raise RateLimited(f"too many concurrent requests ({hit} limit)", retry_after=1)
-        try:
-            await self.reserve(key)
-            await self._forward(scope, receive, send, body, backends, stream, rid, out, start)
-        finally:
-            self.concurrency.release(key.id)
+        await self.reserve(key)
+        await self._forward(scope, receive, send, body, backends, stream, rid, out, start)
 
     async def authenticate(self, headers: dict[bytes, bytes]) -> ApiKey:
         auth = headers.get(b"authorization", b"")
@@ -504,10 +538,18 @@ def direct_client(send: Send) -> DirectClient | None:
     return None
 
 
-async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
+async def read_body(
+    receive: Receive, headers: dict[bytes, bytes], limit: int, hold: BodyBytes | None = None
+) -> bytes:
+    """The whole body, at most `limit` bytes; `hold` counts it against the key's bytes in
+    flight (the declared length at once, before a byte is read)."""
     declared = headers.get(b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body over {limit} bytes")
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes")
+        if hold is not None:
+            hold(int(declared))
+            hold = None  # held whole: a body never exceeds its declared length
     parts: list[bytes] = []
     size = 0
     while True:
@@ -518,6 +560,8 @@ async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body over {limit} bytes")
+        if hold is not None and chunk:
+            hold(len(chunk))
         parts.append(chunk)
         if not message.get("more_body"):
             return parts[0] if len(parts) == 1 else b"".join(parts)
