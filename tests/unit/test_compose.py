@@ -157,3 +157,14 @@ def test_the_backup_tool_sees_every_database_and_the_file_and_adapter_volumes() 
         COMPOSE["services"]["retrieval"]["volumes"]
     )
     assert mounts["adapters"] == f"{var}/adapters"
+
+
+def test_every_service_has_a_memory_limit() -> None:
+    """One leaking or flooded service is stopped at its own limit (and restarted), instead of
+    taking memory from the others: the engine, the database and the gateway share a host."""
+    missing = [name for name, svc in COMPOSE["services"].items() if not svc.get("mem_limit")]
+    assert not missing, f"no mem_limit: {missing}"
+    for name, svc in COMPOSE["services"].items():
+        limit = str(svc["mem_limit"])
+        # A fixed size, or one the deployment may override from .env with a default.
+        assert re.fullmatch(r"\d+[mg]|\$\{CRUCIBLE_\w+_MEM_LIMIT:-\d+[mg]\}", limit), (name, limit)
