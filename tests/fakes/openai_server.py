@@ -51,6 +51,7 @@ MODELS = [
     "scripted",
 ]
 JSON = [(b"content-type", b"application/json")]
+SCRIPTED_CONTEXT = 1000
 # The alias table a gateway pointed here as its finetune service routes by: `bench-alias`, the
 # bench key's, splitting fake 90 / fake-b 10 (the gateway benchmark's alias path).
 BENCH_ALIASES = {
@@ -139,6 +140,9 @@ class FakeUpstream:
             return
         if path == "/v1/models":
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in MODELS]
+            for card in data:  # vLLM's cards carry the served context; the scripted one says 1000
+                if card["id"] == "scripted":
+                    card["max_model_len"] = SCRIPTED_CONTEXT
             await _respond(send, 200, orjson.dumps({"object": "list", "data": data}))
             return
         req = orjson.loads(await _read_body(receive) or b"{}")

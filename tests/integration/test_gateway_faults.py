@@ -244,6 +244,68 @@ def test_a_key_cannot_hold_more_body_bytes_in_flight_than_its_share(
             assert _chat(g.url, k).status_code == 200  # a small body still fits beside it
 
 
+def test_a_request_without_max_tokens_is_capped_by_the_served_context(
+    gw: Proc, fake: Proc, key: str
+) -> None:
+    """Without `max_tokens` an engine may generate to the end of its context; the gateway sends
+    the bound it knows (the served model's context here, 1000; the setting's cap otherwise),
+    and leaves a client's own bound alone."""
+    c = sdk(gw, key)
+    httpx.post(f"{fake.url}/script", json={"replies": [{"content": "ok", "repeat": True}]})
+    c.chat.completions.create(model="scripted", messages=HI)
+    c.chat.completions.create(model="scripted", messages=HI, max_tokens=50)
+    c.chat.completions.create(model="scripted", messages=HI, max_completion_tokens=70)
+    seen = httpx.get(f"{fake.url}/script").json()["requests"][-3:]
+    bounds = [(r.get("max_tokens"), r.get("max_completion_tokens")) for r in seen]
+    assert bounds == [(1000, None), (50, None), (None, 70)], bounds
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "sequences"),
+    [
+        ("/v1/chat/completions", {"messages": HI, "n": 4}, 4),
+        ("/v1/completions", {"prompt": ["a", "b", "c"], "n": 2}, 6),
+        ("/v1/completions", {"prompt": "a", "n": 2, "best_of": 3}, 3),
+    ],
+)
+def test_the_rate_limit_counts_the_sequences_a_request_asks_for(
+    gw: Proc, path: str, body: dict, sequences: int
+) -> None:
+    """A key of 8 requests per minute is 8 sequences per minute: n and prompt lists count."""
+    k = make_key(gw.log.parent, rpm=8)
+
+    def post(extra: dict) -> httpx.Response:
+        return httpx.post(
+            f"{gw.url}{path}",
+            headers={"authorization": f"Bearer {k}"},
+            json={"model": "fake", **extra},
+            timeout=5,
+        )
+
+    admitted = 0
+    while (r := post(body)).status_code == 200:
+        admitted += 1
+        assert admitted <= 8
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert admitted == 8 // sequences, admitted
+    left = 8 - admitted * sequences  # what is left still admits single sequences
+    for _ in range(left):
+        assert post({"messages": HI} if "chat" in path else {"prompt": "a"}).status_code == 200
+
+
+def test_a_request_asking_for_more_sequences_than_a_minute_allows_says_so(gw: Proc) -> None:
+    k = make_key(gw.log.parent, rpm=4)
+    r = httpx.post(
+        f"{gw.url}/v1/completions",
+        headers={"authorization": f"Bearer {k}"},
+        json={"model": "fake", "prompt": ["a"] * 5},
+        timeout=5,
+    )
+    assert r.status_code == 429, r.text
+    assert "5 sequences" in r.json()["error"]["message"]
+    assert "4 per minute" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(("rpm", "burst"), [(10, 30), (300, 600)])
 def test_rpm_is_never_exceeded_across_two_gateway_processes(
     gw: Proc, fake: Proc, redis_url: str, rpm: int, burst: int
