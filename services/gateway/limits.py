@@ -27,18 +27,21 @@ log = logging.getLogger("crucible.gateway.limits")
 
 # A token bucket of `rpm` requests refilled at rpm/60 per second, as a Generic Cell Rate
 # Algorithm: one stored number per key (the theoretical arrival time), updated atomically.
-# Takes up to ARGV[2] permits at once and returns {granted, retry_after_ms}.
+# Takes up to ARGV[2] permits at once (exactly that many or none when ARGV[3] is 1: a request
+# of several sequences) and returns {granted, retry_after_ms}.
 _GCRA = """
 local rpm = tonumber(ARGV[1])
 local want = tonumber(ARGV[2])
+local need = 1
+if ARGV[3] == '1' then need = want end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local interval = 60000 / rpm
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 local fits = math.floor((now + 60000 - tat) / interval)
-if fits < 1 then
-  return {0, math.ceil(tat + interval - 60000 - now)}
+if fits < need then
+  return {0, math.ceil(tat + need * interval - 60000 - now)}
 end
 local granted = math.min(want, fits)
 local new_tat = tat + granted * interval
@@ -144,25 +147,26 @@ class RateLimiter:
         self._skip_until = 0.0
         self.errors = 0
 
-    async def reserve(self, key_id: str, rpm: int) -> float:
-        """Reserve one request for the key: 0.0 if admitted, else seconds until it would be.
+    async def reserve(self, key_id: str, rpm: int, cost: int = 1) -> float:
+        """Reserve `cost` permits (the sequences a request asks for; at most `rpm`) for the key,
+        all or none: 0.0 if admitted, else seconds until they would be.
 
-        A permit comes from the local lease when one is held (no round trip), else from Redis,
-        one at a time. Only a single background refill per key takes permits in batches, so a
-        process never holds more than 1.5 leases. Raises RedisUnavailable only in "closed" mode.
+        Permits come from the local lease when it holds enough (no round trip), else from
+        Redis. Only a single background refill per key takes permits in batches, so a process
+        never holds more than 1.5 leases. Raises RedisUnavailable only in "closed" mode.
         """
         if rpm <= 0:
             return 0.0
         now = time.monotonic()
         lease = self._leases.get(key_id)
-        if lease is not None and lease.tokens > 0 and now < lease.expires:
-            lease.tokens -= 1
+        if lease is not None and lease.tokens >= cost and now < lease.expires:
+            lease.tokens -= cost
             self._maybe_refill(key_id, rpm, lease)
             return 0.0
         if now < self._skip_until:
             return self._outage()
         try:
-            granted, retry_ms = await self._gcra(f"crucible:rpm:{key_id}", rpm, 1)
+            granted, retry_ms = await self._gcra(f"crucible:rpm:{key_id}", rpm, cost, cost > 1)
         except (RedisReplyError, OSError, TimeoutError) as exc:
             return self._redis_failed(exc, now)
         if not granted:
@@ -202,14 +206,15 @@ class RateLimiter:
         log.warning("rate limiter: redis unavailable", extra={"error": why})
         return self._outage()
 
-    async def _gcra(self, key: str, rpm: int, want: int) -> list[int]:
+    async def _gcra(self, key: str, rpm: int, want: int, exact: bool = False) -> list[int]:
+        args = (1, key, rpm, want, int(exact))
         try:
-            reply: list[int] = await self.redis.execute("EVALSHA", _GCRA_SHA, 1, key, rpm, want)
+            reply: list[int] = await self.redis.execute("EVALSHA", _GCRA_SHA, *args)
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
             # First use on this Redis (or after a restart): EVAL loads and runs it.
-            reply = await self.redis.execute("EVAL", _GCRA, 1, key, rpm, want)
+            reply = await self.redis.execute("EVAL", _GCRA, *args)
         return reply
 
     def _outage(self) -> float:

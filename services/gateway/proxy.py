@@ -50,7 +50,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.owners import ModelOwners
 from services.gateway.routing import Backend, Router, choose
 from services.gateway.usage import UsageSniffer, ask_for_usage
-from services.gateway.validation import check_request
+from services.gateway.validation import bound_output, check_request, sequences
 
 ON_BEHALF = ON_BEHALF_HEADER.encode()
 CHAT = "/v1/chat/completions"
@@ -238,7 +238,11 @@ class Proxy:
                 param="model",
                 code="model_not_found",
             )
-        await self.reserve(key)
+        card = backends[0].models.get(model) or {}
+        context = card.get("max_model_len")
+        cap = self.s.max_tokens_cap
+        body = bound_output(path, body, payload, min(cap, context) if _positive(context) else cap)
+        await self.reserve(key, sequences(path, payload))
         await self._forward(scope, receive, send, body, backends, stream, rid, out, start)
 
     async def authenticate(self, headers: dict[bytes, bytes]) -> ApiKey:
@@ -296,9 +300,16 @@ class Proxy:
             backends = self.router.backends_for(model)
         return backends
 
-    async def reserve(self, key: ApiKey) -> None:
+    async def reserve(self, key: ApiKey, cost: int = 1) -> None:
+        """Take `cost` of the key's requests per minute (a request's sequences), or 429."""
+        if 0 < key.rpm < cost:
+            self.metrics.rejections.labels("rate_limit").inc()
+            raise RateLimited(
+                f"this request asks for {cost} sequences; the key allows {key.rpm} per minute",
+                retry_after=60,
+            )
         try:
-            wait = await self.limiter.reserve(key.id, key.rpm)
+            wait = await self.limiter.reserve(key.id, key.rpm, cost)
         except RedisUnavailable:
             raise Unavailable("rate limiter unavailable; try again shortly") from None
         if wait:
@@ -565,6 +576,10 @@ async def read_body(
         parts.append(chunk)
         if not message.get("more_body"):
             return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _parse(body: bytes) -> dict[str, Any]:

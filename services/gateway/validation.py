@@ -147,3 +147,39 @@ def check_request(path: str, payload: dict[str, Any], s: GatewaySettings) -> tup
             code="invalid_value",
         )
     return model, bool(stream)
+
+
+def sequences(path: str, payload: dict[str, Any]) -> int:
+    """The sequences a valid request asks the engine for (what the rate limit counts): `n` (or
+    `best_of`, when larger) for each prompt."""
+    if path.endswith("/responses"):
+        return 1
+    n = max(payload.get("n") or 1, payload.get("best_of") or 1)
+    if path.endswith("/chat/completions"):
+        return int(n)
+    prompt = payload["prompt"]
+    prompts = 1 if isinstance(prompt, str) or _token_ids(prompt) else len(prompt)
+    return int(prompts * n)
+
+
+# Per route: the field that bounds a request's output, and every field a client may bound it by.
+_BOUNDS = {
+    "/v1/chat/completions": ("max_tokens", ("max_tokens", "max_completion_tokens")),
+    "/v1/completions": ("max_tokens", ("max_tokens",)),
+    "/v1/responses": ("max_output_tokens", ("max_output_tokens",)),
+}
+
+
+def bound_output(path: str, body: bytes, payload: dict[str, Any], limit: int) -> bytes:
+    """The body with an output bound of `limit` tokens where the client set none (an engine
+    would otherwise generate to the end of its context); spliced in, not encoded again."""
+    if path not in _BOUNDS:
+        return body
+    bound, fields = _BOUNDS[path]
+    if any(payload.get(f) is not None for f in fields):
+        return body
+    if any(f in payload for f in fields):  # given as null: encoded again without the nulls
+        kept = {k: v for k, v in orjson.loads(body).items() if k not in fields}
+        return orjson.dumps({**kept, bound: limit})
+    start = body.index(b"{") + 1
+    return body[:start] + b'"%s":%d,' % (bound.encode(), limit) + body[start:]
