@@ -1,6 +1,7 @@
 """The cpu-dev-moe profile serves; a dead engine is noticed and restarted; `down` leaves no process
 behind."""
 
+import asyncio
 import os
 import signal
 import time
@@ -10,6 +11,7 @@ import openai
 import psutil
 import pytest
 
+from bench import structured_outputs as structured
 from services.inference import readiness
 from services.stack import Ports, Stack, StackConfig
 from tests.conftest import MODELS, MOE, planner_vs_vllm
@@ -42,6 +44,12 @@ def test_moe_profile_serves_chat(moe_stack: Stack) -> None:
         model=MOE, messages=[{"role": "user", "content": "Name a solvent."}], max_tokens=5
     )
     assert r.usage is not None and r.usage.completion_tokens == 5
+
+
+def test_three_hundred_moe_json_schema_answers_are_strictly_valid_json(moe_stack: Stack) -> None:
+    counts = asyncio.run(structured.answers(_url(moe_stack), MOE, 300, 16))
+    assert counts["error"] == 0 and counts["finished"] >= 250, counts
+    assert counts["not_strict_json"] == counts["not_schema"] == 0, counts
 
 
 def test_the_planner_predicts_the_moe_kv_cache_vllm_allocates(moe_stack: Stack) -> None:
