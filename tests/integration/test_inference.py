@@ -58,8 +58,7 @@ def test_json_schema_output_parses_and_validates(vllm_client: openai.OpenAI) -> 
         "type": "object",
         "properties": {
             # A pattern bounds the string: unbounded strings let a random model babble past any
-            # token budget, and xgrammar 0.2.8 lets raw control characters through at a
-            # `maxLength` boundary (seen here), which breaks JSON parsing.
+            # token budget.
             "name": {"type": "string", "pattern": "^[A-Za-z0-9 ]{1,16}$"},
             "atoms": {"type": "integer", "minimum": 0, "maximum": 500},
             "aromatic": {"type": "boolean"},
