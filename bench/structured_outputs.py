@@ -3,10 +3,10 @@ structured-output backend, side by side in one run.
 
 For each dev model (the dense and the MoE profile) and each backend, vLLM is started with the
 profile's flags and `--structured-outputs-config` set to that backend, and N chat requests ask
-for a small object (strings, a number, a list) at temperature 1 with `max_tokens` 120 (its strings bounded, so most finish). Answers
-that stop at `length` are counted apart (unfinished by design); of the rest, each is checked
-with strict `json.loads` (no raw control characters inside strings) and against the schema
-with pydantic.
+for a small object (bounded strings, a number, a list) at temperature 1 with `max_tokens` 120.
+Answers that stop at `length` are counted apart (unfinished by design); of the rest, each is
+checked with strict `json.loads` (no raw control characters inside strings) and against the
+schema with pydantic.
 
     .venv/bin/python bench/structured_outputs.py [--n 300] [--backends xgrammar guidance]
 """

@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from services.gateway.validation import insert_fields
+
 
 class Counted(Protocol):
     """Where the tokens go (the proxy's Outcome)."""
@@ -83,8 +85,7 @@ def ask_for_usage(body: bytes, payload: dict[str, Any]) -> bytes | None:
     client asked for it already (or sent stream_options the engine should judge as they are).
     The usual body (no stream_options) gets the field spliced in, not encoded again."""
     if "stream_options" not in payload:
-        start = body.index(b"{") + 1
-        return body[:start] + b'"stream_options":{"include_usage":true},' + body[start:]
+        return insert_fields(body, b'"stream_options":{"include_usage":true},')
     options = {} if payload["stream_options"] is None else payload["stream_options"]
     if not isinstance(options, dict) or options.get("include_usage") is True:
         return None

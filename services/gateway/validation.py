@@ -181,5 +181,12 @@ def bound_output(path: str, body: bytes, payload: dict[str, Any], limit: int) ->
     if any(f in payload for f in fields):  # given as null: encoded again without the nulls
         kept = {k: v for k, v in orjson.loads(body).items() if k not in fields}
         return orjson.dumps({**kept, bound: limit})
+    return insert_fields(body, b'"%s":%d,' % (bound.encode(), limit))
+
+
+def insert_fields(body: bytes, fields: bytes) -> bytes:
+    """`fields` (`"name":value,`) spliced in at the start of a JSON object's body: one copy of
+    the body (slicing and concatenating copied a 1 MiB body three times: 1.9 ms against 36 µs,
+    bench/gateway_bounds.py)."""
     start = body.index(b"{") + 1
-    return body[:start] + b'"%s":%d,' % (bound.encode(), limit) + body[start:]
+    return b"".join((body[:start], fields, memoryview(body)[start:]))
