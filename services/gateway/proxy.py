@@ -238,10 +238,11 @@ class Proxy:
                 param="model",
                 code="model_not_found",
             )
-        card = backends[0].models.get(model) or {}
-        context = card.get("max_model_len")
-        cap = self.s.max_tokens_cap
-        body = bound_output(path, body, payload, min(cap, context) if _positive(context) else cap)
+        context = (backends[0].models.get(model) or {}).get("max_model_len")
+        bound = self.s.max_tokens_cap
+        if isinstance(context, int) and not isinstance(context, bool) and 0 < context < bound:
+            bound = context
+        body = bound_output(path, body, payload, bound)
         await self.reserve(key, sequences(path, payload))
         await self._forward(scope, receive, send, body, backends, stream, rid, out, start)
 
@@ -576,10 +577,6 @@ async def read_body(
         parts.append(chunk)
         if not message.get("more_body"):
             return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _parse(body: bytes) -> dict[str, Any]:

@@ -165,7 +165,7 @@ def test_an_accepted_upload_is_on_stable_storage_before_its_answer(
     import io
     import os
 
-    from starlette.datastructures import UploadFile
+    from fastapi import UploadFile
 
     from services.retrieval import files
 
