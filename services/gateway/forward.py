@@ -33,10 +33,11 @@ from services.common.upstream import (
     UpstreamConnectError,
     UpstreamProtocolError,
 )
+from services.gateway.bodies import ClientGone
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey
 from services.gateway.limits import BodyBytes
-from services.gateway.proxy import ClientGone, Proxy, send_error
+from services.gateway.proxy import Proxy, send_error
 
 log = logging.getLogger("crucible.gateway")
 

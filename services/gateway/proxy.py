@@ -16,14 +16,12 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from services.common.errors import (
     AuthenticationFailed,
     CrucibleError,
-    InvalidRequest,
     NotFound,
-    PayloadTooLarge,
     RateLimited,
     RequestTimeout,
     Unavailable,
@@ -43,6 +41,7 @@ from services.common.upstream import (
     UpstreamProtocolError,
 )
 from services.gateway.aliases import Alias, AliasRouter
+from services.gateway.bodies import ClientGone, parse_object, read_body
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey, KeyStore
 from services.gateway.limits import BodyBytes, Concurrency, RateLimiter, RedisUnavailable
@@ -60,10 +59,6 @@ log = logging.getLogger("crucible.gateway")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-
-
-class ClientGone(Exception):
-    """The client disconnected before we answered."""
 
 
 @dataclass
@@ -211,7 +206,7 @@ class Proxy:
         start: float,
     ) -> None:
         body = await self.body(receive, headers, self.s.max_body_bytes, self.s.body_timeout_s, held)
-        payload = _parse(body)
+        payload = parse_object(body)
         path = scope["path"]
         model, stream = check_request(path, payload, self.s)
         out.model = model
@@ -548,45 +543,6 @@ def direct_client(send: Send) -> DirectClient | None:
     ):
         return DirectClient(cycle)
     return None
-
-
-async def read_body(
-    receive: Receive, headers: dict[bytes, bytes], limit: int, hold: BodyBytes | None = None
-) -> bytes:
-    """The whole body, at most `limit` bytes; `hold` counts it against the key's bytes in
-    flight (the declared length at once, before a byte is read)."""
-    declared = headers.get(b"content-length")
-    if declared is not None and declared.isdigit():
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"request body over {limit} bytes")
-        if hold is not None:
-            hold(int(declared))
-            hold = None  # held whole: a body never exceeds its declared length
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body over {limit} bytes")
-        if hold is not None and chunk:
-            hold(len(chunk))
-        parts.append(chunk)
-        if not message.get("more_body"):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _parse(body: bytes) -> dict[str, Any]:
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("request body is not valid JSON", code="invalid_json") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
-    return payload
 
 
 def _upstream_error(status: int, raw: bytes) -> CrucibleError:
