@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from services.gateway.keys import KeyStore
 from services.stackconfig import ROOT, _free_port, _http_ok, _port_busy
 
@@ -235,3 +237,13 @@ def behind_a_gateway(
         agent = {"gateway_url": f"http://127.0.0.1:{gateway_port}", "retrieval_url": r.url}
         a = es.enter_context(service("agent", var, {**common, **agent}, timeout=120))
         yield {"retrieval_url": r.url, "finetune_url": f.url, "agent_url": a.url}
+
+
+def metric(url: str, name: str) -> float:
+    """The sum of a service's samples whose line starts with `name`, from its /metrics."""
+    text = httpx.get(f"{url}/metrics").text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )

@@ -18,7 +18,6 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import defaultdict
 
 from services.common.errors import RateLimited
 from services.gateway.redisio import Redis, RedisReplyError
@@ -74,18 +73,20 @@ class Concurrency:
     def __init__(self, overall: int, key_bytes: int = 1 << 62) -> None:
         self.overall = overall
         self.total = 0
-        self.per_key: defaultdict[str, int] = defaultdict(int)
+        self.per_key: dict[str, int] = {}
         self.key_bytes = key_bytes  # of request bodies one key may hold in flight
-        self.bytes: defaultdict[str, int] = defaultdict(int)
+        self.bytes: dict[str, int] = {}
+        self.bytes_total = 0
 
     def try_acquire(self, key_id: str, key_limit: int) -> str | None:
         """None when admitted, else which limit was hit ("key" or "overall")."""
         if self.total >= self.overall:
             return "overall"
-        if self.per_key[key_id] >= key_limit:
+        held = self.per_key.get(key_id, 0)
+        if held >= key_limit:
             return "key"
         self.total += 1
-        self.per_key[key_id] += 1
+        self.per_key[key_id] = held + 1
         return None
 
     def release(self, key_id: str) -> None:
@@ -98,14 +99,15 @@ class Concurrency:
 
     def hold(self, key_id: str, n: int) -> bool:
         """Count `n` more bytes of the key's bodies in flight, if they fit."""
-        if self.bytes[key_id] + n > self.key_bytes:
-            if not self.bytes[key_id]:
-                del self.bytes[key_id]
+        held = self.bytes.get(key_id, 0)
+        if held + n > self.key_bytes:
             return False
-        self.bytes[key_id] += n
+        self.bytes[key_id] = held + n
+        self.bytes_total += n
         return True
 
     def unhold(self, key_id: str, n: int) -> None:
+        self.bytes_total -= n
         left = self.bytes[key_id] - n
         if left:
             self.bytes[key_id] = left

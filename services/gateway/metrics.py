@@ -13,6 +13,7 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         self.requests = Counter(
             "crucible_gateway_requests_total",
             "Forwarded requests by route, model and outcome (a stream that broke counts as 5xx).",
@@ -82,6 +83,21 @@ class GatewayMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=registry,
         )
+
+    def watch(self, concurrency: Any) -> None:
+        """Gauges read from the admission counters at scrape time (nothing on the hot path):
+        requests admitted and the request-body bytes they hold, which show a client holding
+        the gateway open with slow bodies."""
+        Gauge(
+            "crucible_gateway_requests_in_flight",
+            "Requests admitted and not yet answered (each holds a concurrency slot).",
+            registry=self.registry,
+        ).set_function(lambda: concurrency.total)
+        Gauge(
+            "crucible_gateway_body_bytes_in_flight",
+            "Request-body bytes held by admitted requests (declared length, or as read).",
+            registry=self.registry,
+        ).set_function(lambda: concurrency.bytes_total)
 
     def _children(self, route: str, model: str, status_class: str) -> tuple[Any, Any]:
         """The labelled series of a request, cached: `labels()` is a lock and a dict build."""

@@ -104,6 +104,7 @@ class Proxy:
         self.limiter = limiter
         self.metrics = metrics
         self.concurrency = Concurrency(settings.max_concurrency, settings.max_key_bytes_in_flight)
+        metrics.watch(self.concurrency)
         self.inference_headers = settings.inference_headers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

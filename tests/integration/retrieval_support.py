@@ -146,12 +146,3 @@ def parsing(pid: int) -> bool:
         except psutil.Error:  # ended meanwhile
             continue
     return False
-
-
-def metric(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
-    return sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith(name) and not line.startswith("#")
-    )

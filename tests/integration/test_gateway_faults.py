@@ -1,6 +1,7 @@
 """Upstream faults, limits and key handling, against a scripted fake upstream over HTTP."""
 
 import asyncio
+import http.client
 import socket
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from services.finetune.config import FinetuneSettings
 from services.gateway.keys import ON_BEHALF_HEADER, KeyStore
 from services.inference import readiness
 from services.stackconfig import _free_port
-from tests.processes import Proc, fake_upstream, gateway, make_key
+from tests.processes import Proc, fake_upstream, gateway, make_key, metric
 
 HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
@@ -196,6 +197,13 @@ def _stalled(port: int, key: str, declared: int) -> socket.socket:
     return sock
 
 
+def _response(sock: socket.socket) -> tuple[int, bytes]:
+    """The status and body of the response on `sock`."""
+    reply = http.client.HTTPResponse(sock)
+    reply.begin()
+    return reply.status, reply.read()
+
+
 def _chat(url: str, key: str) -> httpx.Response:
     return httpx.post(
         f"{url}/v1/chat/completions",
@@ -228,20 +236,19 @@ def test_a_key_cannot_hold_more_body_bytes_in_flight_than_its_share(
     ) as g:
         k, other = make_key(tmp_path, rpm=0), make_key(tmp_path, "other", rpm=0)
         with _stalled(g.port, k, 60_000):
-            deadline = time.monotonic() + 20  # generous: a loaded host answers slowly
-            while True:
-                with _stalled(g.port, k, 60_000) as second:
-                    second.settimeout(5)
-                    try:
-                        reply = second.recv(4096)
-                    except TimeoutError:
-                        reply = b""  # admitted and waiting for its body
-                if reply:
-                    break
-                assert time.monotonic() < deadline, "60 kB more was admitted beside 60 kB"
-            assert reply.startswith(b"HTTP/1.1 429") and b"100,000 bytes" in reply, reply
+            deadline = time.monotonic() + 30  # generous: a loaded host answers slowly
+            while metric(g.url, "crucible_gateway_body_bytes_in_flight") < 60_000:
+                assert time.monotonic() < deadline, "the first body was never held"
+                time.sleep(0.05)
+            with _stalled(g.port, k, 60_000) as second:
+                second.settimeout(30)
+                status, reply = _response(second)
+            assert status == 429 and b"100,000 bytes" in reply, reply
             assert _chat(g.url, other).status_code == 200  # another key is not held back
             assert _chat(g.url, k).status_code == 200  # a small body still fits beside it
+        while metric(g.url, "crucible_gateway_body_bytes_in_flight") > 0:  # the client left
+            assert time.monotonic() < deadline, "a departed client's body is still held"
+            time.sleep(0.05)
 
 
 def test_a_request_without_max_tokens_is_capped_by_the_served_context(

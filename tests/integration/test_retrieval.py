@@ -19,10 +19,9 @@ from tests.integration.retrieval_support import (
     SLOW_PDF,
     TOKEN,
     Client,
-    metric,
     pdf,
 )
-from tests.processes import Proc, retrieval
+from tests.processes import Proc, metric, retrieval
 
 QUOTA = 4_000_000  # bytes of files per owner, in this module's service
 

@@ -20,11 +20,10 @@ from tests.integration.retrieval_support import (
     SLOW_PDF,
     Client,
     expected_chunks,
-    metric,
     milvus_rows,
     parsing,
 )
-from tests.processes import milvus_lite, retrieval
+from tests.processes import metric, milvus_lite, retrieval
 
 
 def test_adding_a_file_twice_and_removing_it_keep_milvus_exact(tmp_path: Path) -> None:
