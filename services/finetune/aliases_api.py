@@ -14,11 +14,9 @@ GET    /internal/aliases                      every alias's routing, for the gat
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from typing import Annotated, Any, Literal
 
 import httpx
-import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
@@ -29,6 +27,7 @@ from services.common.errors import (
     NotFound,
     PermissionDenied,
 )
+from services.common.etag import conditional_json
 from services.common.pagination import PageParams
 from services.common.tenancy import Owner, internal_only
 from services.finetune.adapters import served_models
@@ -282,10 +281,6 @@ def router() -> APIRouter:
     @r.get("/internal/aliases", dependencies=[Depends(internal_only)])
     async def table(request: Request) -> Response:
         data = await asyncio.to_thread(store(request).table)
-        body = orjson.dumps({"object": "list", "data": data}, option=orjson.OPT_SORT_KEYS)
-        etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers={"etag": etag})
-        return Response(body, media_type="application/json", headers={"etag": etag})
+        return conditional_json(request, {"object": "list", "data": data})
 
     return r

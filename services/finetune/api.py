@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from services.common.errors import Conflict, InvalidRequest, NotFound
 from services.common.pagination import Cursor, PageParams
 from services.common.tenancy import Owner, internal_only
+from services.finetune import adapters
 from services.finetune.files import FilesUnavailable, file_info, file_text
 from services.finetune.handoff import HandoffRow, Promote, check_promote
 from services.finetune.jobs import JobRow, JobStore, job_object, new_job_id
@@ -120,6 +121,24 @@ def router() -> APIRouter:
     ) -> dict[str, Any]:
         return request.app.state.jobs.checkpoints(job_id, owner, page)
 
+    @r.delete("/v1/models/{model_id:path}")
+    def delete_model(model_id: str, request: Request, owner: Owner) -> dict[str, Any]:
+        """OpenAI's "delete a fine-tuned model": unloaded from every server, its files gone;
+        the job that made it stays (its `fine_tuned_model` names what it made)."""
+        state = request.app.state
+        s = state.settings
+        routes = state.aliases.table()
+        adapters.retire(
+            state.jobs,
+            routes,
+            s.adapters(),
+            s.inference_urls,
+            s.inference_headers(),
+            owner,
+            model_id,
+        )
+        return {"id": model_id, "object": "model", "deleted": True}
+
     @r.get("/internal/adapters", dependencies=[Depends(internal_only)])
     def adapter_owners(request: Request) -> dict[str, Any]:
         """For the gateway: who may use each fine-tuned model (never forwarded)."""
@@ -134,10 +153,12 @@ def submit(
 ) -> JobRow:
     """A new job (or the one this Idempotency-Key made), queued for validation; with its
     hand-off to an alias when it asks for one."""
+    s = state.settings
+    adapters.check_quota(state.jobs, s.adapters(), owner, s.owner_adapter_bytes)
     promote = body.crucible.promote
     if promote is not None:
         check_promote(state, owner, promote)
-    row = _new_job(body, owner, state.settings, idempotency_key)
+    row = _new_job(body, owner, s, idempotency_key)
     job, created = state.jobs.create(row)
     if not created and job.request_hash != row.request_hash:
         raise Conflict(

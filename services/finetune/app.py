@@ -107,6 +107,7 @@ def reconcile(jobs: JobStore, d: Dispatcher, s: FinetuneSettings, metrics: ApiMe
     restored = adapters.restore(jobs, s.inference_urls, s.inference_headers())
     if restored:
         metrics.adapters_restored.inc(restored)
+    adapters.sweep(jobs, s.adapters())
     if expired := CaptureStore(jobs.session).purge(expired_before=now):
         metrics.captures_expired.inc(expired)
 

@@ -72,6 +72,8 @@ class CompletionRow(Base):
     request_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     prompt_hash: Mapped[str] = mapped_column(String(64), index=True)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    # The request and response bytes the gateway captured (the owner's stored-data quota).
+    stored_bytes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class FeedbackRow(Base):
@@ -190,10 +192,13 @@ def to_row(fields: dict[bytes, bytes]) -> CompletionRow | ResponseRow | None:
         meta = orjson.loads(fields[b"meta"])
         request = orjson.loads(fields[b"request"])
         raw = fields[b"response"]
+        size = len(fields[b"request"]) + len(raw)
         if meta.get("kind") == "response":
             row = responses.to_row(meta, request, raw)
             if row is None:
                 log.warning("capture record without a response; skipped")
+            else:
+                row.stored_bytes = size
             return row
         response = reassemble(raw) if meta.get("stream") else orjson.loads(raw)
     except (KeyError, ValueError, TypeError):
@@ -220,6 +225,7 @@ def to_row(fields: dict[bytes, bytes]) -> CompletionRow | ResponseRow | None:
         request_id=meta.get("request_id"),
         prompt_hash=prompt_hash(request.get("messages") or []),
         expires_at=created + retention * 86400 if retention else None,
+        stored_bytes=size,
     )
 
 
@@ -310,6 +316,16 @@ class CaptureStore:
                 s.add_all(r for i, r in rows.items() if i not in have)
             new += len(rows) - len(have)
         return new
+
+    def owners_over(self, quota: int) -> dict[str, int]:
+        """The owners whose stored completions and responses hold `quota` bytes or more."""
+        totals: dict[str, int] = {}
+        with self.session() as s:
+            for kind in (CompletionRow, ResponseRow):
+                q = select(kind.owner, func.sum(kind.stored_bytes)).group_by(kind.owner)
+                for owner, n in s.execute(q):
+                    totals[owner] = totals.get(owner, 0) + int(n or 0)
+        return {owner: n for owner, n in totals.items() if n >= quota}
 
     def get(self, s: Session, completion_id: str, owner: str) -> CompletionRow:
         row = s.get(CompletionRow, completion_id)

@@ -13,12 +13,14 @@ GET    /v1/fine_tuning/datasets[/{id}]
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from services.common.errors import AuthenticationFailed
+from services.common.etag import conditional_json
 from services.common.metadata import check_metadata
 from services.common.pagination import AscPageParams, PageParams
 from services.common.tenancy import Owner, internal_only
@@ -108,6 +110,19 @@ def router() -> APIRouter:
     @r.get("/v1/fine_tuning/datasets/{dataset_id}")
     def get_dataset(dataset_id: str, request: Request, owner: Owner) -> dict[str, Any]:
         return request.app.state.datasets.retrieve(dataset_id, owner)
+
+    @r.get("/internal/quotas", dependencies=[Depends(internal_only)])
+    async def quotas(request: Request) -> Response:
+        """For the gateways: the owners whose stored completions and responses reached their
+        quota (summed at most every `stored_quota_every_s`; the gateways poll this)."""
+        state, s = request.app.state, request.app.state.settings
+        cached = getattr(state, "stored_over", None)
+        if cached is None or time.monotonic() - cached[0] >= s.stored_quota_every_s:
+            over = await asyncio.to_thread(store(request).owners_over, s.owner_stored_bytes)
+            cached = state.stored_over = (time.monotonic(), over)
+        return conditional_json(
+            request, {"stored_bytes_quota": s.owner_stored_bytes, "over": cached[1]}
+        )
 
     # Admin (the gateway's /admin/owners/{owner}/completions, with an admin key).
     @r.get("/internal/captures/{owner}", dependencies=[Depends(internal_only)])

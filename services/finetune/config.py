@@ -32,6 +32,14 @@ class FinetuneSettings(ServiceSettings):
     base_learning_rate: float = 2e-4  # times the job's learning_rate_multiplier
     checkpoint_every: int = 50
     keep_checkpoints: int = 3  # per job, the newest on disk (each holds the optimizer's state)
+    # Bytes of fine-tuning output (adapters and checkpoints) one owner may hold; a new job past
+    # it is 429 insufficient_quota until models are deleted (DELETE /v1/models/{model}).
+    owner_adapter_bytes: int = 20 << 30
+    # Bytes of stored completions and responses one owner may hold; past it, the gateways
+    # refuse requests that would store more (429 insufficient_quota) until some are deleted.
+    # Summed at most every stored_quota_every_s, so an owner may pass it by that long's worth.
+    owner_stored_bytes: int = 10 << 30
+    stored_quota_every_s: float = 10.0
     max_examples: int = 100_000
     # The longest example in tokens (within the base model's context): longer ones fail
     # validation, naming their line.

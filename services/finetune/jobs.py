@@ -360,6 +360,29 @@ class JobStore:
         with self.session() as s:
             return list(s.scalars(select(AdapterRow)))
 
+    def adapter(self, model: str) -> AdapterRow | None:
+        with self.session() as s:
+            return s.get(AdapterRow, model)
+
+    def delete_adapter(self, model: str) -> bool:
+        """Forget a served model (restarts no longer load it); False if it was already gone."""
+        with self.session.begin() as s:
+            return bool(s.execute(delete(AdapterRow).where(AdapterRow.model == model)).rowcount)
+
+    def job_ids(
+        self, owner: str | None = None, statuses: Sequence[str] = (), among: Sequence[str] = ()
+    ) -> list[str]:
+        """Ids of jobs: of one owner, in some statuses, among some ids, where given."""
+        q = select(JobRow.id)
+        if owner is not None:
+            q = q.where(JobRow.owner == owner)
+        if statuses:
+            q = q.where(JobRow.status.in_(statuses))
+        if among:
+            q = q.where(JobRow.id.in_(among))
+        with self.session() as s:
+            return list(s.scalars(q))
+
 
 def new_job_id() -> str:
     return "ftjob-" + secrets.token_hex(12)

@@ -45,6 +45,8 @@ class ResponseRow(Base):
     previous_response_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    # The request and response bytes the gateway captured (the owner's stored-data quota).
+    stored_bytes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 def as_items(value: Any) -> list[Any]:

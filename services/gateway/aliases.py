@@ -12,15 +12,11 @@ and a canary raised from 10% to 20% keeps the first 10% where they were.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
-import contextlib
 import hashlib
-import logging
 import random
 from typing import Any
 
-import httpx
 import orjson
 from pydantic import SecretStr
 
@@ -28,9 +24,9 @@ from services.common.errors import NotFound, Unavailable
 from services.common.outbox import Outbox
 from services.gateway.keys import ApiKey
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.polled import Polled
 from services.gateway.routing import Router
 
-log = logging.getLogger("crucible.gateway.aliases")
 PIN = "@"  # "alias@target": one target of the alias, whatever its weight (0 included)
 
 
@@ -79,15 +75,12 @@ class Alias:
         return [m for w, m in pairs if w > 0 and m != failed]
 
 
-class AliasTable:
+class AliasTable(Polled):
+    path = "/internal/aliases"
+
     def __init__(self, finetune_url: str, token: SecretStr, refresh_s: float = 1.0) -> None:
-        self.url = f"{finetune_url.rstrip('/')}/internal/aliases"
-        self.headers = {"authorization": f"Bearer {token.get_secret_value()}"}
-        self.refresh_s = refresh_s
+        super().__init__(finetune_url, token, refresh_s)
         self.by_owner: dict[str, dict[str, Alias]] = {}
-        self.etag: str | None = None
-        self._client = httpx.AsyncClient(timeout=2.0)
-        self._task: asyncio.Task[None] | None = None
 
     def find(self, owner: str, model: str) -> tuple[Alias, str | None] | None:
         """The owner's alias a model id names, and the target it pins (if `alias@target`)."""
@@ -107,40 +100,11 @@ class AliasTable:
     def of_owner(self, owner: str) -> list[Alias]:
         return list((self.by_owner.get(owner) or {}).values())
 
-    async def refresh(self) -> None:
-        headers = dict(self.headers)
-        if self.etag:
-            headers["if-none-match"] = self.etag
-        try:
-            r = await self._client.get(self.url, headers=headers)
-            if r.status_code == 304:
-                return
-            r.raise_for_status()
-            table: dict[str, dict[str, Alias]] = {}
-            for entry in r.json()["data"]:
-                table.setdefault(entry["owner"], {})[entry["name"]] = Alias(entry)
-        except (httpx.HTTPError, KeyError, ValueError, TypeError, ZeroDivisionError) as exc:
-            # Keep what we knew: an outage of the finetune service must not unroute aliases.
-            log.warning("aliases not refreshed", extra={"error": str(exc)[:200]})
-            return
-        self.by_owner, self.etag = table, r.headers.get("etag")
-
-    async def start(self) -> None:
-        await self.refresh()
-
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(self.refresh_s)
-                await self.refresh()
-
-        self._task = asyncio.create_task(loop())
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._client.aclose()
+    def load(self, body: Any) -> None:
+        table: dict[str, dict[str, Alias]] = {}
+        for entry in body["data"]:
+            table.setdefault(entry["owner"], {})[entry["name"]] = Alias(entry)
+        self.by_owner = table
 
 
 class AliasRouter:

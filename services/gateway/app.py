@@ -33,6 +33,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import PublicDocument
 from services.gateway.owners import ModelOwners
 from services.gateway.proxy import Proxy
+from services.gateway.quotas import StoredQuotas
 from services.gateway.redisio import Redis
 from services.gateway.routing import Router
 
@@ -58,7 +59,7 @@ class Gateway:
                 else:
                     await self.proxy(scope, receive, send)
                 return
-            if (route := route_of(path)) is not None:
+            if (route := route_of(path, scope["method"])) is not None:
                 await self.forwarder(scope, receive, send, route)
                 return
         await self.api(scope, receive, send)
@@ -104,7 +105,11 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
         await aliases.start()
         app.state.aliases = aliases
         alias_router = AliasRouter(aliases, router, metrics, outcomes)
-        gateway.proxy = Proxy(s, router, keys, limiter, metrics, owners, outbox, alias_router)
+        quotas = StoredQuotas(s.finetune_url, s.internal_token, refresh_s=s.quota_refresh_s)
+        await quotas.start()
+        gateway.proxy = Proxy(
+            s, router, keys, limiter, metrics, owners, outbox, alias_router, quotas
+        )
         gateway.forwarder = ServiceForwarder(s, gateway.proxy)
         try:
             yield
@@ -112,6 +117,7 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
             await outbox.aclose(timeout=5.0)  # what is buffered, before the process goes
             await outcomes.aclose(timeout=1.0)
             await aliases.aclose()
+            await quotas.aclose()
             await outbox_redis.aclose()
             await gateway.forwarder.aclose()
             await gateway.proxy.lifecycle.aclose()

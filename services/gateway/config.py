@@ -21,6 +21,7 @@ class GatewaySettings(ServiceSettings):
     inference_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])
     routing_refresh_s: float = 5.0
     alias_refresh_s: float = 1.0  # how soon every gateway routes by a changed alias
+    quota_refresh_s: float = 10.0  # how soon every gateway learns an owner's stored-data quota
     # Crucible's own services behind the gateway (sent the internal token and the key's owner).
     retrieval_url: str = "http://127.0.0.1:8001"
     finetune_url: str = "http://127.0.0.1:8002"

@@ -47,6 +47,7 @@ from services.gateway.keys import ON_BEHALF_HEADER, ApiKey, KeyStore
 from services.gateway.limits import BodyBytes, Concurrency, RateLimiter, RedisUnavailable
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.owners import ModelOwners
+from services.gateway.quotas import StoredQuotas
 from services.gateway.routing import Backend, Router, choose
 from services.gateway.usage import UsageSniffer, ask_for_usage
 from services.gateway.validation import bound_output, check_request, sequences
@@ -91,8 +92,10 @@ class Proxy:
         owners: ModelOwners,
         outbox: Outbox,
         aliases: AliasRouter,
+        quotas: StoredQuotas,
     ) -> None:
         self.s = settings
+        self.quotas = quotas
         self.outbox = outbox
         self.aliases = aliases
         # The lifecycle store (the finetune service): stored responses a request continues.
@@ -220,6 +223,9 @@ class Proxy:
             body, out.strip_usage = asked, True
         store = payload.get("store")
         if (key.store if store is None else store) and path in STORED:
+            if key.owner in self.quotas.over:
+                self.metrics.rejections.labels("stored_quota").inc()
+                raise self.quotas.refusal(key.owner)
             out.capture = body
             if rid == _incoming_request_id(scope):
                 # vLLM names the completion after the request id: a client's own id may repeat,
@@ -296,6 +302,10 @@ class Proxy:
             await self.router.refresh_soon()  # a model (an adapter) may have just appeared
             backends = self.router.backends_for(model)
         return backends
+
+    async def forget_models(self) -> None:
+        """A model was retired: learn what the backends serve and who owns what, now."""
+        await asyncio.gather(self.router.refresh(), self.owners.refresh())
 
     async def reserve(self, key: ApiKey, cost: int = 1) -> None:
         """Take `cost` of the key's requests per minute (a request's sequences), or 429."""

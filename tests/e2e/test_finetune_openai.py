@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.finetune.jobs import JobStore
 from services.gateway.keys import KeyStore
 from services.stack import Stack
 from tests.conftest import DENSE, ROOT
@@ -272,3 +274,73 @@ def test_after_vllm_restarts_the_adapter_is_served_again(
         .strip()
         .startswith(EXAMPLES[0]["messages"][-1]["content"])
     )
+
+
+def _served_by_vllm(inference_url: str) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{inference_url}/v1/models").json()["data"]}
+
+
+def test_an_adapter_a_server_serves_unregistered_is_unloaded(
+    finished_job: Any, stack: Stack, inference_url: str
+) -> None:
+    """One retired while its server was unreachable comes back with that server: the
+    reconciler unloads adapters nobody registered."""
+    jobs = JobStore(f"sqlite:///{stack.config.var_dir / 'finetune.db'}")
+    row = jobs.adapter(finished_job.fine_tuned_model)
+    jobs.engine.dispose()
+    assert row is not None
+    stray = f"ft:{DENSE}:stray:ftjob-{uuid.uuid4().hex[:24]}"
+    r = httpx.post(
+        f"{inference_url}/v1/load_lora_adapter",
+        json={"lora_name": stray, "lora_path": row.path},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert stray in _served_by_vllm(inference_url)
+    deadline = time.monotonic() + 30  # reconciler rounds every 3 s
+    while stray in _served_by_vllm(inference_url):
+        assert time.monotonic() < deadline, "the unregistered adapter is still served"
+        time.sleep(0.5)
+    assert finished_job.fine_tuned_model in _served_by_vllm(inference_url)  # the real one stays
+
+
+def test_deleting_the_fine_tuned_model_stops_serving_it_and_frees_its_disk(
+    client: openai.OpenAI,
+    finished_job: Any,
+    gateway_url: str,
+    keys: KeyStore,
+    stack: Stack,
+    inference_url: str,
+) -> None:
+    """Last in this module: the model is gone afterwards. An alias still routing to it keeps
+    it (409), another owner cannot delete it (404), and the job still names what it made."""
+    name = finished_job.fine_tuned_model
+    alias = f"keeps-{uuid.uuid4().hex[:6]}"
+    client.post(
+        "/model_aliases",
+        body={"name": alias, "routes": [{"model": name, "weight": 1}]},
+        cast_to=object,
+    )
+    with pytest.raises(openai.ConflictError) as held:
+        client.models.delete(name)
+    assert alias in held.value.message
+    client.delete(f"/model_aliases/{alias}", cast_to=object)
+    secret, _ = keys.create("stranger", rpm=0)
+    other = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=secret, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.models.delete(name)
+
+    gone = client.models.delete(name)
+    assert (gone.id, gone.deleted) == (name, True)
+    assert name not in {m.id for m in client.models.list()}  # at once, not after a refresh
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=name, messages=EXAMPLES[0]["messages"][:-1])
+    assert name not in _served_by_vllm(inference_url)
+    assert not (stack.config.var_dir / "adapters" / finished_job.id).exists()
+    assert client.fine_tuning.jobs.retrieve(finished_job.id).fine_tuned_model == name
+    with pytest.raises(openai.NotFoundError):
+        client.models.delete(name)
+    deadline = time.monotonic() + 8  # the reconciler, two rounds later, has not loaded it back
+    while time.monotonic() < deadline:
+        assert name not in _served_by_vllm(inference_url), "the deleted adapter came back"
+        time.sleep(1)

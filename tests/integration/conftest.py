@@ -33,6 +33,9 @@ class Lifecycle:
         return requests
 
 
+STORED_QUOTA = 1_000_000  # bytes of stored completions and responses per owner
+
+
 @pytest.fixture(scope="session")
 def lifecycle(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lifecycle]:
     stack.up(["redis", "milvus", "retrieval"], echo=lambda _: None)
@@ -49,6 +52,9 @@ def lifecycle(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "inference_urls": json.dumps([fake.url]),
             "eval_concurrency": 1,  # items in order, so the script's replies meet them in order
             "alias_guard_every_s": 1,
+            # Small, for the stored-data quota test (test_quotas.py); far above other owners'.
+            "owner_stored_bytes": STORED_QUOTA,
+            "stored_quota_every_s": 0.2,
         }
         with (
             gateway(
@@ -59,6 +65,7 @@ def lifecycle(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 agent_url=f"http://127.0.0.1:{agent_port}",
                 finetune_url=f"http://127.0.0.1:{finetune_port}",
                 routing_refresh_s=0.5,
+                quota_refresh_s=0.2,
             ) as gw,
             service(
                 "agent",

@@ -160,3 +160,19 @@ def test_responses_are_stored_from_their_final_event(store: CaptureStore) -> Non
     ]
     with pytest.raises(Exception, match="not found"):
         responses.get("resp_1", "mallory")
+
+
+def test_each_owner_is_charged_the_bytes_of_what_they_stored(store: CaptureStore) -> None:
+    """Completions and responses both count, once each (a redelivery is not charged twice)."""
+    one = record("chatcmpl-a1")
+    size = len(one[b"request"]) + len(one[b"response"])
+    response = {
+        b"meta": orjson.dumps({"owner": "alice", "key_id": "key_1", "kind": "response"}),
+        b"request": orjson.dumps({"model": "m", "input": "Hello"}),
+        b"response": orjson.dumps({"id": "resp_a", "model": "m", "output": []}),
+    }
+    both = size + len(response[b"request"]) + len(response[b"response"])
+    store.ingest([one, one, response, record("chatcmpl-b1", owner="bob")])
+    assert store.owners_over(both) == {"alice": both}  # at the quota: no more
+    assert store.owners_over(both + 1) == {}
+    assert store.owners_over(1) == {"alice": both, "bob": size}

@@ -6,6 +6,7 @@ them (its agent database predates the `tool_choice` column, added then without a
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -19,8 +20,9 @@ from sqlalchemy import Engine, text
 from services import cli
 from services.agent.runs import RunRow, RunStore
 from services.common import migrations
-from services.common.db import make_engine
+from services.common.db import make_engine, make_sessionmaker
 from services.common.pagination import PageQuery
+from services.finetune.captures import CaptureStore
 from services.finetune.jobs import JobStore
 from services.gateway.keys import KeyStore
 from services.retrieval.catalog import Catalog
@@ -223,3 +225,22 @@ def test_processes_starting_together_migrate_once(empty_db: Engine) -> None:
         t.join(timeout=60)
     assert errors == []
     assert migrations.current(empty_db, "finetune") == migrations.head("finetune")
+
+
+def test_completions_stored_before_sizes_existed_are_charged_their_size(empty_db: Engine) -> None:
+    """finetune_0006 backfills what the stored-data quota counts, on SQLite and PostgreSQL."""
+    migrations.upgrade(empty_db, "finetune", "finetune_0005")
+    request = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    response = json.dumps({"id": "chatcmpl-1", "choices": []})
+    with empty_db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO stored_completions (id, owner, key_id, model, created_at, request,"
+                " response, prompt_hash) VALUES ('chatcmpl-1', 'alice', 'key_1', 'm', 1.0,"
+                " :request, :response, 'h')"
+            ),
+            {"request": request, "response": response},
+        )
+    migrations.upgrade(empty_db, "finetune")
+    charged = CaptureStore(make_sessionmaker(empty_db)).owners_over(1)
+    assert charged == {"alice": len(request) + len(response)}

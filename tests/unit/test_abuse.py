@@ -11,8 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidRequest, QuotaExceeded
+from services.finetune import adapters
 from services.finetune.api import JobCreate, _new_job
+from services.finetune.jobs import JobRow, JobStore, new_job_id
 from services.finetune.validation import parse
 from services.retrieval.parsing import check_jsonl
 
@@ -201,3 +203,66 @@ def test_every_service_reports_the_space_left_on_its_data_disk(tmp_path: Path) -
     usage = shutil.disk_usage(tmp_path)
     assert values["crucible_disk_size_bytes"] == usage.total
     assert abs(values["crucible_disk_free_bytes"] - usage.free) < 256 << 20
+
+
+def _jobs(tmp_path: Path, *specs: tuple[str, str]) -> tuple[JobStore, list[str]]:
+    """A real job store with one job per (owner, status)."""
+    import time
+
+    store = JobStore(f"sqlite:///{tmp_path / 'finetune.db'}")
+    ids = []
+    for owner, status in specs:
+        row = JobRow(
+            id=new_job_id(),
+            owner=owner,
+            model="crucible-dev",
+            training_file="file-x",
+            seed=1,
+            hyperparameters={},
+            lora={},
+            status=status,
+            created_at=int(time.time()),
+            attempts=0,
+            cancel_requested=False,
+            request_hash="-",
+        )
+        store.create(row)
+        ids.append(row.id)
+    return store, ids
+
+
+def test_a_new_job_past_the_owners_adapter_quota_is_refused_naming_the_bytes(
+    tmp_path: Path,
+) -> None:
+    """Adapters and checkpoints of every job count; another owner's do not."""
+    store, (first, second, theirs) = _jobs(
+        tmp_path, ("ann", "succeeded"), ("ann", "running"), ("bob", "succeeded")
+    )
+    out = tmp_path / "adapters"
+    for job_id, size in ((first, 600), (second, 300), (theirs, 5000)):
+        (out / job_id / "checkpoints" / "step-000001").mkdir(parents=True)
+        (out / job_id / "checkpoints" / "step-000001" / "adapter.bin").write_bytes(b"x" * size)
+    adapters.check_quota(store, out, "ann", quota=1000)  # 900 of 1,000: room for one more
+    (out / second / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    with pytest.raises(QuotaExceeded) as refused:
+        adapters.check_quota(store, out, "ann", quota=1000)
+    assert refused.value.status == 429 and refused.value.code == "insufficient_quota"
+    assert "1,000 of 1,000 bytes" in refused.value.message
+    adapters.check_quota(store, out, "carol", quota=1000)  # an owner with nothing yet
+
+
+def test_failed_and_cancelled_jobs_leave_no_checkpoints_behind(tmp_path: Path) -> None:
+    """Their checkpoints can be neither resumed nor served: the reconciler removes them."""
+    store, ids = _jobs(
+        tmp_path,
+        ("ann", "failed"),
+        ("ann", "cancelled"),
+        ("ann", "running"),
+        ("ann", "succeeded"),
+    )
+    out = tmp_path / "adapters"
+    for job_id in ids:
+        (out / job_id / "checkpoints").mkdir(parents=True)
+    assert adapters.sweep(store, out) == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(ids[2:])
+    assert adapters.sweep(store, out) == 0
