@@ -1,8 +1,11 @@
 """`crucible`: the operator's command line.
 
     crucible keys create --owner alice [--name laptop] [--models m1,m2] [--rpm 600]
-                         [--max-concurrency 32] [--admin]
+                         [--max-concurrency 32] [--admin] [--expires 2027-06-30]
     crucible keys list [--owner alice]
+    crucible keys update KEY_ID [--name N] [--models m1,m2|all] [--rpm 60|default]
+                         [--max-concurrency 4|default] [--store|--no-store]
+                         [--retention-days 30|none] [--expires 2027-06-30|never]
     crucible keys revoke KEY_ID
     crucible db upgrade [--schema gateway] [--revision head]
     crucible db current [--schema gateway]
@@ -15,7 +18,8 @@
                   [--memory-fraction 0.9] [--max-model-len 32768] [--quantization fp8]
 
 Keys are written to the gateway's database (CRUCIBLE_GATEWAY_DATABASE_URL, or SQLite under
-CRUCIBLE_VAR_DIR); a running gateway sees a revocation within its key cache TTL (5 s).
+CRUCIBLE_VAR_DIR); a running gateway sees a change or a revocation within its key cache TTL
+(5 s). An expiry is a UTC date or date and time (ISO 8601).
 `crucible db` finds each service's database the same way (CRUCIBLE_<SERVICE>_DATABASE_URL).
 """
 
@@ -24,9 +28,54 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
 
 from services.gateway.config import GatewaySettings
-from services.gateway.keys import KeyStore
+from services.gateway.keys import KeyCreateRequest, KeyStore, KeyUpdateRequest
+
+
+def _expiry(value: str) -> int | None:
+    """`never`, or an ISO 8601 date or date and time (UTC unless it says otherwise)."""
+    if value == "never":
+        return None
+    at = datetime.fromisoformat(value)
+    return int((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp())
+
+
+def _or_none(convert: Any, none: str) -> Any:
+    """An argument type: `none` (the default, unlimited, ...) is None, else `convert(value)`."""
+    return lambda value: None if value == none else convert(value)
+
+
+def _when(epoch: int | None) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M") if epoch else "-"
+
+
+def _update(store: KeyStore, args: argparse.Namespace) -> int:
+    fields = ("name", "models", "rpm", "max_concurrency", "store", "retention_days", "expires")
+    changes = {f: getattr(args, f) for f in fields if getattr(args, f) is not _UNSET}
+    if "expires" in changes:
+        changes["expires_at"] = changes.pop("expires")
+    if not changes:
+        print("nothing to change", file=sys.stderr)
+        return 2
+    try:
+        checked = KeyUpdateRequest.model_validate(changes).model_dump(exclude_unset=True)
+    except ValidationError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    updated = store.update(args.key_id, checked)
+    if updated is None:
+        print(f"no active key {args.key_id}", file=sys.stderr)
+        return 1
+    print(json.dumps(updated, indent=2))
+    return 0
+
+
+_UNSET: Any = object()
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -34,14 +83,20 @@ def _keys(args: argparse.Namespace) -> int:
     try:
         if args.action == "create":
             models = [m for m in args.models.split(",") if m] if args.models else None
-            secret, info = store.create(
-                args.owner,
-                name=args.name,
-                models=models,
-                rpm=args.rpm,
-                max_concurrency=args.max_concurrency,
-                admin=args.admin,
-            )
+            try:
+                asked = KeyCreateRequest(
+                    owner=args.owner,
+                    name=args.name,
+                    models=models,
+                    rpm=args.rpm,
+                    max_concurrency=args.max_concurrency,
+                    admin=args.admin,
+                    expires_at=args.expires,
+                )
+            except ValidationError as exc:
+                print(exc, file=sys.stderr)
+                return 2
+            secret, info = store.create(**asked.model_dump())
             print(json.dumps({**info, "key": secret}, indent=2))
             print("Store the key now: only its hash is kept.", file=sys.stderr)
         elif args.action == "list":
@@ -49,8 +104,11 @@ def _keys(args: argparse.Namespace) -> int:
                 state = "revoked" if k["revoked_at"] else "active"
                 print(
                     f"{k['id']}  {k['hint']}  owner={k['owner']}  {state}"
-                    f"{'  admin' if k['admin'] else ''}  {k['name']}"
+                    f"{'  admin' if k['admin'] else ''}  expires={_when(k['expires_at'])}"
+                    f"  last-used={_when(k['last_used_at'])}  {k['name']}"
                 )
+        elif args.action == "update":
+            return _update(store, args)
         elif not store.revoke(args.key_id):
             print(f"no active key {args.key_id}", file=sys.stderr)
             return 1
@@ -159,6 +217,19 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--rpm", type=int, help="requests per minute (0: no limit)")
     create.add_argument("--max-concurrency", type=int)
     create.add_argument("--admin", action="store_true")
+    create.add_argument("--expires", type=_expiry, help="a UTC date or date and time")
+    upd = ksub.add_parser("update", help="change a key without reissuing it")
+    upd.add_argument("key_id")
+    upd.set_defaults(**dict.fromkeys(("name", "models", "rpm", "max_concurrency"), _UNSET))
+    upd.set_defaults(store=_UNSET, retention_days=_UNSET, expires=_UNSET)
+    upd.add_argument("--name")
+    all_models = _or_none(lambda v: [m for m in v.split(",") if m], "all")
+    upd.add_argument("--models", type=all_models, help="comma-separated, or all")
+    upd.add_argument("--rpm", type=_or_none(int, "default"), help="per minute (0: no limit)")
+    upd.add_argument("--max-concurrency", type=_or_none(int, "default"))
+    upd.add_argument("--store", action=argparse.BooleanOptionalAction)
+    upd.add_argument("--retention-days", type=_or_none(int, "none"))
+    upd.add_argument("--expires", type=_expiry, help="a UTC date or date and time, or never")
     lst = ksub.add_parser("list")
     lst.add_argument("--owner")
     revoke = ksub.add_parser("revoke")

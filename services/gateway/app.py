@@ -8,6 +8,9 @@ vLLM's admin routes (LoRA loading, sleep, /invocations, ...) are unreachable thr
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -16,7 +19,6 @@ import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from starlette.types import Receive, Scope, Send
 
 from services.common.app import build_app
@@ -27,7 +29,13 @@ from services.common.tenancy import OWNER_RE
 from services.gateway.aliases import AliasRouter, AliasTable
 from services.gateway.config import GatewaySettings
 from services.gateway.forward import ServiceForwarder, route_of
-from services.gateway.keys import ON_BEHALF_HEADER, ApiKey, KeyStore
+from services.gateway.keys import (
+    ON_BEHALF_HEADER,
+    ApiKey,
+    KeyCreateRequest,
+    KeyStore,
+    KeyUpdateRequest,
+)
 from services.gateway.limits import RateLimiter
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import PublicDocument
@@ -37,6 +45,7 @@ from services.gateway.quotas import StoredQuotas
 from services.gateway.redisio import Redis
 from services.gateway.routing import Router
 
+log = logging.getLogger("crucible.gateway")
 FORWARDED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 
 
@@ -111,9 +120,24 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
             s, router, keys, limiter, metrics, owners, outbox, alias_router, quotas
         )
         gateway.forwarder = ServiceForwarder(s, gateway.proxy)
+
+        async def note_key_use() -> None:
+            while True:
+                await asyncio.sleep(s.key_last_used_every_s)
+                try:
+                    await keys.aflush_used()
+                except Exception:  # the database away: this round's uses are not recorded
+                    log.warning("key last use not recorded", exc_info=True)
+
+        key_use = asyncio.create_task(note_key_use())
         try:
             yield
         finally:
+            key_use.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await key_use
+            with contextlib.suppress(Exception):
+                await keys.aflush_used()
             await outbox.aclose(timeout=5.0)  # what is buffered, before the process goes
             await outcomes.aclose(timeout=1.0)
             await aliases.aclose()
@@ -176,29 +200,6 @@ KeyDep = Annotated[ApiKey, Depends(_key)]
 AdminDep = Annotated[ApiKey, Depends(_admin)]
 
 
-def _not_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("must be an integer, not a boolean")  # false must not mean "unlimited"
-    return value
-
-
-Rpm = Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_not_bool)]
-Concurrency = Annotated[int, Field(ge=1, le=10_000), BeforeValidator(_not_bool)]
-
-
-class KeyCreateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a typo must not silently drop a limit
-
-    owner: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@-]+$")
-    name: str = Field(default="", max_length=128)
-    models: list[str] | None = None
-    rpm: Rpm | None = None
-    max_concurrency: Concurrency | None = None
-    admin: StrictBool = False  # "admin": "no" or 1 must never be read as a grant
-    store: StrictBool = False  # store chat completions that do not say `store` themselves
-    retention_days: Annotated[int, Field(ge=1, le=36500), BeforeValidator(_not_bool)] | None = None
-
-
 def _routes() -> Any:
     from fastapi import APIRouter
 
@@ -247,6 +248,25 @@ def _routes() -> Any:
     @r.get("/admin/keys")
     async def list_keys(request: Request, _: AdminDep) -> dict[str, Any]:
         return {"object": "list", "data": request.app.state.keys.list()}
+
+    @r.get("/admin/keys/{key_id}")
+    async def get_key(key_id: str, request: Request, _: AdminDep) -> dict[str, Any]:
+        found = request.app.state.keys.get(key_id)
+        if found is None:
+            raise NotFound(f"no key {key_id[:64]!r}", param="key_id")
+        return found
+
+    @r.post("/admin/keys/{key_id}")
+    async def update_key(
+        key_id: str, body: KeyUpdateRequest, request: Request, _: AdminDep
+    ) -> dict[str, Any]:
+        """Change a key's limits, models, storing, retention or expiry without reissuing it:
+        this gateway process applies it at once, the others within `key_cache_ttl_s`."""
+        keys: KeyStore = request.app.state.keys
+        updated = await asyncio.to_thread(keys.update, key_id, body.model_dump(exclude_unset=True))
+        if updated is None:
+            raise NotFound(f"no active key {key_id[:64]!r}", param="key_id")
+        return updated
 
     @r.get("/admin/owners/{owner}/chat_completions")
     async def export_completions(owner: str, request: Request, _: AdminDep) -> Any:

@@ -76,6 +76,7 @@ class GatewaySettings(ServiceSettings):
     # are local and exact, still bound the load); "closed" answers 503 until Redis is back.
     rate_limit_on_redis_error: Literal["open", "closed"] = "open"
     key_cache_ttl_s: float = 5.0
+    key_last_used_every_s: float = 30.0  # how often keys' last use is written (listings show it)
     # Stored completions wait in Redis (a stream, AOF) for the finetune service to keep them:
     # at most this many there, and this many in this process while Redis is away; beyond
     # either, new ones are dropped and counted (crucible_outbox_dropped_total).

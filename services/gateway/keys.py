@@ -9,13 +9,15 @@ import secrets
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Engine, Integer, String, false, select
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from sqlalchemy import JSON, Boolean, DateTime, Engine, Integer, String, false, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.common import migrations
 from services.common.db import make_engine, make_sessionmaker
+from services.common.errors import AuthenticationFailed
 
 KEY_PREFIX = "sk-cru-"
 # Names the key a Crucible service (the agent) acts for; honoured only with the internal token.
@@ -46,6 +48,9 @@ class ApiKeyRow(Base):
     retention_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Written in batches (`KeyStore.aflush_used`), so at most that interval behind.
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 @dataclass(frozen=True)
@@ -60,9 +65,14 @@ class ApiKey:
     is_admin: bool
     store: bool = False
     retention_days: int | None = None
+    expires_at: float | None = None  # epoch seconds
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+
+def _datetime(epoch: int | None) -> datetime | None:
+    return datetime.fromtimestamp(epoch, UTC) if epoch is not None else None
 
 
 def _same(a: str, b: str) -> bool:
@@ -71,6 +81,13 @@ def _same(a: str, b: str) -> bool:
 
 def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _epoch(at: datetime | None) -> int | None:
+    """Seconds since the epoch (SQLite hands back naive datetimes: they are UTC)."""
+    if at is None:
+        return None
+    return int((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp())
 
 
 def describe(row: ApiKeyRow) -> dict[str, Any]:
@@ -87,9 +104,64 @@ def describe(row: ApiKeyRow) -> dict[str, Any]:
         "admin": row.is_admin,
         "store": row.store,
         "retention_days": row.retention_days,
-        "created_at": int(row.created_at.timestamp()),
-        "revoked_at": int(row.revoked_at.timestamp()) if row.revoked_at else None,
+        "created_at": _epoch(row.created_at),
+        "revoked_at": _epoch(row.revoked_at),
+        "expires_at": _epoch(row.expires_at),
+        "last_used_at": _epoch(row.last_used_at),
     }
+
+
+class KeyExpired(AuthenticationFailed):
+    def __init__(self, at: float) -> None:
+        when = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        super().__init__(
+            f"This API key expired at {when}; ask an admin to extend it.", code="expired_api_key"
+        )
+
+
+# --- what an admin may set on a key (the API and `crucible keys` check the same) ---------
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not a boolean")  # false must not mean "unlimited"
+    return value
+
+
+Rpm = Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_not_bool)]
+Concurrency = Annotated[int, Field(ge=1, le=10_000), BeforeValidator(_not_bool)]
+
+
+def _future(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and value <= time.time():
+        raise ValueError("must be in the future (seconds since the epoch)")
+    return value
+
+
+Expiry = Annotated[  # up to the year 9999
+    int, Field(le=253_402_300_799), AfterValidator(_future), BeforeValidator(_not_bool)
+]
+Retention = Annotated[int, Field(ge=1, le=36500), BeforeValidator(_not_bool)]
+
+
+class KeyUpdateRequest(BaseModel):
+    """What `POST /admin/keys/{key_id}` may change: the fields sent, and only those (null
+    resets a limit to the default, or removes the expiry)."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo must not silently drop a limit
+
+    name: str = Field(default="", max_length=128)
+    models: list[str] | None = None
+    rpm: Rpm | None = None
+    max_concurrency: Concurrency | None = None
+    store: StrictBool = False  # store chat completions that do not say `store` themselves
+    retention_days: Retention | None = None
+    expires_at: Expiry | None = None  # seconds since the epoch; refused from then on
+
+
+class KeyCreateRequest(KeyUpdateRequest):
+    owner: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@-]+$")
+    admin: StrictBool = False  # "admin": "no" or 1 must never be read as a grant
 
 
 class KeyStore:
@@ -114,6 +186,7 @@ class KeyStore:
         self.default_max_concurrency = default_max_concurrency
         self.cache_ttl = cache_ttl
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._used: dict[str, float] = {}
 
     def create(
         self,
@@ -126,6 +199,7 @@ class KeyStore:
         admin: bool = False,
         store: bool = False,
         retention_days: int | None = None,
+        expires_at: int | None = None,
     ) -> tuple[str, dict[str, Any]]:
         """A new key: returns the secret (shown this once) and its description."""
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -142,6 +216,7 @@ class KeyStore:
             store=store,
             retention_days=retention_days,
             created_at=datetime.now(UTC),
+            expires_at=_datetime(expires_at),
         )
         with self.sessions.begin() as s:
             s.add(row)
@@ -153,6 +228,47 @@ class KeyStore:
             stmt = stmt.where(ApiKeyRow.owner == owner)
         with self.sessions() as s:
             return [describe(row) for row in s.scalars(stmt)]
+
+    def get(self, key_id: str) -> dict[str, Any] | None:
+        with self.sessions() as s:
+            row = s.get(ApiKeyRow, key_id)
+            return describe(row) if row is not None else None
+
+    def update(self, key_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
+        """Change a live key's `KeyUpdateRequest` fields (None resets a limit to the default, or
+        removes an expiry); None if no live key has this id. This process applies it at once,
+        other gateway processes within their cache TTL."""
+        unknown = set(changes) - set(KeyUpdateRequest.model_fields)
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        with self.sessions.begin() as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is None or row.revoked_at is not None:
+                return None
+            for field, value in changes.items():
+                setattr(row, field, _datetime(value) if field == "expires_at" else value)
+            s.flush()
+            out = describe(row)
+        self._cache.clear()
+        return out
+
+    def write_used(self, used: dict[str, float]) -> None:
+        """Record when each key was last used."""
+        with self.sessions.begin() as s:
+            for key_id, at in used.items():
+                s.execute(
+                    update(ApiKeyRow)
+                    .where(ApiKeyRow.id == key_id)
+                    .values(last_used_at=datetime.fromtimestamp(at, UTC))
+                )
+
+    async def aflush_used(self) -> int:
+        """Write the last use of the keys used since the previous flush (the request path only
+        notes it in memory); returns how many."""
+        used, self._used = self._used, {}
+        if used:
+            await asyncio.to_thread(self.write_used, used)
+        return len(used)
 
     def revoke(self, key_id: str) -> bool:
         with self.sessions.begin() as s:
@@ -186,14 +302,22 @@ class KeyStore:
     async def aresolve(self, secret: str, on_behalf_of: str | None) -> ApiKey | None:
         """The key a request acts as: its own bearer secret, or, for a Crucible service holding
         the internal token (the agent), the key whose id it names. That key's owner, allow-list
-        and limits apply, and revoking it stops its runs."""
+        and limits apply, and revoking it stops its runs. Raises KeyExpired past its expiry."""
         internal = self.internal_token
         if on_behalf_of is not None and internal and _same(secret, internal):
             key = await self.alookup_id(on_behalf_of)
             # Never admin: whoever holds the internal token must not be able to mint keys or
             # use every owner's adapters by naming an admin key's id (ids are not secrets).
-            return replace(key, is_admin=False) if key is not None and key.is_admin else key
-        return await self.alookup(secret)
+            if key is not None and key.is_admin:
+                key = replace(key, is_admin=False)
+        else:
+            key = await self.alookup(secret)
+        if key is not None:
+            now = time.time()
+            if key.expires_at is not None and now >= key.expires_at:
+                raise KeyExpired(key.expires_at)
+            self._used[key.id] = now
+        return key
 
     async def alookup_id(self, key_id: str) -> ApiKey | None:
         """The live key with this id (for services acting on a key's behalf), cached like
@@ -224,4 +348,5 @@ class KeyStore:
             is_admin=row.is_admin,
             store=row.store,
             retention_days=row.retention_days,
+            expires_at=_epoch(row.expires_at),
         )
