@@ -7,6 +7,7 @@
                          [--max-concurrency 4|default] [--store|--no-store]
                          [--retention-days 30|none] [--expires 2027-06-30|never]
     crucible keys revoke KEY_ID
+    crucible audit [--limit 50] [--action key.update]   who changed what, newest first
     crucible db upgrade [--schema gateway] [--revision head]
     crucible db current [--schema gateway]
     crucible db downgrade --schema agent --revision agent_0001
@@ -116,6 +117,25 @@ def _keys(args: argparse.Namespace) -> int:
             print(f"revoked {args.key_id}")
     finally:
         store.engine.dispose()
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from services.common.pagination import PageQuery
+    from services.gateway.audit import AuditLog
+
+    store = KeyStore(GatewaySettings().db_url())
+    try:
+        page = PageQuery(limit=args.limit, order="desc", after=None, before=None)
+        events = AuditLog(store.sessions).events(page, args.action)
+    finally:
+        store.engine.dispose()
+    for e in events["data"]:
+        when = datetime.fromtimestamp(e["created_at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+        detail = f"  {json.dumps(e['detail'], sort_keys=True)}" if e["detail"] else ""
+        print(
+            f"{when}  {e['action']:<15} {e['target']}  by {e['actor']} ({e['actor_owner']}){detail}"
+        )
     return 0
 
 
@@ -234,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     lst.add_argument("--owner")
     revoke = ksub.add_parser("revoke")
     revoke.add_argument("key_id")
+    aud = sub.add_parser("audit", help="the audit log: who changed what, newest first")
+    aud.add_argument("--limit", type=int, default=50, choices=range(1, 101), metavar="1-100")
+    aud.add_argument("--action", help="only this action (key.create, alias.promote, ...)")
     db = sub.add_parser("db", help="database migrations: upgrade, current, downgrade, revision")
     dsub = db.add_subparsers(dest="action", required=True)
     schemas = ["gateway", "retrieval", "finetune", "agent"]
@@ -268,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         return _plan(args)
     if args.command == "db":
         return _db(args)
+    if args.command == "audit":
+        return _audit(args)
     if args.command in ("backup", "restore"):
         return _backup(args)
     return _keys(args)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import httpx
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.types import Receive, Scope, Send
@@ -25,8 +26,10 @@ from services.common.app import build_app
 from services.common.errors import AuthenticationFailed, NotFound, PermissionDenied, Unavailable
 from services.common.logging import configure_logging
 from services.common.outbox import ALIAS_OUTCOMES, CAPTURES, Outbox
+from services.common.pagination import PageParams
 from services.common.tenancy import OWNER_RE
 from services.gateway.aliases import AliasRouter, AliasTable
+from services.gateway.audit import Actor, AuditLog
 from services.gateway.config import GatewaySettings
 from services.gateway.forward import ServiceForwarder, route_of
 from services.gateway.keys import (
@@ -97,6 +100,7 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
         limiter = RateLimiter(s.redis_url, on_error=s.rate_limit_on_redis_error)
         await router.start()
         app.state.keys, app.state.router, app.state.limiter = keys, router, limiter
+        app.state.audit = audit = AuditLog(keys.sessions)
         owners = ModelOwners(s.finetune_url, s.internal_token)
         app.state.owners = owners
         outbox_redis = Redis(s.redis_url, timeout=2.0)
@@ -119,7 +123,7 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
         gateway.proxy = Proxy(
             s, router, keys, limiter, metrics, owners, outbox, alias_router, quotas
         )
-        gateway.forwarder = ServiceForwarder(s, gateway.proxy)
+        gateway.forwarder = ServiceForwarder(s, gateway.proxy, audit)
 
         async def note_key_use() -> None:
             while True:
@@ -241,8 +245,12 @@ def _routes() -> Any:
         )
 
     @r.post("/admin/keys", status_code=201)
-    async def create_key(body: KeyCreateRequest, request: Request, _: AdminDep) -> dict[str, Any]:
-        secret, info = request.app.state.keys.create(**body.model_dump())
+    async def create_key(
+        body: KeyCreateRequest, request: Request, admin: AdminDep
+    ) -> dict[str, Any]:
+        keys: KeyStore = request.app.state.keys
+        made = functools.partial(keys.create, **body.model_dump(), actor=_actor(admin))
+        secret, info = await asyncio.to_thread(made)
         return {**info, "key": secret}
 
     @r.get("/admin/keys")
@@ -258,35 +266,54 @@ def _routes() -> Any:
 
     @r.post("/admin/keys/{key_id}")
     async def update_key(
-        key_id: str, body: KeyUpdateRequest, request: Request, _: AdminDep
+        key_id: str, body: KeyUpdateRequest, request: Request, admin: AdminDep
     ) -> dict[str, Any]:
         """Change a key's limits, models, storing, retention or expiry without reissuing it:
         this gateway process applies it at once, the others within `key_cache_ttl_s`."""
         keys: KeyStore = request.app.state.keys
-        updated = await asyncio.to_thread(keys.update, key_id, body.model_dump(exclude_unset=True))
+        changes = body.model_dump(exclude_unset=True)
+        updated = await asyncio.to_thread(keys.update, key_id, changes, _actor(admin))
         if updated is None:
             raise NotFound(f"no active key {key_id[:64]!r}", param="key_id")
         return updated
 
     @r.get("/admin/owners/{owner}/chat_completions")
-    async def export_completions(owner: str, request: Request, _: AdminDep) -> Any:
+    async def export_completions(owner: str, request: Request, admin: AdminDep) -> Any:
         """Every stored completion of an owner, with its feedback (the lifecycle store's)."""
-        return await _lifecycle(request, "GET", owner)
+        return await _lifecycle(request, "GET", owner, admin)
 
     @r.delete("/admin/owners/{owner}/chat_completions")
-    async def purge_completions(owner: str, request: Request, _: AdminDep) -> Any:
-        return await _lifecycle(request, "DELETE", owner)
+    async def purge_completions(owner: str, request: Request, admin: AdminDep) -> Any:
+        return await _lifecycle(request, "DELETE", owner, admin)
 
     @r.delete("/admin/keys/{key_id}")
-    async def revoke_key(key_id: str, request: Request, _: AdminDep) -> dict[str, Any]:
-        if not request.app.state.keys.revoke(key_id):
-            raise NotFound(f"no active key {key_id!r}", param="key_id")
+    async def revoke_key(key_id: str, request: Request, admin: AdminDep) -> dict[str, Any]:
+        keys: KeyStore = request.app.state.keys
+        if not await asyncio.to_thread(keys.revoke, key_id, _actor(admin)):
+            raise NotFound(f"no active key {key_id[:64]!r}", param="key_id")
         return {"id": key_id, "object": "api_key", "deleted": True}
+
+    @r.get("/admin/audit")
+    async def audit_log(
+        request: Request,
+        _: AdminDep,
+        page: PageParams,
+        action: Annotated[str | None, Query(max_length=64)] = None,
+        target: Annotated[str | None, Query(max_length=256)] = None,
+    ) -> dict[str, Any]:
+        """Who changed what and when (keys, aliases, models, exports), newest first; `action`
+        and `target` (a key id, an alias's name, a model, an owner) narrow it."""
+        log_: AuditLog = request.app.state.audit
+        return await asyncio.to_thread(log_.events, page, action, target)
 
     return r
 
 
-async def _lifecycle(request: Request, method: str, owner: str) -> Any:
+def _actor(key: ApiKey) -> Actor:
+    return key.id, key.owner
+
+
+async def _lifecycle(request: Request, method: str, owner: str, admin: ApiKey) -> Any:
     s: GatewaySettings = request.app.state.settings
     if not OWNER_RE.fullmatch(owner):
         raise NotFound(f"no owner {owner[:128]!r}", param="owner")
@@ -299,6 +326,10 @@ async def _lifecycle(request: Request, method: str, owner: str) -> Any:
             )
         except httpx.HTTPError:
             raise Unavailable("the finetune service is unavailable; try again shortly") from None
+    if r.status_code < 300:
+        action = "data.export" if method == "GET" else "data.purge"
+        audit: AuditLog = request.app.state.audit
+        await asyncio.to_thread(audit.record, _actor(admin), action, owner)
     return JSONResponse(r.json(), status_code=r.status_code)
 
 

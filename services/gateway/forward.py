@@ -9,6 +9,7 @@ envelope, streamed body) is relayed as the service sent it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -33,6 +34,7 @@ from services.common.upstream import (
     UpstreamConnectError,
     UpstreamProtocolError,
 )
+from services.gateway.audit import AuditLog, forwarded_action
 from services.gateway.bodies import ClientGone
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey
@@ -105,9 +107,10 @@ class _Outcome:
 
 
 class ServiceForwarder:
-    def __init__(self, settings: GatewaySettings, proxy: Proxy) -> None:
+    def __init__(self, settings: GatewaySettings, proxy: Proxy, audit: AuditLog) -> None:
         self.s = settings
         self.proxy = proxy
+        self.audit = audit
         urls = {
             "retrieval": settings.retrieval_url,
             "finetune": settings.finetune_url,
@@ -162,6 +165,8 @@ class ServiceForwarder:
             await self.proxy.reserve(key)
             service = service_of(route, scope["method"])
             await self._forward(scope, send, body, service, key, rid, out)
+            if out.status < 300 and (change := forwarded_action(scope["method"], scope["path"])):
+                await self._audit(key, *change, body)
         finally:
             held.release()
             self.proxy.concurrency.release(key.id)
@@ -228,6 +233,16 @@ class ServiceForwarder:
             if kind == "timeout":
                 raise UpstreamTimeout(f"the {service} service did not answer in time") from None
             raise UpstreamError(f"the {service} service broke the connection") from None
+
+    async def _audit(self, key: ApiKey, action: str, target: str, body: bytes) -> None:
+        """Record a change the service made (never its body: a created alias's name only)."""
+        if not target:
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                target = str(orjson.loads(body).get("name") or "")
+        try:
+            await asyncio.to_thread(self.audit.record, (key.id, key.owner), action, target)
+        except Exception:  # the change is made; a missing record is logged, never a 500
+            log.exception("audit record failed", extra={"action": action})
 
     async def aclose(self) -> None:
         for pool in self.pools.values():

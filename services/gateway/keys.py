@@ -13,19 +13,17 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from sqlalchemy import JSON, Boolean, DateTime, Engine, Integer, String, false, select, update
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
 from services.common import migrations
 from services.common.db import make_engine, make_sessionmaker
 from services.common.errors import AuthenticationFailed
+from services.gateway import audit
+from services.gateway.tables import Base
 
 KEY_PREFIX = "sk-cru-"
 # Names the key a Crucible service (the agent) acts for; honoured only with the internal token.
 ON_BEHALF_HEADER = "x-crucible-key-id"
-
-
-class Base(DeclarativeBase):
-    pass
 
 
 class ApiKeyRow(Base):
@@ -200,6 +198,7 @@ class KeyStore:
         store: bool = False,
         retention_days: int | None = None,
         expires_at: int | None = None,
+        actor: audit.Actor = audit.OPERATOR,
     ) -> tuple[str, dict[str, Any]]:
         """A new key: returns the secret (shown this once) and its description."""
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -220,7 +219,11 @@ class KeyStore:
         )
         with self.sessions.begin() as s:
             s.add(row)
-        return secret, describe(row)
+            s.flush()
+            info = describe(row)
+            settings = {k: v for k, v in info.items() if k in KeyCreateRequest.model_fields}
+            audit.add(s, actor, "key.create", row.id, settings)
+        return secret, info
 
     def list(self, owner: str | None = None) -> list[dict[str, Any]]:
         stmt = select(ApiKeyRow).order_by(ApiKeyRow.created_at)
@@ -234,7 +237,9 @@ class KeyStore:
             row = s.get(ApiKeyRow, key_id)
             return describe(row) if row is not None else None
 
-    def update(self, key_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
+    def update(
+        self, key_id: str, changes: dict[str, Any], actor: audit.Actor = audit.OPERATOR
+    ) -> dict[str, Any] | None:
         """Change a live key's `KeyUpdateRequest` fields (None resets a limit to the default, or
         removes an expiry); None if no live key has this id. This process applies it at once,
         other gateway processes within their cache TTL."""
@@ -249,6 +254,7 @@ class KeyStore:
                 setattr(row, field, _datetime(value) if field == "expires_at" else value)
             s.flush()
             out = describe(row)
+            audit.add(s, actor, "key.update", key_id, {k: out[k] for k in changes})
         self._cache.clear()
         return out
 
@@ -270,12 +276,13 @@ class KeyStore:
             await asyncio.to_thread(self.write_used, used)
         return len(used)
 
-    def revoke(self, key_id: str) -> bool:
+    def revoke(self, key_id: str, actor: audit.Actor = audit.OPERATOR) -> bool:
         with self.sessions.begin() as s:
             row = s.get(ApiKeyRow, key_id)
             if row is None or row.revoked_at is not None:
                 return False
             row.revoked_at = datetime.now(UTC)
+            audit.add(s, actor, "key.revoke", key_id)
         self._cache.clear()  # this process stops honouring it at once; others within the TTL
         return True
 

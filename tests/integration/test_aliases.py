@@ -160,7 +160,9 @@ def test_an_alias_cannot_route_to_an_alias_or_be_made_twice(client: openai.OpenA
         )
 
 
-def test_promote_and_rollback_are_revisions_every_gateway_applies(client: openai.OpenAI) -> None:
+def test_promote_and_rollback_are_revisions_every_gateway_applies(
+    client: openai.OpenAI, lifecycle: Lifecycle
+) -> None:
     name = new_alias(client, {"fake": 100}, sticky="none", reason="first")
     until(lambda: known(client, name), 5, "the alias is listed")
     canary = api(
@@ -192,6 +194,19 @@ def test_promote_and_rollback_are_revisions_every_gateway_applies(client: openai
         api(client, "post", f"/model_aliases/{name}/rollback", {"revision": 9})
     assert api(client, "delete", f"/model_aliases/{name}")["deleted"]
     until(lambda: not known(client, name), 5, "a deleted alias is gone")
+    admin = openai.OpenAI(base_url=lifecycle.gw.url, api_key=lifecycle.admin_key, max_retries=0)
+    log = admin.get(f"/admin/audit?target={name}&order=asc", cast_to=object)["data"]  # type: ignore[index]
+    assert [e["action"] for e in log] == [
+        "alias.create",
+        "alias.promote",
+        "alias.promote",
+        "alias.rollback",
+        "alias.rollback",  # the refused one (409) is not there
+        "alias.delete",
+    ]
+    assert {e["actor_owner"] for e in log} == {"lab-alice"} and all(
+        e["actor"].startswith("key_") for e in log
+    )
 
 
 QA: Any = {

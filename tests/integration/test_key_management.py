@@ -5,6 +5,7 @@ processes share one key database; a fake model answers (tests/fakes)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,3 +171,29 @@ def test_unknown_revoked_and_non_admin_changes_are_refused(
     assert keys.revoke(info["id"])
     with pytest.raises(openai.NotFoundError):
         _update(admin, info["id"], rpm=5)
+
+
+def test_the_audit_log_shows_each_key_change_with_who_and_never_a_secret(
+    keys: KeyStore, admin: openai.OpenAI
+) -> None:
+    secret, info = keys.create("lab", rpm=3)  # as `crucible keys create` does: an operator
+    later = int(time.time()) + 86_400
+    _update(admin, info["id"], rpm=4, expires_at=later)
+    made: Any = admin.post("/admin/keys", body={"owner": "lab", "name": "app"}, cast_to=object)
+    admin.delete(f"/admin/keys/{made['id']}", cast_to=object)
+    me = next(k for k in _get(admin, "/admin/keys")["data"] if k["owner"] == "ops")
+
+    def trail(target: str) -> list[tuple[str, str, Any]]:
+        events = _get(admin, f"/admin/audit?target={target}&order=asc")["data"]
+        return [(e["action"], e["actor"], e["detail"]) for e in events]
+
+    created, updated = trail(info["id"])
+    assert created[:2] == ("key.create", "cli") and created[2]["rpm"] == 3
+    assert updated == ("key.update", me["id"], {"rpm": 4, "expires_at": later})
+    assert [(a, who) for a, who, _ in trail(made["id"])] == [
+        ("key.create", me["id"]),
+        ("key.revoke", me["id"]),
+    ]
+    everything = json.dumps(_get(admin, "/admin/audit?limit=100"))
+    assert secret not in everything and made["key"] not in everything
+    assert "sk-cru-" not in everything  # not even a key's hint

@@ -48,3 +48,17 @@ def test_update_refuses_what_the_api_refuses(
     assert cli.main(["keys", "list"]) == 0
     listed = capsys.readouterr().out
     assert info["id"] in listed and "expires=-" in listed and "last-used=-" in listed
+
+
+def test_the_audit_command_shows_key_changes_newest_first(
+    store: KeyStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, info = store.create("alice", rpm=60)
+    assert cli.main(["keys", "update", info["id"], "--rpm", "30"]) == 0
+    assert cli.main(["keys", "revoke", info["id"]]) == 0
+    capsys.readouterr()
+    assert cli.main(["audit", "--limit", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in lines] == ["key.revoke", "key.update"]
+    assert all(info["id"] in line and "by cli" in line for line in lines)
+    assert '{"rpm": 30}' in lines[1]
