@@ -70,7 +70,9 @@ BENCH_ALIASES = {
 }
 
 
-def _completion(chat: bool, model: str) -> bytes:
+def _completion(chat: bool, model: str, request_id: bytes | None = None) -> bytes:
+    """A whole answer, named like vLLM's after the request's X-Request-Id (the gateway sends
+    one; stored completions are kept by that id)."""
     choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}
     if chat:
         choice["message"] = {"role": "assistant", "content": "ok"}
@@ -78,7 +80,7 @@ def _completion(chat: bool, model: str) -> bytes:
         choice["text"] = "ok"
     return orjson.dumps(
         {
-            "id": "fake-1",
+            "id": f"chatcmpl-{request_id.decode()}" if request_id else "fake-1",
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": model,
@@ -172,7 +174,8 @@ class FakeUpstream:
         elif req.get("stream"):
             await self._stream(send, model, drop=model == "fake-drop")
         else:
-            await _respond(send, 200, _completion(chat, model))
+            rid = dict(scope["headers"]).get(b"x-request-id")
+            await _respond(send, 200, _completion(chat, model, rid))
 
     async def _stream(self, send: Send, model: str, drop: bool) -> None:
         await send(
