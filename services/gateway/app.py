@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import httpx
 from fastapi import Depends, FastAPI, Query, Request
@@ -27,7 +28,7 @@ from services.common.errors import AuthenticationFailed, NotFound, PermissionDen
 from services.common.logging import configure_logging
 from services.common.outbox import ALIAS_OUTCOMES, CAPTURES, Outbox
 from services.common.pagination import PageParams
-from services.common.tenancy import OWNER_RE
+from services.common.tenancy import OWNER_HEADER, OWNER_RE
 from services.gateway.aliases import AliasRouter, AliasTable
 from services.gateway.audit import Actor, AuditLog
 from services.gateway.config import GatewaySettings
@@ -71,7 +72,7 @@ class Gateway:
                 else:
                     await self.proxy(scope, receive, send)
                 return
-            if (route := route_of(path, scope["method"])) is not None:
+            if (route := route_of(path)) is not None:
                 await self.forwarder(scope, receive, send, route)
                 return
         await self.api(scope, receive, send)
@@ -244,6 +245,19 @@ def _routes() -> Any:
             code="model_not_found",
         )
 
+    @r.delete("/v1/models/{model_id:path}")
+    async def delete_model(model_id: str, request: Request, key: KeyDep) -> JSONResponse:
+        """OpenAI's "delete a fine-tuned model": the finetune service (which owns adapters)
+        unloads it from every server and deletes its files; this gateway forgets it before
+        answering, so it is gone from `/v1/models` at once."""
+        r = await _finetune(request, "DELETE", f"/v1/models/{quote(model_id, safe=':')}", key)
+        if r.status_code == 200:
+            state = request.app.state
+            await asyncio.gather(state.router.refresh(), state.owners.refresh())
+            audit: AuditLog = state.audit
+            await asyncio.to_thread(audit.record, _actor(key), "model.delete", model_id)
+        return JSONResponse(r.json(), status_code=r.status_code)
+
     @r.post("/admin/keys", status_code=201)
     async def create_key(
         body: KeyCreateRequest, request: Request, admin: AdminDep
@@ -313,19 +327,26 @@ def _actor(key: ApiKey) -> Actor:
     return key.id, key.owner
 
 
-async def _lifecycle(request: Request, method: str, owner: str, admin: ApiKey) -> Any:
+async def _finetune(
+    request: Request, method: str, path: str, key: ApiKey | None = None
+) -> httpx.Response:
+    """A call to the finetune service with the internal token, as `key` when given (its owner
+    and id, as the forwarder sends them)."""
     s: GatewaySettings = request.app.state.settings
-    if not OWNER_RE.fullmatch(owner):
-        raise NotFound(f"no owner {owner[:128]!r}", param="owner")
+    headers = {"authorization": f"Bearer {s.internal_token.get_secret_value()}"}
+    if key is not None:
+        headers |= {OWNER_HEADER: key.owner, ON_BEHALF_HEADER: key.id}
     async with httpx.AsyncClient(timeout=300) as http:
         try:
-            r = await http.request(
-                method,
-                f"{s.finetune_url}/internal/captures/{owner}",
-                headers={"authorization": f"Bearer {s.internal_token.get_secret_value()}"},
-            )
+            return await http.request(method, f"{s.finetune_url}{path}", headers=headers)
         except httpx.HTTPError:
             raise Unavailable("the finetune service is unavailable; try again shortly") from None
+
+
+async def _lifecycle(request: Request, method: str, owner: str, admin: ApiKey) -> Any:
+    if not OWNER_RE.fullmatch(owner):
+        raise NotFound(f"no owner {owner[:128]!r}", param="owner")
+    r = await _finetune(request, method, f"/internal/captures/{owner}")
     if r.status_code < 300:
         action = "data.export" if method == "GET" else "data.purge"
         audit: AuditLog = request.app.state.audit

@@ -1,7 +1,7 @@
 """The audit log: who changed what, when. Key changes are recorded in the transaction that makes
-them (through the API or `crucible keys`); admin exports and purges, and alias and model changes
-forwarded to the finetune service, when they succeed. Never a key, a secret or a body: an action,
-its target's id or name, and for key changes the fields set (limits, not secrets)."""
+them (through the API or `crucible keys`); admin exports and purges, model deletions, and alias
+changes forwarded to the finetune service, when they succeed. Never a key, a secret or a body:
+an action, its target's id or name, and for key changes the fields set (limits, not secrets)."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ ALIAS_ACTIONS = {
     ("POST", "promote"): "alias.promote",
     ("POST", "rollback"): "alias.rollback",
 }
-ALIASES, MODELS = "/v1/model_aliases", "/v1/models/"
+ALIASES = "/v1/model_aliases"
 
 
 def forwarded_action(method: str, path: str) -> tuple[str, str] | None:
@@ -100,8 +100,6 @@ def forwarded_action(method: str, path: str) -> tuple[str, str] | None:
     has an empty target here: the caller takes the name from the body."""
     if path == ALIASES and method == "POST":
         return "alias.create", ""
-    if path.startswith(MODELS) and method == "DELETE":
-        return "model.delete", path[len(MODELS) :]
     if not path.startswith(ALIASES + "/"):
         return None
     name, _, rest = path[len(ALIASES) + 1 :].partition("/")

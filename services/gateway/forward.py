@@ -57,14 +57,6 @@ SERVICE_ROUTES: dict[str, str] = {
     # Stored responses (GET, DELETE, /input_items): POST /v1/responses is the proxy's.
     "/v1/responses": "finetune",
 }
-# Prefixes forwarded for one method only; the gateway answers the others itself.
-METHOD_ROUTES: dict[tuple[str, str], str] = {
-    # Retiring a fine-tuned model (the finetune service owns adapters); listing and retrieving
-    # models are the gateway's own (it knows what every backend serves).
-    ("DELETE", "/v1/models"): "finetune",
-}
-# A 200 to these means a model is gone: the gateway's model lists are refreshed first.
-RETIRES = {(m, service) for (m, _), service in METHOD_ROUTES.items() if m == "DELETE"}
 # Services learn which key a request came with: the agent calls the model back as that key.
 KEY_HEADER = ON_BEHALF_HEADER.encode()
 ADMIN_HEADER = b"x-crucible-admin"
@@ -83,20 +75,12 @@ RELAYED = {
 }
 
 
-def route_of(path: str, method: str) -> str | None:
-    """The forwarded prefix a request belongs to (also the metric label), or None."""
+def route_of(path: str) -> str | None:
+    """The forwarded prefix a path belongs to (also the metric label), or None."""
     for prefix in SERVICE_ROUTES:
         if path == prefix or path.startswith(prefix + "/"):
             return prefix
-    for m, prefix in METHOD_ROUTES:
-        if m == method and path.startswith(prefix + "/"):
-            return prefix
     return None
-
-
-def service_of(route: str, method: str) -> str:
-    """The service a forwarded prefix (from `route_of`) belongs to."""
-    return SERVICE_ROUTES.get(route) or METHOD_ROUTES[method, route]
 
 
 @dataclass
@@ -163,8 +147,7 @@ class ServiceForwarder:
             if route == "/v1/embeddings" and key.models is not None:
                 _check_model(body, key.models)
             await self.proxy.reserve(key)
-            service = service_of(route, scope["method"])
-            await self._forward(scope, send, body, service, key, rid, out)
+            await self._forward(scope, send, body, SERVICE_ROUTES[route], key, rid, out)
             if out.status < 300 and (change := forwarded_action(scope["method"], scope["path"])):
                 await self._audit(key, *change, body)
         finally:
@@ -204,8 +187,6 @@ class ServiceForwarder:
                     connect_timeout=self.s.connect_timeout_s,
                 )
                 try:
-                    if resp.status == 200 and (scope["method"], service) in RETIRES:
-                        await self.proxy.forget_models()  # gone from listings before we answer
                     relayed = [(k, v) for k, v in resp.headers if k in RELAYED]
                     relayed.append((b"x-request-id", rid.encode()))
                     chunks = resp.iter_chunks(self.s.stream_idle_timeout_s)

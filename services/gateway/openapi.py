@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from services.gateway.config import GatewaySettings
-from services.gateway.forward import route_of, service_of
+from services.gateway.forward import SERVICE_ROUTES, route_of
 
 log = logging.getLogger("crucible.gateway")
 
@@ -217,14 +217,9 @@ def merge_service(doc: dict[str, Any], service: str, part: dict[str, Any]) -> No
     for name, schema in part.get("components", {}).get("schemas", {}).items():
         if name not in ("HTTPValidationError", "ValidationError"):
             schemas.setdefault(name, schema)
-    for path, all_ops in part.get("paths", {}).items():
-        ops = {
-            method: op
-            for method, op in all_ops.items()
-            if (prefix := route_of(path, method.upper())) is not None
-            and service_of(prefix, method.upper()) == service
-        }
-        if not ops:
+    for path, ops in part.get("paths", {}).items():
+        prefix = route_of(path)
+        if prefix is None or SERVICE_ROUTES[prefix] != service:
             continue
         for op in ops.values():
             responses = op.setdefault("responses", {})

@@ -303,10 +303,6 @@ class Proxy:
             backends = self.router.backends_for(model)
         return backends
 
-    async def forget_models(self) -> None:
-        """A model was retired: learn what the backends serve and who owns what, now."""
-        await asyncio.gather(self.router.refresh(), self.owners.refresh())
-
     async def reserve(self, key: ApiKey, cost: int = 1) -> None:
         """Take `cost` of the key's requests per minute (a request's sequences), or 429."""
         if 0 < key.rpm < cost:

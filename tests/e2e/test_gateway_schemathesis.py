@@ -116,6 +116,8 @@ def test_schemathesis_finds_no_failure_on_any_route(
                 f"Authorization: Bearer {key}",
                 "--max-examples",
                 "30",
+                "--workers",
+                os.environ.get("CRUCIBLE_ST_WORKERS", "2"),
                 "--seed",
                 os.environ.get("CRUCIBLE_ST_SEED", "1"),
                 "--no-color",

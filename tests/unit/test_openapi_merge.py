@@ -40,18 +40,6 @@ def test_only_the_routes_the_gateway_forwards_to_that_service_are_taken() -> Non
     assert set(public["paths"]) == {"/v1/files"}
 
 
-def test_a_route_forwarded_for_one_method_brings_only_that_method() -> None:
-    """DELETE /v1/models/{model} is the finetune service's; reading models is the gateway's."""
-    public: dict[str, Any] = {"paths": {}, "components": {"schemas": {}}}
-    op: dict[str, Any] = {"responses": {"200": {}}}
-    part = {"paths": {"/v1/models/{model_id}": {"delete": op, "get": op}}}
-    merge_service(public, "finetune", part)
-    assert list(public["paths"]["/v1/models/{model_id}"]) == ["delete"]
-    public = {"paths": {}, "components": {"schemas": {}}}
-    merge_service(public, "retrieval", part)  # not the retrieval service's
-    assert public["paths"] == {}
-
-
 def test_a_create_links_to_the_routes_of_what_it_made() -> None:
     def op(name: str) -> dict[str, Any]:
         return {"operationId": name, "responses": {"200": {}}}
