@@ -16,6 +16,13 @@ from services.stackconfig import _free_port
 from tests.processes import Proc, eval_worker, fake_upstream, gateway, make_key, service
 
 
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    """A fake model upstream (tests/fakes/openai_server.py) for one module's gateways."""
+    with fake_upstream(tmp_path_factory.mktemp("fake")) as f:
+        yield f
+
+
 @dataclass
 class Lifecycle:
     fake: Proc

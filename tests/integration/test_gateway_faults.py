@@ -24,12 +24,6 @@ HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    with fake_upstream(tmp_path_factory.mktemp("fake")) as f:
-        yield f
-
-
-@pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, fake: Proc, redis_url: str) -> Iterator[Proc]:
     with gateway(
         tmp_path_factory.mktemp("gw"),

@@ -15,15 +15,9 @@ import openai
 import pytest
 
 from services.gateway.keys import KeyStore
-from tests.processes import Proc, fake_upstream, gateway
+from tests.processes import Proc, gateway
 
 HI: list[Any] = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    with fake_upstream(tmp_path_factory.mktemp("fake")) as f:
-        yield f
 
 
 @pytest.fixture(scope="module")
