@@ -1,9 +1,15 @@
 """`crucible`: the operator's command line.
 
-    crucible keys create --owner alice [--name laptop] [--models m1,m2] [--rpm 600]
-                         [--max-concurrency 32] [--admin] [--expires 2027-06-30]
-    crucible keys list [--owner alice]
-    crucible keys update KEY_ID [--name N] [--models m1,m2|all] [--rpm 60|default]
+    crucible projects create "Synthesis group"          prints the project (its id: proj_...)
+    crucible projects list [--all]                      --all: archived ones too
+    crucible projects rename PROJECT_ID "New name"
+    crucible projects archive PROJECT_ID                revokes its keys; its data stays
+    crucible keys create --project proj_... [--role member|reviewer|reader|admin]
+                         [--service-account] [--name laptop] [--models m1,m2] [--rpm 600]
+                         [--max-concurrency 32] [--expires 2027-06-30]
+    crucible keys create --owner alice ...              the project `alice`, made if missing
+    crucible keys list [--project proj_...]
+    crucible keys update KEY_ID [--role R] [--name N] [--models m1,m2|all] [--rpm 60|default]
                          [--max-concurrency 4|default] [--store|--no-store]
                          [--retention-days 30|none] [--expires 2027-06-30|never]
     crucible keys revoke KEY_ID
@@ -34,8 +40,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from services.common.errors import CrucibleError
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import KeyCreateRequest, KeyStore, KeyUpdateRequest
+from services.gateway.roles import ROLES
 
 
 def _expiry(value: str) -> int | None:
@@ -56,7 +64,16 @@ def _when(epoch: int | None) -> str:
 
 
 def _update(store: KeyStore, args: argparse.Namespace) -> int:
-    fields = ("name", "models", "rpm", "max_concurrency", "store", "retention_days", "expires")
+    fields = (
+        "name",
+        "role",
+        "models",
+        "rpm",
+        "max_concurrency",
+        "store",
+        "retention_days",
+        "expires",
+    )
     changes = {f: getattr(args, f) for f in fields if getattr(args, f) is not _UNSET}
     if "expires" in changes:
         changes["expires_at"] = changes.pop("expires")
@@ -68,7 +85,11 @@ def _update(store: KeyStore, args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(exc, file=sys.stderr)
         return 2
-    updated = store.update(args.key_id, checked)
+    try:
+        updated = store.update(args.key_id, checked)
+    except CrucibleError as exc:
+        print(f"crucible keys: {exc.message}", file=sys.stderr)
+        return 2
     if updated is None:
         print(f"no active key {args.key_id}", file=sys.stderr)
         return 1
@@ -86,7 +107,10 @@ def _keys(args: argparse.Namespace) -> int:
             models = [m for m in args.models.split(",") if m] if args.models else None
             try:
                 asked = KeyCreateRequest(
+                    project_id=args.project,
                     owner=args.owner,
+                    role=args.role,
+                    service_account=args.service_account,
                     name=args.name,
                     models=models,
                     rpm=args.rpm,
@@ -97,15 +121,16 @@ def _keys(args: argparse.Namespace) -> int:
             except ValidationError as exc:
                 print(exc, file=sys.stderr)
                 return 2
-            secret, info = store.create(**asked.model_dump())
+            secret, info = store.create(**asked.arguments())
             print(json.dumps({**info, "key": secret}, indent=2))
             print("Store the key now: only its hash is kept.", file=sys.stderr)
         elif args.action == "list":
-            for k in store.list(args.owner):
+            for k in store.list(args.project):
                 state = "revoked" if k["revoked_at"] else "active"
+                kind = "  service-account" if k["service_account"] else ""
                 print(
-                    f"{k['id']}  {k['hint']}  owner={k['owner']}  {state}"
-                    f"{'  admin' if k['admin'] else ''}  expires={_when(k['expires_at'])}"
+                    f"{k['id']}  {k['hint']}  project={k['project_id']}  {k['role']}{kind}"
+                    f"  {state}  expires={_when(k['expires_at'])}"
                     f"  last-used={_when(k['last_used_at'])}  {k['name']}"
                 )
         elif args.action == "update":
@@ -115,6 +140,32 @@ def _keys(args: argparse.Namespace) -> int:
             return 1
         else:
             print(f"revoked {args.key_id}")
+    except CrucibleError as exc:  # an unknown or archived project, a role a key cannot have
+        print(f"crucible keys: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        store.engine.dispose()
+    return 0
+
+
+def _projects(args: argparse.Namespace) -> int:
+    from services.gateway.projects import Projects
+
+    store = KeyStore(GatewaySettings().db_url())
+    projects = Projects(store)
+    try:
+        if args.action == "list":
+            for p in projects.list(include_archived=args.all):
+                print(f"{p['id']}  {p['status']}  created={_when(p['created_at'])}  {p['name']}")
+        elif args.action == "create":
+            print(json.dumps(projects.create(args.name), indent=2))
+        elif args.action == "rename":
+            print(json.dumps(projects.rename(args.project_id, args.name), indent=2))
+        else:
+            print(json.dumps(projects.archive(args.project_id), indent=2))
+    except CrucibleError as exc:
+        print(f"crucible projects: {exc.message}", file=sys.stderr)
+        return 1
     finally:
         store.engine.dispose()
     return 0
@@ -231,7 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
     ksub = keys.add_subparsers(dest="action", required=True)
     create = ksub.add_parser("create")
-    create.add_argument("--owner", required=True)
+    where = create.add_mutually_exclusive_group(required=True)
+    where.add_argument("--project", help="the project's id (crucible projects list)")
+    where.add_argument("--owner", help="the project of this id, made if there is none")
+    create.add_argument("--role", choices=ROLES, help="default: member (admin with --admin)")
+    create.add_argument("--service-account", action="store_true", help="an internal app's key")
     create.add_argument("--name", default="")
     create.add_argument("--models", help="comma-separated allow-list (default: every model)")
     create.add_argument("--rpm", type=int, help="requests per minute (0: no limit)")
@@ -243,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     upd.set_defaults(**dict.fromkeys(("name", "models", "rpm", "max_concurrency"), _UNSET))
     upd.set_defaults(store=_UNSET, retention_days=_UNSET, expires=_UNSET)
     upd.add_argument("--name")
+    upd.add_argument("--role", choices=ROLES, default=_UNSET)
     all_models = _or_none(lambda v: [m for m in v.split(",") if m], "all")
     upd.add_argument("--models", type=all_models, help="comma-separated, or all")
     upd.add_argument("--rpm", type=_or_none(int, "default"), help="per minute (0: no limit)")
@@ -251,9 +307,17 @@ def main(argv: list[str] | None = None) -> int:
     upd.add_argument("--retention-days", type=_or_none(int, "none"))
     upd.add_argument("--expires", type=_expiry, help="a UTC date or date and time, or never")
     lst = ksub.add_parser("list")
-    lst.add_argument("--owner")
+    lst.add_argument("--project", "--owner", help="only this project's keys")
     revoke = ksub.add_parser("revoke")
     revoke.add_argument("key_id")
+    projects = sub.add_parser("projects", help="create, list, rename and archive projects")
+    psub = projects.add_subparsers(dest="action", required=True)
+    psub.add_parser("create").add_argument("name")
+    psub.add_parser("list").add_argument("--all", action="store_true", help="archived too")
+    rename = psub.add_parser("rename")
+    rename.add_argument("project_id")
+    rename.add_argument("name")
+    psub.add_parser("archive", help="revoke its keys; its data stays").add_argument("project_id")
     aud = sub.add_parser("audit", help="the audit log: who changed what, newest first")
     aud.add_argument("--limit", type=int, default=50, choices=range(1, 101), metavar="1-100")
     aud.add_argument("--action", help="only this action (key.create, alias.promote, ...)")
@@ -293,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         return _db(args)
     if args.command == "audit":
         return _audit(args)
+    if args.command == "projects":
+        return _projects(args)
     if args.command in ("backup", "restore"):
         return _backup(args)
     return _keys(args)

@@ -241,6 +241,7 @@ def feedback_object(f: FeedbackRow) -> dict[str, Any]:
         "value": f.value,
         "comment": f.comment,
         "correction": f.correction,
+        "key_id": f.key_id,  # who gave it (a reviewer's key, say): an id, never a secret
         "created_at": f.created_at,
         "updated_at": f.updated_at,
     }

@@ -124,7 +124,7 @@ def router() -> APIRouter:
             request, {"stored_bytes_quota": s.owner_stored_bytes, "over": cached[1]}
         )
 
-    # Admin (the gateway's /admin/owners/{owner}/completions, with an admin key).
+    # Admin (the gateway's /admin/projects/{project_id}/chat_completions, with an admin key).
     @r.get("/internal/captures/{owner}", dependencies=[Depends(internal_only)])
     def export(owner: str, request: Request) -> dict[str, Any]:
         data = store(request).export(owner)

@@ -24,11 +24,12 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from services.common.app import build_app
-from services.common.errors import AuthenticationFailed, NotFound, PermissionDenied, Unavailable
+from services.common.errors import NotFound, Unavailable
 from services.common.logging import configure_logging
 from services.common.outbox import ALIAS_OUTCOMES, CAPTURES, Outbox
 from services.common.pagination import PageParams
 from services.common.tenancy import OWNER_HEADER, OWNER_RE
+from services.gateway import roles
 from services.gateway.aliases import AliasRouter, AliasTable
 from services.gateway.audit import Actor, AuditLog
 from services.gateway.config import GatewaySettings
@@ -44,6 +45,7 @@ from services.gateway.limits import RateLimiter
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import PublicDocument
 from services.gateway.owners import ModelOwners
+from services.gateway.projects import ProjectRequest, Projects
 from services.gateway.proxy import Proxy
 from services.gateway.quotas import StoredQuotas
 from services.gateway.redisio import Redis
@@ -102,6 +104,7 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
         await router.start()
         app.state.keys, app.state.router, app.state.limiter = keys, router, limiter
         app.state.audit = audit = AuditLog(keys.sessions)
+        app.state.projects = Projects(keys)
         owners = ModelOwners(s.finetune_url, s.internal_token)
         app.state.owners = owners
         outbox_redis = Redis(s.redis_url, timeout=2.0)
@@ -178,31 +181,29 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
     api.include_router(_routes())
     api.state.document = PublicDocument(api, s)
     gateway = Gateway(api)
+    api.state.gateway = gateway
     return gateway
 
 
 # --- the cold routes ---------------------------------------------------------------------------
 
 
-async def _key(request: Request) -> ApiKey:
-    auth = request.headers.get("authorization", "")
-    if not auth.lower().startswith("bearer "):
-        raise AuthenticationFailed("Missing API key: send `Authorization: Bearer <key>`.")
-    keys: KeyStore = request.app.state.keys
-    key = await keys.aresolve(auth[7:].strip(), request.headers.get(ON_BEHALF_HEADER))
-    if key is None:
-        raise AuthenticationFailed("Incorrect API key provided.")
-    return key
+def _allowed(permission: str) -> Any:
+    """A dependency: the request's key (in the project it acts in), holding `permission`."""
+
+    async def key(request: Request) -> ApiKey:
+        proxy: Proxy | None = request.app.state.gateway.proxy
+        if proxy is None:
+            raise Unavailable("the gateway is starting")
+        headers = {k.lower(): v for k, v in request.scope["headers"]}
+        return await proxy.authenticate(headers, permission)
+
+    return Depends(key)
 
 
-async def _admin(key: Annotated[ApiKey, Depends(_key)]) -> ApiKey:
-    if not key.is_admin:
-        raise PermissionDenied("this route needs an admin key")
-    return key
-
-
-KeyDep = Annotated[ApiKey, Depends(_key)]
-AdminDep = Annotated[ApiKey, Depends(_admin)]
+ReadDep = Annotated[ApiKey, _allowed(roles.READ)]
+WriteDep = Annotated[ApiKey, _allowed(roles.WRITE)]
+AdminDep = Annotated[ApiKey, _allowed(roles.ADMIN)]
 
 
 def _routes() -> Any:
@@ -219,7 +220,7 @@ def _routes() -> Any:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="Crucible API")
 
     @r.get("/v1/models")
-    async def list_models(request: Request, key: KeyDep) -> dict[str, Any]:
+    async def list_models(request: Request, key: ReadDep) -> dict[str, Any]:
         owners = request.app.state.owners
         await owners.refresh(min_age=owners.ttl)
         cards = [c for c in request.app.state.router.models() if owners.visible(key, c["id"])]
@@ -232,7 +233,7 @@ def _routes() -> Any:
         return {"object": "list", "data": cards}
 
     @r.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str, request: Request, key: KeyDep) -> dict[str, Any]:
+    async def get_model(model_id: str, request: Request, key: ReadDep) -> dict[str, Any]:
         for card in request.app.state.router.models():
             if card["id"] == model_id and await request.app.state.owners.may_use(key, model_id):
                 return dict(card)
@@ -246,7 +247,7 @@ def _routes() -> Any:
         )
 
     @r.delete("/v1/models/{model_id:path}")
-    async def delete_model(model_id: str, request: Request, key: KeyDep) -> JSONResponse:
+    async def delete_model(model_id: str, request: Request, key: WriteDep) -> JSONResponse:
         """OpenAI's "delete a fine-tuned model": the finetune service (which owns adapters)
         unloads it from every server and deletes its files; this gateway forgets it before
         answering, so it is gone from `/v1/models` at once."""
@@ -262,14 +263,21 @@ def _routes() -> Any:
     async def create_key(
         body: KeyCreateRequest, request: Request, admin: AdminDep
     ) -> dict[str, Any]:
+        """A key in a project (`project_id`), with a role; the secret is in this answer only."""
         keys: KeyStore = request.app.state.keys
-        made = functools.partial(keys.create, **body.model_dump(), actor=_actor(admin))
+        made = functools.partial(keys.create, **body.arguments(), actor=_actor(admin))
         secret, info = await asyncio.to_thread(made)
         return {**info, "key": secret}
 
     @r.get("/admin/keys")
-    async def list_keys(request: Request, _: AdminDep) -> dict[str, Any]:
-        return {"object": "list", "data": request.app.state.keys.list()}
+    async def list_keys(
+        request: Request,
+        _: AdminDep,
+        project_id: Annotated[str | None, Query(max_length=128)] = None,
+    ) -> dict[str, Any]:
+        """Every key (revoked ones too, with when each was last used), or a project's."""
+        listed = await asyncio.to_thread(request.app.state.keys.list, project_id)
+        return {"object": "list", "data": listed}
 
     @r.get("/admin/keys/{key_id}")
     async def get_key(key_id: str, request: Request, _: AdminDep) -> dict[str, Any]:
@@ -291,14 +299,48 @@ def _routes() -> Any:
             raise NotFound(f"no active key {key_id[:64]!r}", param="key_id")
         return updated
 
-    @r.get("/admin/owners/{owner}/chat_completions")
-    async def export_completions(owner: str, request: Request, admin: AdminDep) -> Any:
-        """Every stored completion of an owner, with its feedback (the lifecycle store's)."""
-        return await _lifecycle(request, "GET", owner, admin)
+    @r.post("/admin/projects", status_code=201)
+    async def create_project(
+        body: ProjectRequest, request: Request, admin: AdminDep
+    ) -> dict[str, Any]:
+        projects: Projects = request.app.state.projects
+        return await asyncio.to_thread(projects.create, body.name, _actor(admin))
 
-    @r.delete("/admin/owners/{owner}/chat_completions")
-    async def purge_completions(owner: str, request: Request, admin: AdminDep) -> Any:
-        return await _lifecycle(request, "DELETE", owner, admin)
+    @r.get("/admin/projects")
+    async def list_projects(
+        request: Request, _: AdminDep, include_archived: bool = False
+    ) -> dict[str, Any]:
+        projects: Projects = request.app.state.projects
+        listed = await asyncio.to_thread(projects.list, include_archived)
+        return {"object": "list", "data": listed}
+
+    @r.get("/admin/projects/{project_id}")
+    async def get_project(project_id: str, request: Request, _: AdminDep) -> dict[str, Any]:
+        projects: Projects = request.app.state.projects
+        return await asyncio.to_thread(projects.get, project_id)
+
+    @r.post("/admin/projects/{project_id}")
+    async def rename_project(
+        project_id: str, body: ProjectRequest, request: Request, admin: AdminDep
+    ) -> dict[str, Any]:
+        projects: Projects = request.app.state.projects
+        return await asyncio.to_thread(projects.rename, project_id, body.name, _actor(admin))
+
+    @r.post("/admin/projects/{project_id}/archive")
+    async def archive_project(project_id: str, request: Request, admin: AdminDep) -> Any:
+        """Revokes the project's keys (at once here, on other gateway processes within
+        `key_cache_ttl_s`); its objects stay, for an admin to export."""
+        projects: Projects = request.app.state.projects
+        return await asyncio.to_thread(projects.archive, project_id, _actor(admin))
+
+    @r.get("/admin/projects/{project_id}/chat_completions")
+    async def export_completions(project_id: str, request: Request, admin: AdminDep) -> Any:
+        """Every stored completion of a project, with its feedback (the lifecycle store's)."""
+        return await _lifecycle(request, "GET", project_id, admin)
+
+    @r.delete("/admin/projects/{project_id}/chat_completions")
+    async def purge_completions(project_id: str, request: Request, admin: AdminDep) -> Any:
+        return await _lifecycle(request, "DELETE", project_id, admin)
 
     @r.delete("/admin/keys/{key_id}")
     async def revoke_key(key_id: str, request: Request, admin: AdminDep) -> dict[str, Any]:
@@ -345,7 +387,7 @@ async def _finetune(
 
 async def _lifecycle(request: Request, method: str, owner: str, admin: ApiKey) -> Any:
     if not OWNER_RE.fullmatch(owner):
-        raise NotFound(f"no owner {owner[:128]!r}", param="owner")
+        raise NotFound(f"no project {owner[:128]!r}", param="project_id")
     r = await _finetune(request, method, f"/internal/captures/{owner}")
     if r.status_code < 300:
         action = "data.export" if method == "GET" else "data.purge"

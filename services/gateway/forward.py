@@ -34,6 +34,7 @@ from services.common.upstream import (
     UpstreamConnectError,
     UpstreamProtocolError,
 )
+from services.gateway import roles
 from services.gateway.audit import AuditLog, forwarded_action
 from services.gateway.bodies import ClientGone
 from services.gateway.config import GatewaySettings
@@ -135,7 +136,7 @@ class ServiceForwarder:
         self, scope: Scope, receive: Receive, send: Send, route: str, rid: str, out: _Outcome
     ) -> None:
         headers = dict(scope["headers"])
-        key = await self.proxy.authenticate(headers)
+        key = await self.proxy.authenticate(headers, roles.needed(scope["method"], scope["path"]))
         out.key_id = key.id
         upload = route == UPLOAD_PATH and scope["method"] == "POST"
         limit = self.s.max_upload_bytes + MULTIPART_OVERHEAD if upload else self.s.max_body_bytes

@@ -1,4 +1,5 @@
-"""API keys: random secrets shown once, stored as SHA-256 hashes, each with an owner and limits."""
+"""API keys: random secrets shown once, stored as SHA-256 hashes, each in a project, with a role
+and limits. A key's `owner` is its project's id: what the services scope every object by."""
 
 from __future__ import annotations
 
@@ -11,15 +12,31 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    model_validator,
+)
 from sqlalchemy import JSON, Boolean, DateTime, Engine, Integer, String, false, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.common import migrations
 from services.common.db import make_engine, make_sessionmaker
-from services.common.errors import AuthenticationFailed
+from services.common.errors import (
+    AuthenticationFailed,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+)
+from services.common.tenancy import OWNER_RE
 from services.gateway import audit
-from services.gateway.tables import Base
+from services.gateway.roles import GRANTS, SERVICE_ACCOUNT_ROLES, Role
+from services.gateway.tables import Base, ProjectRow
 
 KEY_PREFIX = "sk-cru-"
 # Names the key a Crucible service (the agent) acts for; honoured only with the internal token.
@@ -34,12 +51,14 @@ class ApiKeyRow(Base):
     # lookup on the hot path a hash and a dict access.
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     hint: Mapped[str] = mapped_column(String(16))  # the last 4 characters, to tell keys apart
-    owner: Mapped[str] = mapped_column(String(128), index=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)  # the project's id
     name: Mapped[str] = mapped_column(String(128), default="")
+    role: Mapped[str] = mapped_column(String(16), default="member", server_default="member")
+    # An internal app's key rather than a person's (a member or a reader).
+    service_account: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     # Stored completions: kept when a request says nothing of `store` (off unless set), and
     # deleted this many days after they were made (None: kept until deleted).
     store: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
@@ -56,14 +75,21 @@ class ApiKey:
     """What the hot path needs to know about a key (never the secret)."""
 
     id: str
-    owner: str
+    owner: str  # the project it acts in
     models: frozenset[str] | None
     rpm: int
     max_concurrency: int
-    is_admin: bool
+    role: str = "member"
     store: bool = False
     retention_days: int | None = None
     expires_at: float | None = None  # epoch seconds
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def may(self, permission: str) -> bool:
+        return permission in GRANTS[self.role]
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -93,13 +119,16 @@ def describe(row: ApiKeyRow) -> dict[str, Any]:
     return {
         "id": row.id,
         "object": "api_key",
-        "owner": row.owner,
+        "project_id": row.owner,
+        "owner": row.owner,  # the same: what keys were created with before projects
         "name": row.name,
+        "role": row.role,
+        "service_account": row.service_account,
         "hint": f"{KEY_PREFIX}...{row.hint}",
         "models": row.models,
         "rpm": row.rpm,
         "max_concurrency": row.max_concurrency,
-        "admin": row.is_admin,
+        "admin": row.role == "admin",
         "store": row.store,
         "retention_days": row.retention_days,
         "created_at": _epoch(row.created_at),
@@ -149,6 +178,7 @@ class KeyUpdateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo must not silently drop a limit
 
     name: str = Field(default="", max_length=128)
+    role: Role | None = None  # null: unchanged (a key always has a role)
     models: list[str] | None = None
     rpm: Rpm | None = None
     max_concurrency: Concurrency | None = None
@@ -157,9 +187,36 @@ class KeyUpdateRequest(BaseModel):
     expires_at: Expiry | None = None  # seconds since the epoch; refused from then on
 
 
+ProjectId = Annotated[str, Field(min_length=1, max_length=128, pattern=OWNER_RE.pattern)]
+
+
 class KeyCreateRequest(KeyUpdateRequest):
-    owner: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@-]+$")
-    admin: StrictBool = False  # "admin": "no" or 1 must never be read as a grant
+    """A new key: in `project_id` (an existing project), or `owner` (the project of that id,
+    made if there is none: how keys were created before projects)."""
+
+    project_id: ProjectId | None = None
+    owner: ProjectId | None = None
+    admin: StrictBool = False  # the same as role "admin"; "no" or 1 must never be a grant
+    service_account: StrictBool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KeyCreateRequest:
+        if self.project_id is None and self.owner is None:
+            raise ValueError("project_id is required")
+        if None not in (self.project_id, self.owner) and self.project_id != self.owner:
+            raise ValueError("project_id and owner name the same thing: send one")
+        if self.admin and self.role not in (None, "admin"):
+            raise ValueError(f'admin: true contradicts role "{self.role}"')
+        if self.service_account and self.role not in SERVICE_ACCOUNT_ROLES:
+            raise ValueError('a service account\'s role is "member" (the default) or "reader"')
+        return self
+
+    def arguments(self) -> dict[str, Any]:
+        """`KeyStore.create`'s arguments."""
+        fields = self.model_dump(exclude={"project_id", "owner", "admin", "role"})
+        role = self.role or ("admin" if self.admin else "member")
+        project = self.project_id or self.owner
+        return {**fields, "owner": project, "role": role, "make_project": self.project_id is None}
 
 
 class KeyStore:
@@ -185,6 +242,7 @@ class KeyStore:
         self.cache_ttl = cache_ttl
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._used: dict[str, float] = {}
+        self._projects: tuple[float, frozenset[str]] = (-1e9, frozenset())
 
     def create(
         self,
@@ -195,12 +253,19 @@ class KeyStore:
         rpm: int | None = None,
         max_concurrency: int | None = None,
         admin: bool = False,
+        role: Role | None = None,
+        service_account: bool = False,
         store: bool = False,
         retention_days: int | None = None,
         expires_at: int | None = None,
+        make_project: bool = True,
         actor: audit.Actor = audit.OPERATOR,
     ) -> tuple[str, dict[str, Any]]:
-        """A new key: returns the secret (shown this once) and its description."""
+        """A new key in project `owner` (made, named after its id, when there is none and
+        `make_project`): returns the secret (shown this once) and its description."""
+        role = role or ("admin" if admin else "member")
+        if service_account and role not in SERVICE_ACCOUNT_ROLES:
+            raise InvalidRequest("a service account is a member or a reader", param="role")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         row = ApiKeyRow(
             id="key_" + secrets.token_hex(12),
@@ -208,16 +273,26 @@ class KeyStore:
             hint=secret[-4:],
             owner=owner,
             name=name,
+            role=role,
+            service_account=service_account,
             models=models,
             rpm=rpm,
             max_concurrency=max_concurrency,
-            is_admin=admin,
             store=store,
             retention_days=retention_days,
             created_at=datetime.now(UTC),
             expires_at=_datetime(expires_at),
         )
         with self.sessions.begin() as s:
+            project = s.get(ProjectRow, owner)
+            if project is None and make_project:
+                project = ProjectRow(id=owner, name=owner, created_at=row.created_at)
+                s.add(project)
+                audit.add(s, actor, "project.create", owner, {"name": owner})
+            if project is None:
+                raise NotFound(f"no project {owner!r}", param="project_id")
+            if project.archived_at is not None:
+                raise Conflict(f"project {owner!r} is archived", param="project_id")
             s.add(row)
             s.flush()
             info = describe(row)
@@ -226,6 +301,7 @@ class KeyStore:
         return secret, info
 
     def list(self, owner: str | None = None) -> list[dict[str, Any]]:
+        """Every key (revoked ones too), or a project's."""
         stmt = select(ApiKeyRow).order_by(ApiKeyRow.created_at)
         if owner is not None:
             stmt = stmt.where(ApiKeyRow.owner == owner)
@@ -246,17 +322,26 @@ class KeyStore:
         unknown = set(changes) - set(KeyUpdateRequest.model_fields)
         if unknown:
             raise ValueError(f"not updatable: {sorted(unknown)}")
+        if "role" in changes and changes["role"] is None:
+            raise InvalidRequest("role cannot be null", param="role")
         with self.sessions.begin() as s:
             row = s.get(ApiKeyRow, key_id)
             if row is None or row.revoked_at is not None:
                 return None
+            if row.service_account and changes.get("role", row.role) not in SERVICE_ACCOUNT_ROLES:
+                raise InvalidRequest("a service account is a member or a reader", param="role")
             for field, value in changes.items():
                 setattr(row, field, _datetime(value) if field == "expires_at" else value)
             s.flush()
             out = describe(row)
             audit.add(s, actor, "key.update", key_id, {k: out[k] for k in changes})
-        self._cache.clear()
+        self.forget()
         return out
+
+    def forget(self) -> None:
+        """Drop the cached keys and projects (after a change: this process applies it at once)."""
+        self._cache.clear()
+        self._projects = (-1e9, frozenset())
 
     def write_used(self, used: dict[str, float]) -> None:
         """Record when each key was last used."""
@@ -283,7 +368,7 @@ class KeyStore:
                 return False
             row.revoked_at = datetime.now(UTC)
             audit.add(s, actor, "key.revoke", key_id)
-        self._cache.clear()  # this process stops honouring it at once; others within the TTL
+        self.forget()  # this process stops honouring it at once; others within the TTL
         return True
 
     def lookup(self, secret: str) -> ApiKey | None:
@@ -306,25 +391,56 @@ class KeyStore:
             return hit[1]
         return await asyncio.to_thread(self.lookup, secret)
 
-    async def aresolve(self, secret: str, on_behalf_of: str | None) -> ApiKey | None:
+    async def aresolve(
+        self, secret: str, on_behalf_of: str | None, project: str | None = None
+    ) -> ApiKey | None:
         """The key a request acts as: its own bearer secret, or, for a Crucible service holding
-        the internal token (the agent), the key whose id it names. That key's owner, allow-list
-        and limits apply, and revoking it stops its runs. Raises KeyExpired past its expiry."""
+        the internal token (the agent), the key whose id it names. That key's project,
+        allow-list and limits apply, and revoking it stops its runs. Raises KeyExpired past its
+        expiry. `project` (the `OpenAI-Project` header) may differ from the key's own only for
+        an admin key, which then acts in that project."""
         internal = self.internal_token
+        admin = False
         if on_behalf_of is not None and internal and _same(secret, internal):
             key = await self.alookup_id(on_behalf_of)
             # Never admin: whoever holds the internal token must not be able to mint keys or
-            # use every owner's adapters by naming an admin key's id (ids are not secrets).
+            # use every project's adapters by naming an admin key's id (ids are not secrets).
             if key is not None and key.is_admin:
-                key = replace(key, is_admin=False)
+                key, admin = replace(key, role="member"), True
         else:
             key = await self.alookup(secret)
-        if key is not None:
-            now = time.time()
-            if key.expires_at is not None and now >= key.expires_at:
-                raise KeyExpired(key.expires_at)
-            self._used[key.id] = now
+            admin = key is not None and key.is_admin
+        if key is None:
+            return None
+        now = time.time()
+        if key.expires_at is not None and now >= key.expires_at:
+            raise KeyExpired(key.expires_at)
+        self._used[key.id] = now
+        if project is not None and project != key.owner:
+            if not admin:
+                raise PermissionDenied(
+                    f"This API key belongs to project {key.owner!r}, not {project[:128]!r}; "
+                    "only an admin key may act in another project.",
+                    code="mismatched_project",
+                )
+            if project not in await self._live_projects():
+                raise NotFound(f"no active project {project[:128]!r}", code="project_not_found")
+            key = replace(key, owner=project)
         return key
+
+    async def _live_projects(self) -> frozenset[str]:
+        """The ids of the projects not archived, cached like the keys."""
+        at, ids = self._projects
+        if time.monotonic() - at >= self.cache_ttl:
+            stmt = select(ProjectRow.id).where(ProjectRow.archived_at.is_(None))
+
+            def load() -> frozenset[str]:
+                with self.sessions() as s:
+                    return frozenset(s.scalars(stmt))
+
+            ids = await asyncio.to_thread(load)
+            self._projects = (time.monotonic(), ids)
+        return ids
 
     async def alookup_id(self, key_id: str) -> ApiKey | None:
         """The live key with this id (for services acting on a key's behalf), cached like
@@ -352,7 +468,7 @@ class KeyStore:
             models=frozenset(row.models) if row.models is not None else None,
             rpm=row.rpm if row.rpm is not None else self.default_rpm,
             max_concurrency=row.max_concurrency or self.default_max_concurrency,
-            is_admin=row.is_admin,
+            role=row.role,
             store=row.store,
             retention_days=row.retention_days,
             expires_at=_epoch(row.expires_at),

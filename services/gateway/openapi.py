@@ -21,6 +21,7 @@ import httpx
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from services.gateway import roles
 from services.gateway.config import GatewaySettings
 from services.gateway.forward import SERVICE_ROUTES, route_of
 
@@ -30,7 +31,7 @@ ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 ERROR_STATUSES = {
     "400": "Invalid request (the param is named)",
     "401": "Missing or wrong API key",
-    "403": "Not allowed for this key",
+    "403": "Not allowed for this key's role (`x-crucible-roles` lists those allowed)",
     "404": "Unknown or foreign id, or model",
     "405": "Method not allowed",
     "408": "Body not received in time",
@@ -167,14 +168,16 @@ def _proxied(request: str, summary: str, answer: str = "CompletionResponse") -> 
             },
             "responses": {
                 "200": {"description": "OK (a stream when `stream` is true)", "content": ok},
-                **_errors("400", "401", "404", "405", "408", "413", "429", "502", "503", "504"),
+                **_errors(
+                    "400", "401", "403", "404", "405", "408", "413", "429", "502", "503", "504"
+                ),
             },
         }
     }
 
 
 # What the gateway itself may answer on a forwarded route, besides what the service declares.
-FORWARDED_ERRORS = ("400", "401", "404", "408", "409", "413", "415", "429", "502", "503", "504")
+FORWARDED_ERRORS = [code for code in ERROR_STATUSES if code != "405"]
 REF = "#/components/schemas/"
 
 
@@ -229,6 +232,14 @@ def merge_service(doc: dict[str, Any], service: str, part: dict[str, Any]) -> No
             op["security"] = [{"bearer": []}]
         # Merged, not replaced: POST /v1/chat/completions is the proxy's, GET the store's.
         doc["paths"].setdefault(path, {}).update(ops)
+
+
+def add_roles(doc: dict[str, Any]) -> None:
+    """Each operation's `x-crucible-roles`: the key roles allowed to call it (roles.py)."""
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if isinstance(op, dict) and "responses" in op:
+                op["x-crucible-roles"] = roles.allowed(roles.needed(method.upper(), path))
 
 
 def add_links(doc: dict[str, Any]) -> None:
@@ -317,6 +328,7 @@ class PublicDocument:
             else:
                 missing.append(service)
         add_links(doc)
+        add_roles(doc)
         if missing:
             log.warning("openapi: services not reachable", extra={"services": missing})
             doc["info"]["x-crucible-missing"] = missing

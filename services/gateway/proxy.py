@@ -40,6 +40,7 @@ from services.common.upstream import (
     UpstreamConnectError,
     UpstreamProtocolError,
 )
+from services.gateway import roles
 from services.gateway.aliases import Alias, AliasRouter
 from services.gateway.bodies import ClientGone, parse_object, read_body
 from services.gateway.config import GatewaySettings
@@ -53,6 +54,8 @@ from services.gateway.usage import UsageSniffer, ask_for_usage
 from services.gateway.validation import bound_output, check_request, sequences
 
 ON_BEHALF = ON_BEHALF_HEADER.encode()
+PROJECT = b"openai-project"  # the official SDK's `project=` (OPENAI_PROJECT_ID)
+OWNER = OWNER_HEADER.encode()
 CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"
 STORED = (CHAT, RESPONSES)  # the routes whose exchanges may be stored
@@ -160,7 +163,7 @@ class Proxy:
             exc.headers["allow"] = "GET, POST" if scope["path"] == CHAT else "POST"
             raise exc
         headers = dict(scope["headers"])
-        key = await self.authenticate(headers)
+        key = await self.authenticate(headers, roles.WRITE)
         out.key = key
         self.admit(key)
         held = BodyBytes(self.concurrency, key.id)
@@ -248,17 +251,28 @@ class Proxy:
         await self.reserve(key, sequences(path, payload))
         await self._forward(scope, receive, send, body, backends, stream, rid, out, start)
 
-    async def authenticate(self, headers: dict[bytes, bytes]) -> ApiKey:
+    async def authenticate(self, headers: dict[bytes, bytes], permission: str) -> ApiKey:
+        """The request's key, in the project it acts in, holding `permission` (else 401/403)."""
         auth = headers.get(b"authorization", b"")
         if not auth.lower().startswith(b"bearer "):
             self.metrics.rejections.labels("auth").inc()
             raise AuthenticationFailed("Missing API key: send `Authorization: Bearer <key>`.")
         secret = auth[7:].strip().decode("latin-1")
         on_behalf = headers.get(ON_BEHALF)
-        key = await self.keys.aresolve(secret, on_behalf.decode("latin-1") if on_behalf else None)
+        # The project: the SDK's `OpenAI-Project`; a service acting for a key names the one it
+        # was called in (an admin's agent run in another project calls back in that project).
+        project = headers.get(PROJECT) or (headers.get(OWNER) if on_behalf else None)
+        key = await self.keys.aresolve(
+            secret,
+            on_behalf.decode("latin-1") if on_behalf else None,
+            project.decode("latin-1") if project else None,
+        )
         if key is None:
             self.metrics.rejections.labels("auth").inc()
             raise AuthenticationFailed("Incorrect API key provided.")
+        if not key.may(permission):
+            self.metrics.rejections.labels("role").inc()
+            roles.check(key.role, permission)
         return key
 
     async def continued(self, key: ApiKey, payload: dict[str, Any], out: Outcome) -> bytes:

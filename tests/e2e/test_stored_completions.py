@@ -228,7 +228,7 @@ def test_admin_exports_and_purges_an_owners_records(
     r = own.chat.completions.create(model=DENSE, messages=HELLO, max_tokens=2, store=True)
     stored(own, r.id)
     admin = {"authorization": f"Bearer {admin_key}"}
-    url = f"{gateway_url}/admin/owners/purged-owner/chat_completions"
+    url = f"{gateway_url}/admin/projects/purged-owner/chat_completions"
     exported = httpx.get(url, headers=admin, timeout=30)
     assert exported.status_code == 200 and [c["id"] for c in exported.json()["data"]] == [r.id]
     assert httpx.get(url, headers={"authorization": f"Bearer {secret}"}).status_code == 403

@@ -25,6 +25,7 @@ from services.common.pagination import PageQuery
 from services.finetune.captures import CaptureStore
 from services.finetune.jobs import JobStore
 from services.gateway.keys import KeyStore
+from services.gateway.projects import Projects
 from services.retrieval.catalog import Catalog
 from tests.processes import postgres_database
 
@@ -72,6 +73,14 @@ def test_crucible_db_upgrade_keeps_every_record_of_the_previous_release(
     assert admin is not None and admin.is_admin
     assert keys.lookup(REVOKED_SECRET) is None
     assert len(keys.list()) == 3
+    # Each owner became a project of the same id (the services' data stays where it is), and
+    # the admin flag a role.
+    assert [(p["id"], p["status"]) for p in Projects(keys).list()] == [
+        ("alice", "active"),
+        ("ops", "active"),
+        ("bob", "active"),
+    ]
+    assert (alice.role, admin.role) == ("member", "admin")
 
     catalog = Catalog(f"sqlite:///{old_var / 'retrieval.db'}")
     assert catalog.file("alice", FILE_ID).filename == "reactions.txt"
@@ -182,7 +191,9 @@ def test_a_database_the_previous_release_made_with_create_all_is_adopted(empty_d
         migrations.upgrade(empty_db, schema)
         assert migrations.current(empty_db, schema) == migrations.head(schema)
     keys = KeyStore(empty_db)
-    assert [k["id"] for k in keys.list("alice")] == ["key_old"]
+    assert [(k["id"], k["role"], k["project_id"]) for k in keys.list("alice")] == [
+        ("key_old", "member", "alice")
+    ]
 
 
 def test_all_four_schemas_share_one_postgres_database_and_downgrade_cleanly(

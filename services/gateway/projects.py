@@ -1,0 +1,102 @@
+"""Projects: what keys belong to, and what every object in Crucible is scoped by (files, vector
+stores, fine-tuning jobs and their models, stored completions, evals, aliases, agent runs).
+Shaped as OpenAI's organization projects: created, renamed, listed, archived (an archived
+project's keys are revoked with it, and no key can be made in it)."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select, update
+
+from services.common.errors import NotFound
+from services.gateway import audit
+from services.gateway.keys import ApiKeyRow, KeyStore, _epoch
+from services.gateway.tables import ProjectRow
+
+Name = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class ProjectRequest(BaseModel):
+    """`POST /admin/projects` and `POST /admin/projects/{id}`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Name
+
+
+def describe(row: ProjectRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "organization.project",
+        "name": row.name,
+        "created_at": _epoch(row.created_at),
+        "archived_at": _epoch(row.archived_at),
+        "status": "archived" if row.archived_at is not None else "active",
+    }
+
+
+class Projects:
+    """In the gateway's database, beside the keys (one transaction archives a project and
+    revokes its keys)."""
+
+    def __init__(self, keys: KeyStore) -> None:
+        self.keys = keys
+        self.sessions = keys.sessions
+
+    def create(self, name: str, actor: audit.Actor = audit.OPERATOR) -> dict[str, Any]:
+        row = ProjectRow(
+            id="proj_" + secrets.token_hex(12), name=name, created_at=datetime.now(UTC)
+        )
+        with self.sessions.begin() as s:
+            s.add(row)
+            s.flush()
+            audit.add(s, actor, "project.create", row.id, {"name": name})
+            return describe(row)
+
+    def list(self, include_archived: bool = False) -> list[dict[str, Any]]:
+        stmt = select(ProjectRow).order_by(ProjectRow.created_at, ProjectRow.id)
+        if not include_archived:
+            stmt = stmt.where(ProjectRow.archived_at.is_(None))
+        with self.sessions() as s:
+            return [describe(row) for row in s.scalars(stmt)]
+
+    def get(self, project_id: str) -> dict[str, Any]:
+        with self.sessions() as s:
+            return describe(self._row(s, project_id))
+
+    def rename(
+        self, project_id: str, name: str, actor: audit.Actor = audit.OPERATOR
+    ) -> dict[str, Any]:
+        with self.sessions.begin() as s:
+            row = self._row(s, project_id)
+            row.name = name
+            audit.add(s, actor, "project.update", project_id, {"name": name})
+            return describe(row)
+
+    def archive(self, project_id: str, actor: audit.Actor = audit.OPERATOR) -> dict[str, Any]:
+        """Archive a project and revoke its keys; its objects stay (an admin can still export
+        them). Archiving again changes nothing."""
+        with self.sessions.begin() as s:
+            row = self._row(s, project_id)
+            if row.archived_at is None:
+                now = datetime.now(UTC)
+                row.archived_at = now
+                revoked = s.execute(
+                    update(ApiKeyRow)
+                    .where(ApiKeyRow.owner == project_id, ApiKeyRow.revoked_at.is_(None))
+                    .values(revoked_at=now)
+                ).rowcount
+                audit.add(s, actor, "project.archive", project_id, {"keys_revoked": revoked})
+            out = describe(row)
+        self.keys.forget()
+        return out
+
+    @staticmethod
+    def _row(s: Any, project_id: str) -> ProjectRow:
+        row = s.get(ProjectRow, project_id)
+        if row is None:
+            raise NotFound(f"no project {project_id[:128]!r}", param="project_id")
+        return row
