@@ -1,6 +1,7 @@
-"""The per-request cost of key expiry and last-use tracking (#23), in process: resolving a cached
-key as the gateway does now (`aresolve`: the cache, then the expiry check and noting the use)
-beside the cache lookup alone (what resolving was before), in one run.
+"""The per-request cost of key handling added by #23, in process: resolving a cached key as the
+gateway does now (`aresolve`: the cache, then the expiry check and noting the use, then the
+role's permission check), and an admin key acting in another project (`OpenAI-Project`), beside
+the cache lookup alone (what resolving was before #23), in one run.
 
     .venv/bin/python bench/gateway_keys.py
 """
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._load import write_result
 from services.gateway.keys import KeyStore
+from services.gateway.roles import WRITE
 
 CALLS = 100_000
 
@@ -30,12 +32,23 @@ async def per_call_us(fn: Any) -> float:
     return (time.perf_counter() - start) / CALLS * 1e6
 
 
-async def measure(store: KeyStore, secret: str) -> dict[str, list[float]]:
-    runs: dict[str, list[float]] = {"lookup_only": [], "aresolve": []}
-    await store.aresolve(secret, None)  # cached from here on
-    for _ in range(7):  # interleaved, so drift hits both alike
+async def measure(store: KeyStore, secret: str, admin: str, other: str) -> dict[str, list[float]]:
+    runs: dict[str, list[float]] = {"lookup_only": [], "aresolve": [], "admin_other_project": []}
+
+    async def resolve() -> None:
+        key = await store.aresolve(secret, None, None)
+        assert key is not None and key.may(WRITE)
+
+    async def elsewhere() -> None:
+        key = await store.aresolve(admin, None, other)
+        assert key is not None and key.owner == other and key.may(WRITE)
+
+    await resolve()  # cached from here on
+    await elsewhere()
+    for _ in range(7):  # interleaved, so drift hits each alike
         runs["lookup_only"].append(await per_call_us(lambda: store.alookup(secret)))
-        runs["aresolve"].append(await per_call_us(lambda: store.aresolve(secret, None)))
+        runs["aresolve"].append(await per_call_us(resolve))
+        runs["admin_other_project"].append(await per_call_us(elsewhere))
     return runs
 
 
@@ -43,11 +56,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         store = KeyStore(f"sqlite:///{Path(tmp) / 'gateway.db'}", cache_ttl=3600)
         secret, _ = store.create("bench", expires_at=int(time.time()) + 86_400)
-        runs = asyncio.run(measure(store, secret))
+        admin, _ = store.create("ops", admin=True)
+        store.create("elsewhere")
+        runs = asyncio.run(measure(store, secret, admin, "elsewhere"))
         store.engine.dispose()
     medians = {k: round(statistics.median(v), 3) for k, v in runs.items()}
     added = round(medians["aresolve"] - medians["lookup_only"], 3)
-    print(f"per request, median of 7 x {CALLS:,}: {medians}; added {added} µs")
+    print(f"per request, median of 7 x {CALLS:,}: {medians}; added {added} µs for every key")
     write_result(
         "gateway_keys",
         {"calls": CALLS, "runs_us": runs, "median_us": medians, "added_us": added},
