@@ -24,7 +24,7 @@ import httpx
 from prometheus_client import Counter, Gauge, start_http_server
 
 from services.common.logging import configure_logging
-from services.common.tenancy import internal_headers
+from services.common.tenancy import OWNER_HEADER, internal_headers
 from services.finetune import samplers
 from services.finetune.config import FinetuneSettings
 from services.finetune.evals import EvalStore, OutputRow, RunRow, new_id
@@ -60,6 +60,8 @@ class Runner:
         headers = {
             "authorization": f"Bearer {self.s.internal_token.get_secret_value()}",
             "x-crucible-key-id": run.key_id,
+            # The project the run was made in (an admin's may be another than its key's own).
+            OWNER_HEADER: run.owner,
         }
         model = body.get("model")
         for _ in range(20):

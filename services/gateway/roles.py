@@ -36,7 +36,8 @@ GRANTS: dict[str, frozenset[str]] = {
 }
 
 # What a reviewer reads: stored completions (their messages) and evals (runs, output items).
-_REVIEWED = ("/v1/chat/completions/", "/v1/evals")
+_REVIEWED = ("/v1/chat/completions", "/v1/evals")
+_UNDER_REVIEWED = tuple(p + "/" for p in _REVIEWED)
 
 
 def needed(method: str, path: str) -> str:
@@ -44,7 +45,7 @@ def needed(method: str, path: str) -> str:
     if path.startswith("/admin/"):
         return ADMIN
     if method in ("GET", "HEAD"):
-        if path == "/v1/chat/completions" or path.startswith(_REVIEWED):
+        if path in _REVIEWED or path.startswith(_UNDER_REVIEWED):
             return REVIEW_READ
         return READ
     if method == "POST":

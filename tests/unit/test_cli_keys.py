@@ -62,3 +62,60 @@ def test_the_audit_command_shows_key_changes_newest_first(
     assert [line.split()[2] for line in lines] == ["key.revoke", "key.update"]
     assert all(info["id"] in line and "by cli" in line for line in lines)
     assert '{"rpm": 30}' in lines[1]
+
+
+def test_a_lab_sets_up_a_project_with_keys_of_each_kind(
+    store: KeyStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["projects", "create", "Synthesis group"]) == 0
+    project = json.loads(capsys.readouterr().out)
+    pid = project["id"]
+    assert pid.startswith("proj_") and project["status"] == "active"
+    made = []
+    for extra in (["--role", "reviewer"], ["--service-account", "--role", "reader"], []):
+        assert cli.main(["keys", "create", "--project", pid, *extra]) == 0
+        made.append(json.loads(capsys.readouterr().out))
+    assert [(k["role"], k["service_account"]) for k in made] == [
+        ("reviewer", False),
+        ("reader", True),
+        ("member", False),
+    ]
+    assert all(k["project_id"] == pid and k["key"].startswith("sk-cru-") for k in made)
+    # A service account is a member or a reader; an unknown project is refused, not made.
+    assert cli.main(["keys", "create", "--project", pid, "--service-account", "--role", "admin"])
+    assert cli.main(["keys", "create", "--project", "proj_nowhere"]) == 1
+    assert cli.main(["keys", "update", made[1]["id"], "--role", "reviewer"]) == 2
+    assert cli.main(["keys", "update", made[0]["id"], "--role", "member"]) == 0
+    capsys.readouterr()
+    assert cli.main(["keys", "list", "--project", pid]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 3 and all(f"project={pid}" in line for line in listed)
+    assert sum("service-account" in line for line in listed) == 1
+    assert sum("  member  " in line for line in listed) == 2  # the reviewer became a member
+
+    assert cli.main(["projects", "archive", pid]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "archived"
+    assert all(store.lookup(k["key"]) is None for k in made)  # its keys went with it
+    assert cli.main(["keys", "create", "--project", pid]) == 1
+    assert cli.main(["projects", "list"]) == 0
+    assert pid not in capsys.readouterr().out
+    assert cli.main(["projects", "list", "--all"]) == 0
+    assert f"{pid}  archived" in capsys.readouterr().out
+
+
+def test_each_role_holds_what_the_readme_says() -> None:
+    from services.gateway import roles
+
+    assert roles.allowed(roles.needed("GET", "/v1/files")) == ["admin", "member", "reader"]
+    assert roles.allowed(roles.needed("GET", "/v1/evals/e/runs")) == list(roles.ROLES)
+    assert roles.allowed(roles.needed("POST", "/v1/chat/completions/c/feedback")) == [
+        "admin",
+        "member",
+        "reviewer",
+    ]
+    assert roles.needed("POST", "/v1/vector_stores/vs/search") == roles.READ
+    assert roles.allowed(roles.needed("POST", "/v1/chat/completions")) == ["admin", "member"]
+    assert roles.allowed(roles.needed("GET", "/admin/keys")) == ["admin"]
+    # A path that merely looks like a reviewed one is not.
+    assert roles.needed("GET", "/v1/chat/completions_export") == roles.READ
+    assert roles.needed("GET", "/v1/evalsx") == roles.READ
