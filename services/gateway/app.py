@@ -259,7 +259,7 @@ def _routes() -> Any:
             await asyncio.to_thread(audit.record, _actor(key), "model.delete", model_id)
         return JSONResponse(r.json(), status_code=r.status_code)
 
-    @r.post("/admin/keys", status_code=201)
+    @r.post("/admin/keys", status_code=201, responses={409: {"description": "Archived project"}})
     async def create_key(
         body: KeyCreateRequest, request: Request, admin: AdminDep
     ) -> dict[str, Any]:
@@ -326,7 +326,7 @@ def _routes() -> Any:
         projects: Projects = request.app.state.projects
         return await asyncio.to_thread(projects.rename, project_id, body.name, _actor(admin))
 
-    @r.post("/admin/projects/{project_id}/archive")
+    @r.post("/admin/projects/{project_id}/archive", responses={409: {"description": "Own"}})
     async def archive_project(project_id: str, request: Request, admin: AdminDep) -> Any:
         """Revokes the project's keys (at once here, on other gateway processes within
         `key_cache_ttl_s`); its objects stay, for an admin to export."""

@@ -187,7 +187,9 @@ def build_openapi(app: FastAPI, s: GatewaySettings) -> dict[str, Any]:
         for op in path.values():
             responses = op.setdefault("responses", {})
             responses.pop("422", None)  # validation errors are 400 in the OpenAI envelope
-            responses.update(_errors("400", "401", "403", "404"))
+            # Those every route may answer, and those a route declares itself (409, ...).
+            declared = [c for c in responses if c in ERROR_STATUSES]
+            responses.update(_errors("400", "401", "403", "404", *declared))
             op["security"] = [{"bearer": []}]
     doc["paths"]["/v1/chat/completions"] = _proxied(
         "CreateChatCompletionRequest", "Create a chat completion"

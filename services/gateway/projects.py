@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
 
-from services.common.errors import NotFound
+from services.common.errors import Conflict, NotFound
 from services.gateway import audit
 from services.gateway.keys import ApiKeyRow, KeyStore, _epoch
 from services.gateway.tables import ProjectRow
@@ -78,9 +78,16 @@ class Projects:
 
     def archive(self, project_id: str, actor: audit.Actor = audit.OPERATOR) -> dict[str, Any]:
         """Archive a project and revoke its keys; its objects stay (an admin can still export
-        them). Archiving again changes nothing."""
+        them). Archiving again changes nothing; an admin key's own project is refused."""
         with self.sessions.begin() as s:
             row = self._row(s, project_id)
+            own = s.get(ApiKeyRow, actor[0])
+            if own is not None and own.owner == project_id:
+                raise Conflict(
+                    "an admin key cannot archive its own project (it would be revoked with it): "
+                    "use an admin key of another project, or `crucible projects archive`",
+                    param="project_id",
+                )
             if row.archived_at is None:
                 now = datetime.now(UTC)
                 row.archived_at = now

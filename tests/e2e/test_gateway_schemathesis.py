@@ -105,29 +105,35 @@ def test_schemathesis_finds_no_failure_on_any_route(
         assert {"/v1/files", "/v1/fine_tuning/jobs", "/v1/agent/runs"} <= set(document["paths"])
         _no_server_error_on_nul(g.url, key)
         (tmp_path / "st").mkdir()
-        run = subprocess.run(
-            [
-                str(ROOT / ".venv" / "bin" / "schemathesis"),
-                "--config-file",
-                str(HERE / "schemathesis.toml"),
-                "run",
-                f"{g.url}/openapi.json",
-                "-H",
-                f"Authorization: Bearer {key}",
-                "--max-examples",
-                "30",
-                "--workers",
-                os.environ.get("CRUCIBLE_ST_WORKERS", "2"),
-                "--seed",
-                os.environ.get("CRUCIBLE_ST_SEED", "1"),
-                "--no-color",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-            cwd=tmp_path / "st",  # it keeps a cache folder in its working directory
-        )
+        for _ in range(2):
+            run = subprocess.run(
+                [
+                    str(ROOT / ".venv" / "bin" / "schemathesis"),
+                    "--config-file",
+                    str(HERE / "schemathesis.toml"),
+                    "run",
+                    f"{g.url}/openapi.json",
+                    "-H",
+                    f"Authorization: Bearer {key}",
+                    "--max-examples",
+                    "30",
+                    "--workers",
+                    os.environ.get("CRUCIBLE_ST_WORKERS", "2"),
+                    "--seed",
+                    os.environ.get("CRUCIBLE_ST_SEED", "1"),
+                    "--no-color",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+                cwd=tmp_path / "st",  # it keeps a cache folder in its working directory
+            )
+            # CPython 3.11's ast can raise this SystemError under threads (python/cpython#106905)
+            # while hypothesis describes a strategy: the tool crashed, nothing was found; once
+            # more, then whatever it says stands.
+            if "AST constructor recursion depth mismatch" not in run.stdout:
+                break
         logs = "".join(p.read_text() for p in tmp_path.rglob("*.log"))
     summary = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
     failures = run.stdout.split(" WARNINGS ")[0][-8000:]  # the failures, before the advice

@@ -266,6 +266,18 @@ def test_service_accounts_roles_changed_in_place_and_archiving_with_its_audit_tr
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "role"
 
+    own = httpx.post(
+        f"{gateway_url}/admin/keys",
+        headers={"authorization": f"Bearer {admin_key}"},
+        json={"project_id": pid, "role": "admin", "name": "pi"},
+        timeout=30,
+    ).json()
+    r = httpx.post(
+        f"{gateway_url}/admin/projects/{pid}/archive",
+        headers={"authorization": f"Bearer {own['key']}"},
+        timeout=30,
+    )
+    assert r.status_code == 409  # an admin cannot lock itself out with its project
     archived = admin("POST", f"/admin/projects/{pid}/archive")
     assert archived["status"] == "archived" and archived["archived_at"]
     r = httpx.get(f"{gateway_url}/v1/vector_stores", headers=headers, timeout=30)
@@ -288,5 +300,6 @@ def test_service_accounts_roles_changed_in_place_and_archiving_with_its_audit_tr
 
     assert actions(pid) == ["project.create", "project.update", "project.archive"]
     assert actions(app["id"]) == ["key.create", "key.update"]
+    assert actions(own["id"]) == ["key.create"]
     events = admin("GET", "/admin/audit", params={"target": pid, "action": "project.archive"})
-    assert events["data"][0]["detail"] == {"keys_revoked": 1}
+    assert events["data"][0]["detail"] == {"keys_revoked": 2}
