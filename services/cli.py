@@ -1,19 +1,22 @@
 """`crucible`: the operator's command line.
 
-    crucible projects create "Synthesis group"          prints the project (its id: proj_...)
+    crucible projects create "Synthesis group" [--budget-tokens 50000000 --budget-period month]
     crucible projects list [--all]                      --all: archived ones too
-    crucible projects rename PROJECT_ID "New name"
+    crucible projects update PROJECT_ID [--name "New name"] [--budget-tokens N|none]
     crucible projects archive PROJECT_ID                revokes its keys; its data stays
     crucible keys create --project proj_... [--role member|reviewer|reader|admin]
                          [--service-account] [--name laptop] [--models m1,m2] [--rpm 600]
                          [--max-concurrency 32] [--expires 2027-06-30]
+                         [--budget-tokens 1000000 --budget-period day|month]
     crucible keys create --owner alice ...              the project `alice`, made if missing
     crucible keys list [--project proj_...]
     crucible keys update KEY_ID [--role R] [--name N] [--models m1,m2|all] [--rpm 60|default]
                          [--max-concurrency 4|default] [--store|--no-store]
                          [--retention-days 30|none] [--expires 2027-06-30|never]
+                         [--budget-tokens N|none] [--budget-period day|month]
     crucible keys revoke KEY_ID
     crucible audit [--limit 50] [--action key.update]   who changed what, newest first
+    crucible usage [--month 2026-12] [--csv]            tokens per project and model
     crucible db upgrade [--schema gateway] [--revision head]
     crucible db current [--schema gateway]
     crucible db downgrade --schema agent --revision agent_0001
@@ -41,6 +44,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from services.common.errors import CrucibleError
+from services.gateway.budgets import PERIODS
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import KeyCreateRequest, KeyStore, KeyUpdateRequest
 from services.gateway.roles import ROLES
@@ -73,6 +77,8 @@ def _update(store: KeyStore, args: argparse.Namespace) -> int:
         "store",
         "retention_days",
         "expires",
+        "budget_tokens",
+        "budget_period",
     )
     changes = {f: getattr(args, f) for f in fields if getattr(args, f) is not _UNSET}
     if "expires" in changes:
@@ -117,6 +123,8 @@ def _keys(args: argparse.Namespace) -> int:
                     max_concurrency=args.max_concurrency,
                     admin=args.admin,
                     expires_at=args.expires,
+                    budget_tokens=args.budget_tokens,
+                    budget_period=args.budget_period,
                 )
             except ValidationError as exc:
                 print(exc, file=sys.stderr)
@@ -149,7 +157,7 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _projects(args: argparse.Namespace) -> int:
-    from services.gateway.projects import Projects
+    from services.gateway.projects import ProjectCreate, Projects, ProjectUpdate
 
     store = KeyStore(GatewaySettings().db_url())
     projects = Projects(store)
@@ -158,14 +166,22 @@ def _projects(args: argparse.Namespace) -> int:
             for p in projects.list(include_archived=args.all):
                 print(f"{p['id']}  {p['status']}  created={_when(p['created_at'])}  {p['name']}")
         elif args.action == "create":
-            print(json.dumps(projects.create(args.name), indent=2))
-        elif args.action == "rename":
-            print(json.dumps(projects.rename(args.project_id, args.name), indent=2))
+            budget = {"budget_tokens": args.budget_tokens, "budget_period": args.budget_period}
+            made = projects.create(ProjectCreate(name=args.name, **budget))
+            print(json.dumps(made, indent=2))
+        elif args.action == "update":
+            fields = ("name", "budget_tokens", "budget_period")
+            changes = {f: getattr(args, f) for f in fields if getattr(args, f) is not _UNSET}
+            updated = projects.update(args.project_id, ProjectUpdate(**changes))
+            print(json.dumps(updated, indent=2))
         else:
             print(json.dumps(projects.archive(args.project_id), indent=2))
     except CrucibleError as exc:
         print(f"crucible projects: {exc.message}", file=sys.stderr)
         return 1
+    except ValidationError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     finally:
         store.engine.dispose()
     return 0
@@ -187,6 +203,41 @@ def _audit(args: argparse.Namespace) -> int:
         print(
             f"{when}  {e['action']:<15} {e['target']}  by {e['actor']} ({e['actor_owner']}){detail}"
         )
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    """A month's tokens per project, model and kind, from the finetune service's records."""
+    import csv
+
+    from services.backup import Deployment
+    from services.common.db import make_engine, make_sessionmaker
+    from services.finetune.usage import report
+
+    first = datetime.strptime(args.month, "%Y-%m").replace(tzinfo=UTC)
+    after = first.replace(year=first.year + first.month // 12, month=first.month % 12 + 1)
+    engine = make_engine(Deployment.from_settings().databases["finetune"])
+    try:
+        rows = report(make_sessionmaker(engine), int(first.timestamp()), int(after.timestamp()))
+    finally:
+        engine.dispose()
+    fields = ["project_id", "model", "kind", "requests", "input_tokens", "output_tokens"]
+    fields.append("input_cached_tokens")
+    if args.csv:
+        out = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+        out.writeheader()
+        out.writerows(rows)
+        return 0
+    print(f"{'project':<30} {'model':<40} {'kind':<12} {'requests':>9} {'in':>12} {'out':>12}")
+    for r in rows:
+        print(
+            f"{r['project_id'][:30]:<30} {r['model'][:40]:<40} {r['kind']:<12} "
+            f"{r['requests']:>9,} {r['input_tokens']:>12,} {r['output_tokens']:>12,}"
+        )
+    total_in = sum(r["input_tokens"] for r in rows)
+    total_out = sum(r["output_tokens"] for r in rows)
+    print(f"{'total ' + args.month:<83} {sum(r['requests'] for r in rows):>9,} ", end="")
+    print(f"{total_in:>12,} {total_out:>12,}")
     return 0
 
 
@@ -293,10 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--max-concurrency", type=int)
     create.add_argument("--admin", action="store_true")
     create.add_argument("--expires", type=_expiry, help="a UTC date or date and time")
+    create.add_argument("--budget-tokens", type=int, help="tokens per period (default: none)")
+    create.add_argument("--budget-period", choices=PERIODS, default="month")
     upd = ksub.add_parser("update", help="change a key without reissuing it")
     upd.add_argument("key_id")
     upd.set_defaults(**dict.fromkeys(("name", "models", "rpm", "max_concurrency"), _UNSET))
     upd.set_defaults(store=_UNSET, retention_days=_UNSET, expires=_UNSET)
+    upd.set_defaults(budget_tokens=_UNSET, budget_period=_UNSET)
     upd.add_argument("--name")
     upd.add_argument("--role", choices=ROLES, default=_UNSET)
     all_models = _or_none(lambda v: [m for m in v.split(",") if m], "all")
@@ -306,18 +360,29 @@ def main(argv: list[str] | None = None) -> int:
     upd.add_argument("--store", action=argparse.BooleanOptionalAction)
     upd.add_argument("--retention-days", type=_or_none(int, "none"))
     upd.add_argument("--expires", type=_expiry, help="a UTC date or date and time, or never")
+    upd.add_argument("--budget-tokens", type=_or_none(int, "none"), help="per period, or none")
+    upd.add_argument("--budget-period", choices=PERIODS)
     lst = ksub.add_parser("list")
     lst.add_argument("--project", "--owner", help="only this project's keys")
     revoke = ksub.add_parser("revoke")
     revoke.add_argument("key_id")
-    projects = sub.add_parser("projects", help="create, list, rename and archive projects")
+    projects = sub.add_parser("projects", help="create, list, update and archive projects")
     psub = projects.add_subparsers(dest="action", required=True)
-    psub.add_parser("create").add_argument("name")
+    pcreate = psub.add_parser("create")
+    pcreate.add_argument("name")
+    pcreate.add_argument("--budget-tokens", type=int, help="tokens per period, all its keys")
+    pcreate.add_argument("--budget-period", choices=PERIODS, default="month")
     psub.add_parser("list").add_argument("--all", action="store_true", help="archived too")
-    rename = psub.add_parser("rename")
-    rename.add_argument("project_id")
-    rename.add_argument("name")
+    pupd = psub.add_parser("update", help="rename it, or change its budget")
+    pupd.add_argument("project_id")
+    pupd.set_defaults(name=_UNSET, budget_tokens=_UNSET, budget_period=_UNSET)
+    pupd.add_argument("--name")
+    pupd.add_argument("--budget-tokens", type=_or_none(int, "none"), help="per period, or none")
+    pupd.add_argument("--budget-period", choices=PERIODS)
     psub.add_parser("archive", help="revoke its keys; its data stays").add_argument("project_id")
+    use = sub.add_parser("usage", help="a month's tokens per project and model")
+    use.add_argument("--month", default=datetime.now(UTC).strftime("%Y-%m"), help="YYYY-MM (UTC)")
+    use.add_argument("--csv", action="store_true", help="CSV instead of a table")
     aud = sub.add_parser("audit", help="the audit log: who changed what, newest first")
     aud.add_argument("--limit", type=int, default=50, choices=range(1, 101), metavar="1-100")
     aud.add_argument("--action", help="only this action (key.create, alias.promote, ...)")
@@ -359,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         return _audit(args)
     if args.command == "projects":
         return _projects(args)
+    if args.command == "usage":
+        return _usage(args)
     if args.command in ("backup", "restore"):
         return _backup(args)
     return _keys(args)

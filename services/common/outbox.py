@@ -33,6 +33,10 @@ log = logging.getLogger("crucible.outbox")
 # The streams: the gateway writes them, the finetune service keeps them.
 CAPTURES = "crucible:captures"  # stored completions and responses (finetune/captures.py)
 ALIAS_OUTCOMES = "crucible:alias-outcomes"  # each aliased request's outcome (finetune/aliases.py)
+USAGE = "crucible:usage"  # each served request's tokens (finetune/usage.py)
+# A service's answer names what it used in this header (JSON: model, input_tokens): the gateway,
+# which knows the key and its project, records it (never relayed to the client).
+USAGE_HEADER = "x-crucible-usage"
 
 Fields = dict[bytes, bytes]
 """One record as the stream holds it: field name → value (binary-safe)."""
@@ -193,7 +197,7 @@ class Consumer:
         url: str,
         stream: str,
         group: str,
-        handle: Callable[[Sequence[Fields]], None],
+        handle: Callable[[Sequence[Fields]], object],
         *,
         batch: int = 200,
         claim_idle_s: float = 30.0,

@@ -18,8 +18,16 @@ import redis
 from fastapi import FastAPI
 
 from services.common.app import build_app, serve
-from services.common.outbox import ALIAS_OUTCOMES, CAPTURES, Consumer
-from services.finetune import adapters, aliases_api, captures_api, evals_api, responses, schedules
+from services.common.outbox import ALIAS_OUTCOMES, CAPTURES, USAGE, Consumer
+from services.finetune import (
+    adapters,
+    aliases_api,
+    captures_api,
+    evals_api,
+    responses,
+    schedules,
+    usage,
+)
 from services.finetune.aliases import AliasStore
 from services.finetune.aliasgate import alias_feedback, guard_round
 from services.finetune.api import router, validate_job
@@ -155,6 +163,7 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
         app.state.aliases = aliases = AliasStore(jobs.session)
         app.state.handoffs = HandoffStore(jobs.session)
         app.state.schedules = ScheduleStore(jobs.session)
+        app.state.usage = usage_store = usage.UsageStore(jobs.session)
         metrics.watch_runs(evals.status_counts)
         lifecycle = LifecycleCollector(
             captures.feedback_counts,
@@ -171,6 +180,8 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
         consumer.start()
         outcomes = Consumer(s.captures_redis_url, ALIAS_OUTCOMES, "finetune", aliases.ingest)
         outcomes.start()
+        usage_records = Consumer(s.captures_redis_url, USAGE, "finetune", usage_store.ingest)
+        usage_records.start()
 
         def rolled_back(alias: str, bar: str) -> None:
             metrics.alias_rollbacks.labels(alias, bar).inc()
@@ -197,6 +208,7 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
             app.state.registry.unregister(lifecycle)
             await asyncio.to_thread(consumer.stop)
             await asyncio.to_thread(outcomes.stop)
+            await asyncio.to_thread(usage_records.stop)
             for t in [loop_task, guard_task, *tasks]:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -227,6 +239,7 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
     api.include_router(responses.router())
     api.include_router(aliases_api.router())
     api.include_router(schedules.router())
+    api.include_router(usage.router())
     return api
 
 

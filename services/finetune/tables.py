@@ -1,6 +1,15 @@
 """Every table of the finetune schema (jobs and the model lifecycle), for migrations to compare."""
 
-from services.finetune import aliases, captures, datasets, evals, handoff, responses, schedules
+from services.finetune import (
+    aliases,
+    captures,
+    datasets,
+    evals,
+    handoff,
+    responses,
+    schedules,
+    usage,
+)
 from services.finetune.jobs import Base
 
 __all__ = [
@@ -12,4 +21,5 @@ __all__ = [
     "handoff",
     "responses",
     "schedules",
+    "usage",
 ]

@@ -26,12 +26,13 @@ from starlette.types import Receive, Scope, Send
 from services.common.app import build_app
 from services.common.errors import NotFound, Unavailable
 from services.common.logging import configure_logging
-from services.common.outbox import ALIAS_OUTCOMES, CAPTURES, Outbox
+from services.common.outbox import ALIAS_OUTCOMES, CAPTURES, USAGE, Outbox
 from services.common.pagination import PageParams
 from services.common.tenancy import OWNER_HEADER, OWNER_RE
 from services.gateway import roles
 from services.gateway.aliases import AliasRouter, AliasTable
 from services.gateway.audit import Actor, AuditLog
+from services.gateway.budgets import Budget
 from services.gateway.config import GatewaySettings
 from services.gateway.forward import ServiceForwarder, route_of
 from services.gateway.keys import (
@@ -45,10 +46,10 @@ from services.gateway.limits import RateLimiter
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import PublicDocument
 from services.gateway.owners import ModelOwners
-from services.gateway.projects import ProjectRequest, Projects
+from services.gateway.projects import ProjectCreate, Projects, ProjectUpdate
 from services.gateway.proxy import Proxy
 from services.gateway.quotas import StoredQuotas
-from services.gateway.redisio import Redis
+from services.gateway.redisio import Redis, RedisReplyError
 from services.gateway.routing import Router
 
 log = logging.getLogger("crucible.gateway")
@@ -118,6 +119,8 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
         outbox.start()
         outcomes = Outbox(outbox_redis, ALIAS_OUTCOMES, app.state.registry, max_len=100_000)
         outcomes.start()
+        usage = Outbox(outbox_redis, USAGE, app.state.registry, max_len=1_000_000)
+        usage.start()
         aliases = AliasTable(s.finetune_url, s.internal_token, refresh_s=s.alias_refresh_s)
         await aliases.start()
         app.state.aliases = aliases
@@ -125,7 +128,7 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
         quotas = StoredQuotas(s.finetune_url, s.internal_token, refresh_s=s.quota_refresh_s)
         await quotas.start()
         gateway.proxy = Proxy(
-            s, router, keys, limiter, metrics, owners, outbox, alias_router, quotas
+            s, router, keys, limiter, metrics, owners, outbox, alias_router, quotas, usage
         )
         gateway.forwarder = ServiceForwarder(s, gateway.proxy, audit)
 
@@ -148,6 +151,7 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
                 await keys.aflush_used()
             await outbox.aclose(timeout=5.0)  # what is buffered, before the process goes
             await outcomes.aclose(timeout=1.0)
+            await usage.aclose(timeout=2.0)
             await aliases.aclose()
             await quotas.aclose()
             await outbox_redis.aclose()
@@ -281,10 +285,11 @@ def _routes() -> Any:
 
     @r.get("/admin/keys/{key_id}")
     async def get_key(key_id: str, request: Request, _: AdminDep) -> dict[str, Any]:
-        found = request.app.state.keys.get(key_id)
+        """A key, with the tokens its budget has used or reserved this period."""
+        found = await asyncio.to_thread(request.app.state.keys.get, key_id)
         if found is None:
             raise NotFound(f"no key {key_id[:64]!r}", param="key_id")
-        return found
+        return await _spent(request, "key", found)
 
     @r.post("/admin/keys/{key_id}")
     async def update_key(
@@ -301,10 +306,10 @@ def _routes() -> Any:
 
     @r.post("/admin/projects", status_code=201)
     async def create_project(
-        body: ProjectRequest, request: Request, admin: AdminDep
+        body: ProjectCreate, request: Request, admin: AdminDep
     ) -> dict[str, Any]:
         projects: Projects = request.app.state.projects
-        return await asyncio.to_thread(projects.create, body.name, _actor(admin))
+        return await asyncio.to_thread(projects.create, body, _actor(admin))
 
     @r.get("/admin/projects")
     async def list_projects(
@@ -316,15 +321,17 @@ def _routes() -> Any:
 
     @r.get("/admin/projects/{project_id}")
     async def get_project(project_id: str, request: Request, _: AdminDep) -> dict[str, Any]:
+        """A project, with the tokens its budget has used or reserved this period."""
         projects: Projects = request.app.state.projects
-        return await asyncio.to_thread(projects.get, project_id)
+        return await _spent(request, "project", await asyncio.to_thread(projects.get, project_id))
 
     @r.post("/admin/projects/{project_id}")
-    async def rename_project(
-        project_id: str, body: ProjectRequest, request: Request, admin: AdminDep
+    async def update_project(
+        project_id: str, body: ProjectUpdate, request: Request, admin: AdminDep
     ) -> dict[str, Any]:
+        """Rename a project or change its token budget (null: none)."""
         projects: Projects = request.app.state.projects
-        return await asyncio.to_thread(projects.rename, project_id, body.name, _actor(admin))
+        return await asyncio.to_thread(projects.update, project_id, body, _actor(admin))
 
     @r.post("/admin/projects/{project_id}/archive", responses={409: {"description": "Own"}})
     async def archive_project(project_id: str, request: Request, admin: AdminDep) -> Any:
@@ -363,6 +370,16 @@ def _routes() -> Any:
         return await asyncio.to_thread(log_.events, page, action, target)
 
     return r
+
+
+async def _spent(request: Request, scope: str, found: dict[str, Any]) -> dict[str, Any]:
+    """`found` with `budget_used`: null without a budget, or while Redis cannot say."""
+    used = None
+    if found["budget_tokens"] is not None:
+        budget = Budget(scope, found["id"], found["budget_tokens"], found["budget_period"])
+        with contextlib.suppress(OSError, TimeoutError, RedisReplyError):
+            used = await request.app.state.gateway.proxy.budgets.used(budget)
+    return {**found, "budget_used": used}
 
 
 def _actor(key: ApiKey) -> Actor:

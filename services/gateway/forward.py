@@ -27,6 +27,7 @@ from services.common.errors import (
 )
 from services.common.logging import request_id
 from services.common.metrics import _incoming_request_id
+from services.common.outbox import USAGE_HEADER
 from services.common.tenancy import OWNER_HEADER
 from services.common.upstream import (
     Pool,
@@ -52,6 +53,7 @@ SERVICE_ROUTES: dict[str, str] = {
     "/v1/fine_tuning": "finetune",
     "/v1/evals": "finetune",
     "/v1/model_aliases": "finetune",
+    "/v1/organization": "finetune",  # usage (and, with #24's rest, costs)
     "/v1/agent": "agent",
     # Stored chat completions (GET, POST /{id}, DELETE): POST to the path itself is the proxy's.
     "/v1/chat/completions": "finetune",
@@ -60,6 +62,7 @@ SERVICE_ROUTES: dict[str, str] = {
 }
 # Services learn which key a request came with: the agent calls the model back as that key.
 KEY_HEADER = ON_BEHALF_HEADER.encode()
+USED = USAGE_HEADER.encode()
 ADMIN_HEADER = b"x-crucible-admin"
 UPLOAD_PATH = "/v1/files"
 MULTIPART_OVERHEAD = 64 << 10
@@ -198,6 +201,9 @@ class ServiceForwarder:
                     async for chunk in chunks:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    used = next((v for k, v in resp.headers if k == USED), None)
+                    if used is not None and resp.status == 200:
+                        self._record(key, route_of(scope["path"]) or "", used)
                 finally:
                     resp.release()
         except (UpstreamConnectError, UpstreamBusy) as exc:
@@ -215,6 +221,16 @@ class ServiceForwarder:
             if kind == "timeout":
                 raise UpstreamTimeout(f"the {service} service did not answer in time") from None
             raise UpstreamError(f"the {service} service broke the connection") from None
+
+    def _record(self, key: ApiKey, route: str, used: bytes) -> None:
+        """The usage a service reported for a request it served (embeddings' tokens)."""
+        try:
+            u = orjson.loads(used)
+            model, tokens = str(u["model"]), int(u["input_tokens"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("malformed usage header", extra={"route": route})
+            return
+        self.proxy.record_usage(key, route.rsplit("/", 1)[-1], model, tokens)
 
     async def _audit(self, key: ApiKey, action: str, target: str, body: bytes) -> None:
         """Record a change the service made (never its body: a created alias's name only)."""

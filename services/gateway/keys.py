@@ -10,7 +10,7 @@ import secrets
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -21,7 +21,18 @@ from pydantic import (
     StrictBool,
     model_validator,
 )
-from sqlalchemy import JSON, Boolean, DateTime, Engine, Integer, String, false, select, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Engine,
+    Integer,
+    String,
+    false,
+    select,
+    update,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.common import migrations
@@ -35,6 +46,7 @@ from services.common.errors import (
 )
 from services.common.tenancy import OWNER_RE
 from services.gateway import audit
+from services.gateway.budgets import Budget
 from services.gateway.roles import GRANTS, SERVICE_ACCOUNT_ROLES, Role
 from services.gateway.tables import Base, ProjectRow
 
@@ -66,6 +78,9 @@ class ApiKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Tokens per UTC day or month (budgets.py); None: no budget of its own.
+    budget_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    budget_period: Mapped[str] = mapped_column(String(8), default="month", server_default="month")
     # Written in batches (`KeyStore.aflush_used`), so at most that interval behind.
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -83,6 +98,7 @@ class ApiKey:
     store: bool = False
     retention_days: int | None = None
     expires_at: float | None = None  # epoch seconds
+    budget: Budget | None = None  # its own token budget
 
     @property
     def is_admin(self) -> bool:
@@ -93,6 +109,10 @@ class ApiKey:
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+
+def _budget(scope: str, id_: str, tokens: int | None, period: str) -> Budget | None:
+    return Budget(scope, id_, tokens, period) if tokens is not None else None
 
 
 def _datetime(epoch: int | None) -> datetime | None:
@@ -135,6 +155,8 @@ def describe(row: ApiKeyRow) -> dict[str, Any]:
         "revoked_at": _epoch(row.revoked_at),
         "expires_at": _epoch(row.expires_at),
         "last_used_at": _epoch(row.last_used_at),
+        "budget_tokens": row.budget_tokens,
+        "budget_period": row.budget_period,
     }
 
 
@@ -169,6 +191,8 @@ Expiry = Annotated[  # up to the year 9999
     int, Field(le=253_402_300_799), AfterValidator(_future), BeforeValidator(_not_bool)
 ]
 Retention = Annotated[int, Field(ge=1, le=36500), BeforeValidator(_not_bool)]
+BudgetTokens = Annotated[int, Field(ge=1, le=10**15), BeforeValidator(_not_bool)]
+Period = Literal["day", "month"]
 
 
 class KeyUpdateRequest(BaseModel):
@@ -185,6 +209,8 @@ class KeyUpdateRequest(BaseModel):
     store: StrictBool = False  # store chat completions that do not say `store` themselves
     retention_days: Retention | None = None
     expires_at: Expiry | None = None  # seconds since the epoch; refused from then on
+    budget_tokens: BudgetTokens | None = None  # per period (null: none of its own)
+    budget_period: Period = "month"  # a UTC day or month
 
 
 ProjectId = Annotated[str, Field(min_length=1, max_length=128, pattern=OWNER_RE.pattern)]
@@ -242,7 +268,7 @@ class KeyStore:
         self.cache_ttl = cache_ttl
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._used: dict[str, float] = {}
-        self._projects: tuple[float, frozenset[str]] = (-1e9, frozenset())
+        self._projects: tuple[float, dict[str, Budget | None]] = (-1e9, {})
 
     def create(
         self,
@@ -258,6 +284,8 @@ class KeyStore:
         store: bool = False,
         retention_days: int | None = None,
         expires_at: int | None = None,
+        budget_tokens: int | None = None,
+        budget_period: str = "month",
         make_project: bool = True,
         actor: audit.Actor = audit.OPERATOR,
     ) -> tuple[str, dict[str, Any]]:
@@ -282,6 +310,8 @@ class KeyStore:
             retention_days=retention_days,
             created_at=datetime.now(UTC),
             expires_at=_datetime(expires_at),
+            budget_tokens=budget_tokens,
+            budget_period=budget_period,
         )
         with self.sessions.begin() as s:
             project = s.get(ProjectRow, owner)
@@ -341,7 +371,7 @@ class KeyStore:
     def forget(self) -> None:
         """Drop the cached keys and projects (after a change: this process applies it at once)."""
         self._cache.clear()
-        self._projects = (-1e9, frozenset())
+        self._projects = (-1e9, {})
 
     def write_used(self, used: dict[str, float]) -> None:
         """Record when each key was last used."""
@@ -428,19 +458,31 @@ class KeyStore:
             key = replace(key, owner=project)
         return key
 
-    async def _live_projects(self) -> frozenset[str]:
-        """The ids of the projects not archived, cached like the keys."""
-        at, ids = self._projects
-        if time.monotonic() - at >= self.cache_ttl:
-            stmt = select(ProjectRow.id).where(ProjectRow.archived_at.is_(None))
+    async def _live_projects(self, max_age: float | None = None) -> dict[str, Budget | None]:
+        """The projects not archived, with their budgets; cached like the keys (or younger
+        than `max_age`)."""
+        at, projects = self._projects
+        if time.monotonic() - at >= (self.cache_ttl if max_age is None else max_age):
+            stmt = select(ProjectRow).where(ProjectRow.archived_at.is_(None))
 
-            def load() -> frozenset[str]:
+            def load() -> dict[str, Budget | None]:
                 with self.sessions() as s:
-                    return frozenset(s.scalars(stmt))
+                    return {
+                        p.id: _budget("project", p.id, p.budget_tokens, p.budget_period)
+                        for p in s.scalars(stmt)
+                    }
 
-            ids = await asyncio.to_thread(load)
-            self._projects = (time.monotonic(), ids)
-        return ids
+            projects = await asyncio.to_thread(load)
+            self._projects = (time.monotonic(), projects)
+        return projects
+
+    async def budgets(self, key: ApiKey) -> tuple[Budget, ...]:
+        """The budgets a request of this key counts against: its own, its project's."""
+        projects = await self._live_projects()
+        if key.owner not in projects:  # a project made since the cache was filled
+            projects = await self._live_projects(max_age=0.0)
+        project = projects.get(key.owner)
+        return tuple(b for b in (key.budget, project) if b is not None)
 
     async def alookup_id(self, key_id: str) -> ApiKey | None:
         """The live key with this id (for services acting on a key's behalf), cached like
@@ -472,4 +514,5 @@ class KeyStore:
             store=row.store,
             retention_days=row.retention_days,
             expires_at=_epoch(row.expires_at),
+            budget=_budget("key", row.id, row.budget_tokens, row.budget_period),
         )

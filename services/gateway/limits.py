@@ -15,12 +15,11 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 
 from services.common.errors import RateLimited
-from services.gateway.redisio import Redis, RedisReplyError
+from services.gateway.redisio import Redis, RedisReplyError, Script
 
 log = logging.getLogger("crucible.gateway.limits")
 
@@ -28,7 +27,7 @@ log = logging.getLogger("crucible.gateway.limits")
 # Algorithm: one stored number per key (the theoretical arrival time), updated atomically.
 # Takes up to ARGV[2] permits at once (exactly that many or none when ARGV[3] is 1: a request
 # of several sequences) and returns {granted, retry_after_ms}.
-_GCRA = """
+_GCRA = Script("""
 local rpm = tonumber(ARGV[1])
 local want = tonumber(ARGV[2])
 local need = 1
@@ -46,8 +45,7 @@ local granted = math.min(want, fits)
 local new_tat = tat + granted * interval
 redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
 return {granted, 0}
-"""
-_GCRA_SHA = hashlib.sha1(_GCRA.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
+""")
 
 # Permits a process may hold for a key: about 1% of its per-minute budget, at most 64. A key of
 # under 200 rpm gets 1, i.e. one Redis round trip per request, exactly as without leasing.
@@ -209,14 +207,7 @@ class RateLimiter:
         return self._outage()
 
     async def _gcra(self, key: str, rpm: int, want: int, exact: bool = False) -> list[int]:
-        args = (1, key, rpm, want, int(exact))
-        try:
-            reply: list[int] = await self.redis.execute("EVALSHA", _GCRA_SHA, *args)
-        except RedisReplyError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-            # First use on this Redis (or after a restart): EVAL loads and runs it.
-            reply = await self.redis.execute("EVAL", _GCRA, *args)
+        reply: list[int] = await _GCRA(self.redis, 1, key, rpm, want, int(exact))
         return reply
 
     def _outage(self) -> float:

@@ -9,21 +9,36 @@ import secrets
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select, update
 
 from services.common.errors import Conflict, NotFound
 from services.gateway import audit
-from services.gateway.keys import ApiKeyRow, KeyStore, _epoch
+from services.gateway.keys import ApiKeyRow, BudgetTokens, KeyStore, Period, _epoch
 from services.gateway.tables import ProjectRow
 
 Name = Annotated[str, Field(min_length=1, max_length=256)]
 
 
-class ProjectRequest(BaseModel):
-    """`POST /admin/projects` and `POST /admin/projects/{id}`."""
+class ProjectUpdate(BaseModel):
+    """`POST /admin/projects/{id}`: the fields sent, and only those."""
 
     model_config = ConfigDict(extra="forbid")
+    name: Name | None = None
+    budget_tokens: BudgetTokens | None = None  # per period, all its keys together (null: none)
+    budget_period: Period = "month"
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, name: str | None) -> str:
+        if name is None:
+            raise ValueError("a project keeps a name")
+        return name
+
+
+class ProjectCreate(ProjectUpdate):
+    """`POST /admin/projects`."""
+
     name: Name
 
 
@@ -35,6 +50,8 @@ def describe(row: ProjectRow) -> dict[str, Any]:
         "created_at": _epoch(row.created_at),
         "archived_at": _epoch(row.archived_at),
         "status": "archived" if row.archived_at is not None else "active",
+        "budget_tokens": row.budget_tokens,
+        "budget_period": row.budget_period,
     }
 
 
@@ -46,15 +63,17 @@ class Projects:
         self.keys = keys
         self.sessions = keys.sessions
 
-    def create(self, name: str, actor: audit.Actor = audit.OPERATOR) -> dict[str, Any]:
+    def create(self, body: ProjectCreate, actor: audit.Actor = audit.OPERATOR) -> dict[str, Any]:
         row = ProjectRow(
-            id="proj_" + secrets.token_hex(12), name=name, created_at=datetime.now(UTC)
+            id="proj_" + secrets.token_hex(12), created_at=datetime.now(UTC), **body.model_dump()
         )
         with self.sessions.begin() as s:
             s.add(row)
             s.flush()
-            audit.add(s, actor, "project.create", row.id, {"name": name})
-            return describe(row)
+            audit.add(s, actor, "project.create", row.id, body.model_dump())
+            out = describe(row)
+        self.keys.forget()
+        return out
 
     def list(self, include_archived: bool = False) -> list[dict[str, Any]]:
         stmt = select(ProjectRow).order_by(ProjectRow.created_at, ProjectRow.id)
@@ -67,14 +86,20 @@ class Projects:
         with self.sessions() as s:
             return describe(self._row(s, project_id))
 
-    def rename(
-        self, project_id: str, name: str, actor: audit.Actor = audit.OPERATOR
+    def update(
+        self, project_id: str, body: ProjectUpdate, actor: audit.Actor = audit.OPERATOR
     ) -> dict[str, Any]:
+        """Change what `body` sets (its name, its budget): at once in this gateway process,
+        in the others within their key cache's TTL."""
+        changes = body.model_dump(exclude_unset=True)
         with self.sessions.begin() as s:
             row = self._row(s, project_id)
-            row.name = name
-            audit.add(s, actor, "project.update", project_id, {"name": name})
-            return describe(row)
+            for field, value in changes.items():
+                setattr(row, field, value)
+            audit.add(s, actor, "project.update", project_id, changes)
+            out = describe(row)
+        self.keys.forget()
+        return out
 
     def archive(self, project_id: str, actor: audit.Actor = audit.OPERATOR) -> dict[str, Any]:
         """Archive a project and revoke its keys; its objects stay (an admin can still export

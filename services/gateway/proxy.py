@@ -7,6 +7,7 @@ limits → upstream with failover before the first byte → relay. One deadline 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -43,6 +44,7 @@ from services.common.upstream import (
 from services.gateway import roles
 from services.gateway.aliases import Alias, AliasRouter
 from services.gateway.bodies import ClientGone, parse_object, read_body
+from services.gateway.budgets import Budgets
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey, KeyStore
 from services.gateway.limits import BodyBytes, Concurrency, RateLimiter, RedisUnavailable
@@ -50,8 +52,8 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.owners import ModelOwners
 from services.gateway.quotas import StoredQuotas
 from services.gateway.routing import Backend, Router, choose
-from services.gateway.usage import UsageSniffer, ask_for_usage
-from services.gateway.validation import bound_output, check_request, sequences
+from services.gateway.usage import UsageSniffer, ask_for_usage, count
+from services.gateway.validation import bound_output, check_request, output_bound, sequences
 
 ON_BEHALF = ON_BEHALF_HEADER.encode()
 PROJECT = b"openai-project"  # the official SDK's `project=` (OPENAI_PROJECT_ID)
@@ -74,6 +76,7 @@ class Outcome:
     ttft: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     failed_midstream: bool = False
     strip_usage: bool = False  # the gateway asked for the usage event; the client did not
     capture: bytes | None = None  # the request body, when the exchange is to be stored
@@ -82,6 +85,14 @@ class Outcome:
     alias: Alias | None = None  # the alias the request named (`model` is then its target)
     served: tuple[tuple[bytes, bytes], ...] = ()  # response headers naming what served it
     forwarded: bool = False  # it reached an engine (its outcome is the target's)
+
+
+def _charged(out: Outcome, worst: int) -> int:
+    """What a budget is charged for a request: the tokens the engine reported; nothing when no
+    answer came from an engine; its worst case when one came without usage (a stream cut)."""
+    if out.prompt_tokens or out.completion_tokens:
+        return out.prompt_tokens + out.completion_tokens
+    return worst if out.forwarded and out.status == 200 else 0
 
 
 class Proxy:
@@ -96,10 +107,12 @@ class Proxy:
         outbox: Outbox,
         aliases: AliasRouter,
         quotas: StoredQuotas,
+        usage: Outbox,
     ) -> None:
         self.s = settings
         self.quotas = quotas
         self.outbox = outbox
+        self.usage = usage
         self.aliases = aliases
         # The lifecycle store (the finetune service): stored responses a request continues.
         self.lifecycle = Pool(settings.finetune_url)
@@ -108,6 +121,8 @@ class Proxy:
         self.router = router
         self.keys = keys
         self.limiter = limiter
+        self.budgets = Budgets(limiter.redis)
+        self._usage_prefix, self._usage_ids = uuid.uuid4().hex[:20] + "-", itertools.count()
         self.metrics = metrics
         self.concurrency = Concurrency(settings.max_concurrency, settings.max_key_bytes_in_flight)
         metrics.watch(self.concurrency)
@@ -131,6 +146,15 @@ class Proxy:
             if out.alias is not None and out.forwarded:
                 status = 502 if out.failed_midstream else out.status
                 self.aliases.outcome(out.alias, out.model, status, out.ttft or elapsed)
+            if out.key is not None and out.forwarded and out.status in (200, 499):
+                self.record_usage(
+                    out.key,
+                    "completions",
+                    out.model,
+                    out.prompt_tokens,
+                    out.completion_tokens,
+                    out.cached_tokens,
+                )
             self.metrics.observe(
                 route,
                 out.model,
@@ -154,6 +178,32 @@ class Proxy:
                 },
             )
             request_id.reset(token)
+
+    def record_usage(
+        self,
+        key: ApiKey,
+        kind: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int = 0,
+        cached_tokens: int = 0,
+    ) -> None:
+        """A usage record for a request an engine served, to the usage outbox; the finetune
+        service keeps it once (by its own id) for `/v1/organization/usage/...`."""
+        record = {
+            # Never the request id (a client may send the same one twice): this process's own
+            # random prefix and a counter, unique without the cost of a uuid per request.
+            "id": f"{self._usage_prefix}{next(self._usage_ids)}",
+            "at": int(time.time()),
+            "kind": kind,
+            "project_id": key.owner,
+            "api_key_id": key.id,
+            "model": model,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "input_cached_tokens": cached_tokens,
+        }
+        self.usage.put(record, b"", b"")
 
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, rid: str, out: Outcome, start: float
@@ -248,8 +298,19 @@ class Proxy:
         if isinstance(context, int) and not isinstance(context, bool) and 0 < context < bound:
             bound = context
         body = bound_output(path, body, payload, bound)
-        await self.reserve(key, sequences(path, payload))
-        await self._forward(scope, receive, send, body, backends, stream, rid, out, start)
+        n = sequences(path, payload)
+        await self.reserve(key, n)
+        budgets = await self.keys.budgets(key)
+        if not budgets:
+            await self._forward(scope, receive, send, body, backends, stream, rid, out, start)
+            return
+        worst = len(body) + output_bound(path, payload, bound) * n
+        held_tokens = await self.budgets.reserve(budgets, worst)
+        try:
+            await self._forward(scope, receive, send, body, backends, stream, rid, out, start)
+        finally:
+            if held_tokens is not None:
+                await self.budgets.settle(held_tokens, _charged(out, worst))
 
     async def authenticate(self, headers: dict[bytes, bytes], permission: str) -> ApiKey:
         """The request's key, in the project it acts in, holding `permission` (else 401/403)."""
@@ -444,9 +505,7 @@ class Proxy:
         except (orjson.JSONDecodeError, AttributeError):
             self.metrics.upstream_errors.labels("bad_body").inc()
             raise UpstreamError("the inference backend sent a malformed response") from None
-        # Chat and completions say prompt/completion tokens; the Responses API input/output.
-        out.prompt_tokens = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
-        out.completion_tokens = usage.get("completion_tokens") or usage.get("output_tokens") or 0
+        count(usage if isinstance(usage, dict) else {}, out)
         out.status = 200
         if out.capture is not None:
             self.keep(out, rid, raw, stream=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -127,3 +128,20 @@ class Redis:
         if self._conn is not None and self._conn.transport is not None:
             with contextlib.suppress(Exception):
                 self._conn.transport.close()
+
+
+class Script:
+    """A Lua script run by its SHA-1 (EVALSHA), loaded with EVAL the first time a Redis (or a
+    restarted one) does not know it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 (Redis's naming)
+
+    async def __call__(self, redis: Redis, *args: bytes | str | int) -> Any:
+        try:
+            return await redis.execute("EVALSHA", self.sha, *args)
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            return await redis.execute("EVAL", self.source, *args)

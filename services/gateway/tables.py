@@ -3,7 +3,7 @@ the others; importing keys.py registers them all)."""
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, String
+from sqlalchemy import BigInteger, DateTime, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -22,3 +22,6 @@ class ProjectRow(Base):
     name: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     archived_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Tokens per UTC day or month for all its keys together (budgets.py); None: no budget.
+    budget_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    budget_period: Mapped[str] = mapped_column(String(8), default="month", server_default="month")

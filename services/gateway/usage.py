@@ -16,6 +16,16 @@ class Counted(Protocol):
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int
+
+
+def count(usage: dict[str, Any], out: Counted) -> None:
+    """An answer's `usage` into `out`: chat and completions say prompt/completion tokens, the
+    Responses API input/output; cached prompt tokens are in their details."""
+    out.prompt_tokens = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
+    out.completion_tokens = usage.get("completion_tokens") or usage.get("output_tokens") or 0
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    out.cached_tokens = (details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
 
 
 class UsageSniffer:
@@ -69,11 +79,7 @@ def _count_usage(chunk: bytes, out: Counted, strip: bool) -> bytes:
             except orjson.JSONDecodeError:
                 kept.append(event)
                 continue  # the unfinished end of a read: seen whole with the next one
-            usage = body.get("usage") or (body.get("response") or {}).get("usage") or {}
-            out.prompt_tokens = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
-            out.completion_tokens = (
-                usage.get("completion_tokens") or usage.get("output_tokens") or 0
-            )
+            count(body.get("usage") or (body.get("response") or {}).get("usage") or {}, out)
             if strip and body.get("choices") == []:
                 continue  # the usage-only event the client did not ask for
         kept.append(event)

@@ -170,6 +170,13 @@ _BOUNDS = {
 }
 
 
+def output_bound(path: str, payload: dict[str, Any], limit: int) -> int:
+    """The most tokens a sequence of a valid request may generate: the client's bound (the
+    largest, when it sent two), else `limit` (what `bound_output` sets)."""
+    given = [v for f in _BOUNDS[path][1] if isinstance(v := payload.get(f), int)]
+    return max(given) if given else limit
+
+
 def bound_output(path: str, body: bytes, payload: dict[str, Any], limit: int) -> bytes:
     """The body with an output bound of `limit` tokens where the client set none (an engine
     would otherwise generate to the end of its context); spliced in, not encoded again."""

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from services.common.errors import InvalidRequest, NotFound
+from services.common.outbox import USAGE_HEADER
 from services.common.tenancy import current_owner
 from services.retrieval.embedder import USER, EmbedQueue
 from services.retrieval.metrics import RetrievalMetrics
@@ -52,9 +53,11 @@ def router() -> APIRouter:
         vectors = await queue.embed(texts, priority=USER)
         metrics.embed_seconds.labels("request").observe(time.perf_counter() - start)
         metrics.embedded_tokens.labels("request").inc(sum(tokens))
+        used = orjson.dumps({"model": model_id, "input_tokens": sum(tokens)}).decode()
         return Response(
             _encode(vectors, body.encoding_format, model_id, sum(tokens)),
             media_type="application/json",
+            headers={USAGE_HEADER: used},
         )
 
     return r

@@ -22,7 +22,9 @@ measurement. The model name scripts the behaviour:
 | scripted       | chat answers from a script: `POST /script` sets the replies, each |
 |                | `{"content": ...}` or `{"tool_calls": [{"name", "arguments"}]}`, |
 |                | optional `"delay_s"`, `"repeat": true` (kept for every later     |
-|                | call); `GET /script` returns the requests received since         |
+|                | call), `"usage": {"prompt_tokens", "completion_tokens"}` to report |
+|                | (else counted from the bytes); `GET /script` returns the requests |
+|                | received since                                                   |
 
     python -m tests.fakes.openai_server --port 9100 [--slow-s 5]
 """
@@ -309,6 +311,11 @@ class FakeUpstream:
             ]
         prompt = len(orjson.dumps(req.get("messages", []))) // 4
         completion = len(orjson.dumps(message)) // 4
+        if "usage" in reply:  # what the script says the engine used
+            prompt, completion = (
+                reply["usage"]["prompt_tokens"],
+                reply["usage"]["completion_tokens"],
+            )
         body = {
             "id": f"scripted-{len(self.seen)}",
             "object": "chat.completion",

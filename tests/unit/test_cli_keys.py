@@ -119,3 +119,67 @@ def test_each_role_holds_what_the_readme_says() -> None:
     # A path that merely looks like a reviewed one is not.
     assert roles.needed("GET", "/v1/chat/completions_export") == roles.READ
     assert roles.needed("GET", "/v1/evalsx") == roles.READ
+
+
+def test_budgets_are_set_from_the_cli_and_a_months_usage_is_reported(
+    store: KeyStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import orjson
+
+    from services.finetune.config import FinetuneSettings
+    from services.finetune.jobs import JobStore
+    from services.finetune.usage import UsageStore
+
+    assert cli.main(["projects", "create", "Kinetics", "--budget-tokens", "5000"]) == 0
+    project = json.loads(capsys.readouterr().out)
+    assert (project["budget_tokens"], project["budget_period"]) == (5000, "month")
+    assert cli.main(["projects", "update", project["id"], "--budget-tokens", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["budget_tokens"] is None
+    argv = ["keys", "create", "--project", project["id"], "--budget-tokens", "900"]
+    assert cli.main([*argv, "--budget-period", "day"]) == 0
+    key = json.loads(capsys.readouterr().out)
+    assert (key["budget_tokens"], key["budget_period"]) == (900, "day")
+    assert cli.main(["keys", "update", key["id"], "--budget-tokens", "0"]) == 2  # at least 1
+    assert cli.main(["keys", "update", key["id"], "--budget-tokens", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["budget_tokens"] is None
+
+    jobs = JobStore(FinetuneSettings().db_url())  # the finetune database `crucible` reads
+    t0 = 1_767_225_600  # 2026-01-01 00:00 UTC
+    records = [
+        (t0 + 10, "lab", "m1", "completions", 100, 20),
+        (t0 + 20, "lab", "m1", "completions", 50, 5),
+        (t0 + 30, "lab", "emb", "embeddings", 7, 0),
+        (t0 - 1, "lab", "m1", "completions", 999, 999),  # December: not January's
+    ]
+    UsageStore(jobs.session).ingest(
+        [
+            {
+                b"meta": orjson.dumps(
+                    {
+                        "id": f"u{i}",
+                        "at": at,
+                        "kind": kind,
+                        "project_id": project_id,
+                        "api_key_id": "key_a",
+                        "model": model,
+                        "input_tokens": tin,
+                        "output_tokens": tout,
+                    }
+                )
+            }
+            for i, (at, project_id, model, kind, tin, tout) in enumerate(records)
+        ]
+    )
+    jobs.engine.dispose()
+    capsys.readouterr()
+    assert cli.main(["usage", "--month", "2026-01", "--csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "project_id,model,kind,requests,input_tokens,output_tokens,input_cached_tokens",
+        "lab,m1,completions,2,150,25,0",
+        "lab,emb,embeddings,1,7,0,0",
+    ]
+    assert cli.main(["usage", "--month", "2026-01"]) == 0
+    table = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["lab", "m1", "completions", "2", "150", "25"] in table
+    assert table[-1] == ["total", "2026-01", "3", "157", "25"]

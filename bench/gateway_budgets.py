@@ -1,0 +1,113 @@
+"""The per-request cost of usage records and budgets (#24) on the gateway's hot path, in one run:
+
+- `usage_record`: building a served request's usage record and handing it to the outbox (every
+  served request pays this; the outbox's sender writes to Redis off the request path);
+- `budget_lookup`: finding the budgets of a key that has none, in a project that has none (every
+  request pays this: the cached project table, a dict lookup);
+- `reserve_settle`: reserving a budgeted request's worst case and settling it, two Lua scripts
+  on a real Redis (only requests of budgeted keys or projects pay this), beside
+- `redis_ping`: one PING on the same connection, the floor of any Redis round trip.
+
+    .venv/bin/python bench/gateway_budgets.py [--redis redis://127.0.0.1:6379/15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prometheus_client import CollectorRegistry
+
+from bench._load import write_result
+from services.common.outbox import USAGE, Outbox
+from services.gateway.budgets import Budget, Budgets
+from services.gateway.keys import KeyStore
+from services.gateway.proxy import Proxy
+from services.gateway.redisio import Redis
+
+CALLS = 50_000
+REDIS_CALLS = 2_000
+ROUNDS = 7
+
+
+async def per_call_us(fn: Any, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        await fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+async def measure(store: KeyStore, secret: str, redis_url: str) -> dict[str, list[float]]:
+    runs: dict[str, list[float]] = {
+        "usage_record": [],
+        "budget_lookup": [],
+        "reserve_settle": [],
+        "redis_ping": [],
+    }
+    key = await store.aresolve(secret, None)
+    assert key is not None
+    outbox = Outbox(None, USAGE, CollectorRegistry(), buffer=10 * CALLS)
+    proxy: Any = SimpleNamespace(usage=outbox, _usage_prefix="bench-", _usage_ids=itertools.count())
+    redis = Redis(redis_url, timeout=2.0)
+    budgets = Budgets(redis)
+    budget = [Budget("key", f"bench-{uuid.uuid4().hex[:8]}", 10**15, "day")]
+
+    async def record() -> None:
+        Proxy.record_usage(proxy, key, "completions", "crucible-dev", 120, 30, 0)
+
+    async def lookup() -> None:
+        assert not await store.budgets(key)
+
+    async def reserve_settle() -> None:
+        held = await budgets.reserve(budget, 600)
+        assert held is not None
+        await budgets.settle(held, 150)
+
+    async def ping() -> None:
+        await redis.execute("PING")
+
+    await lookup()  # the project table cached from here on
+    try:
+        for _ in range(ROUNDS):  # interleaved, so drift hits each alike
+            runs["usage_record"].append(await per_call_us(record, CALLS))
+            outbox._items.clear()
+            runs["budget_lookup"].append(await per_call_us(lookup, CALLS))
+            runs["reserve_settle"].append(await per_call_us(reserve_settle, REDIS_CALLS))
+            runs["redis_ping"].append(await per_call_us(ping, REDIS_CALLS))
+    finally:
+        await redis.execute("DEL", budget[0].counter()[0])
+        await redis.aclose()
+    return runs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/15")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = KeyStore(f"sqlite:///{Path(tmp) / 'gateway.db'}", cache_ttl=3600)
+        secret, _ = store.create("bench")
+        runs = asyncio.run(measure(store, secret, args.redis))
+        store.engine.dispose()
+    medians = {k: round(statistics.median(v), 3) for k, v in runs.items()}
+    print(f"per request, median of {ROUNDS} rounds (µs): {medians}")
+    write_result(
+        "gateway_budgets",
+        {"calls": CALLS, "redis_calls": REDIS_CALLS, "runs_us": runs, "median_us": medians},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Usage records: the tokens of every request an engine served, kept once each, and OpenAI's
+Usage API over them (`GET /v1/organization/usage/completions` and `/embeddings`, as the
+reference schema has them).
+
+The gateway hands a record per served request to the usage outbox (services/common/outbox.py):
+chat, completions and responses with the tokens their answer reported, embeddings with those
+the retrieval service counted. This service's consumer stores it under the record's own id, so
+a batch delivered twice is kept once. Buckets are summed in SQL: `(at - start_time) // width`
+groups a record into its bucket on SQLite and PostgreSQL alike (whole seconds, never negative).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from sqlalchemy import BigInteger, Index, Integer, String, func, select
+from sqlalchemy.orm import Mapped, mapped_column
+
+from services.common.errors import InvalidRequest
+from services.common.tenancy import Owner
+from services.finetune.jobs import Base
+from services.finetune.remote import ADMIN_HEADER
+
+WIDTHS = {"1m": 60, "1h": 3600, "1d": 86_400}
+# OpenAI's bounds on `limit` (buckets per page) for each width: (default, max).
+LIMITS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
+# What each kind may be grouped by (OpenAI's enums); a record has the first, third and fourth.
+_COMMON = ("project_id", "user_id", "api_key_id", "model")
+GROUPS = {
+    "completions": (*_COMMON, "batch", "service_tier", "api_source"),
+    "embeddings": _COMMON,
+}
+COLUMNS = ("project_id", "api_key_id", "model")
+PAGE_RE = re.compile(r"^page_(\d{1,12})$")
+LATEST = 10**12  # seconds since the epoch a query may name (beyond: a typo, or milliseconds)
+
+
+class UsageRow(Base):
+    __tablename__ = "usage_records"
+    __table_args__ = (Index("ix_usage_records_kind_at", "kind", "at"),)  # what a query reads
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the gateway's, per request
+    at: Mapped[int] = mapped_column(BigInteger)  # when it finished, epoch seconds
+    kind: Mapped[str] = mapped_column(String(16))  # completions | embeddings
+    project_id: Mapped[str] = mapped_column(String(128), index=True)
+    api_key_id: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(256))
+    input_tokens: Mapped[int] = mapped_column(Integer)
+    output_tokens: Mapped[int] = mapped_column(Integer)
+    input_cached_tokens: Mapped[int] = mapped_column(Integer)
+
+
+class UsageStore:
+    def __init__(self, sessions: Any) -> None:
+        self.sessions = sessions
+
+    def ingest(self, records: Sequence[dict[bytes, bytes]]) -> int:
+        """One outbox batch; returns how many records were new (a redelivered one is not)."""
+        rows: dict[str, UsageRow] = {}
+        for record in records:
+            try:
+                m = orjson.loads(record[b"meta"])
+                row = UsageRow(
+                    id=str(m["id"])[:40],
+                    at=int(m["at"]),
+                    kind=str(m.get("kind") or "completions")[:16],
+                    project_id=str(m["project_id"])[:128],
+                    api_key_id=str(m["api_key_id"])[:32],
+                    model=str(m["model"])[:256],
+                    input_tokens=max(int(m["input_tokens"]), 0),
+                    output_tokens=max(int(m["output_tokens"]), 0),
+                    input_cached_tokens=max(int(m.get("input_cached_tokens") or 0), 0),
+                )
+            except (KeyError, TypeError, ValueError, orjson.JSONDecodeError):
+                continue  # not a usage record: nothing to keep
+            rows[row.id] = row
+        if not rows:
+            return 0
+        with self.sessions.begin() as s:
+            seen = set(s.scalars(select(UsageRow.id).where(UsageRow.id.in_(list(rows)))))
+            new = [r for i, r in rows.items() if i not in seen]
+            s.add_all(new)
+        return len(new)
+
+    def buckets(
+        self,
+        kind: str,
+        start: int,
+        end: int,
+        width: int,
+        limit: int,
+        group_by: Sequence[str],
+        filters: dict[str, list[str]],
+    ) -> dict[str, Any]:
+        """OpenAI's UsageResponse: `limit` buckets of `width` seconds from `start` (before
+        `end`), each with one result per group (an empty list for a bucket without use)."""
+        total = -(-(end - start) // width)  # buckets from start to end (the last may be short)
+        page, more = [start + i * width for i in range(min(limit, total))], total > limit
+        stop = min(end, page[-1] + width) if page else start
+        bucket = ((UsageRow.at - start) // width).label("bucket")
+        groups = [getattr(UsageRow, g) for g in group_by if g in COLUMNS]
+        stmt = (
+            select(
+                bucket,
+                *groups,
+                func.sum(UsageRow.input_tokens),
+                func.sum(UsageRow.output_tokens),
+                func.sum(UsageRow.input_cached_tokens),
+                func.count(),
+            )
+            .where(UsageRow.at >= start, UsageRow.at < stop, UsageRow.kind == kind)
+            .group_by(bucket, *groups)
+            .order_by(bucket, *groups)
+        )
+        for field, values in filters.items():
+            stmt = stmt.where(getattr(UsageRow, field).in_(values))
+        results: dict[int, list[dict[str, Any]]] = {}
+        with self.sessions() as s:
+            for row in s.execute(stmt):
+                named = dict(zip([g.key for g in groups], row[1 : 1 + len(groups)], strict=True))
+                tokens_in, tokens_out, cached, n = row[1 + len(groups) :]
+                result = {
+                    "object": f"organization.usage.{kind}.result",
+                    "input_tokens": int(tokens_in or 0),
+                    "num_model_requests": int(n),
+                    **{g: named.get(g) for g in GROUPS[kind]},
+                }
+                if kind == "completions":
+                    result |= {
+                        "output_tokens": int(tokens_out or 0),
+                        "input_cached_tokens": int(cached or 0),
+                        "input_audio_tokens": 0,
+                        "output_audio_tokens": 0,
+                        "batch": False if "batch" in group_by else None,
+                        "api_source": "unlabeled" if "api_source" in group_by else None,
+                    }
+                results.setdefault(int(row[0]), []).append(result)
+        data = [
+            {
+                "object": "bucket",
+                "start_time": t,
+                "end_time": min(t + width, end),
+                "results": results.get((t - start) // width, []),
+            }
+            for t in page
+        ]
+        return {
+            "object": "page",
+            "data": data,
+            "has_more": more,
+            "next_page": f"page_{page[-1] + width}" if more else None,
+        }
+
+
+def report(sessions: Any, start: int, end: int) -> list[dict[str, Any]]:
+    """Tokens and requests per project, model and kind from `start` to `end` (`crucible
+    usage`), largest first."""
+    cols = (UsageRow.project_id, UsageRow.model, UsageRow.kind)
+    stmt = (
+        select(
+            *cols,
+            func.count(),
+            func.sum(UsageRow.input_tokens),
+            func.sum(UsageRow.output_tokens),
+            func.sum(UsageRow.input_cached_tokens),
+        )
+        .where(UsageRow.at >= start, UsageRow.at < end)
+        .group_by(*cols)
+    )
+    with sessions() as s:
+        rows = [
+            {
+                "project_id": project,
+                "model": model,
+                "kind": kind,
+                "requests": int(n),
+                "input_tokens": int(tin or 0),
+                "output_tokens": int(tout or 0),
+                "input_cached_tokens": int(cached or 0),
+            }
+            for project, model, kind, n, tin, tout, cached in s.execute(stmt)
+        ]
+    return sorted(rows, key=lambda r: (-(r["input_tokens"] + r["output_tokens"]), r["project_id"]))
+
+
+def _int(request: Request, name: str, default: int | None = None) -> int | None:
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise InvalidRequest(f"`{name}` must be an integer", param=name) from None
+    if not 0 <= number <= LATEST:
+        raise InvalidRequest(f"`{name}` must be 0 to {LATEST} (seconds)", param=name)
+    return number
+
+
+def _list(request: Request, name: str) -> list[str]:
+    """An array parameter: `name=a&name=b`, `name[]=a`, or `name=a,b`."""
+    values = request.query_params.getlist(name) + request.query_params.getlist(name + "[]")
+    return [v for value in values for v in value.split(",") if v]
+
+
+def _query(request: Request, kind: str, owner: str) -> dict[str, Any]:
+    """`UsageStore.buckets`' arguments from OpenAI's query parameters, checked as its schema
+    has them (400 naming the parameter)."""
+    start = _int(request, "start_time")
+    if start is None:
+        raise InvalidRequest("`start_time` is required (Unix seconds)", param="start_time")
+    end = _int(request, "end_time", int(time.time()) + 1)
+    assert end is not None
+    width_name = request.query_params.get("bucket_width", "1d")
+    if width_name not in WIDTHS:
+        raise InvalidRequest("`bucket_width` is one of 1m, 1h, 1d", param="bucket_width")
+    default, most = LIMITS[width_name]
+    limit = _int(request, "limit", default)
+    if limit is None or not 1 <= limit <= most:
+        raise InvalidRequest(f"`limit` is 1 to {most} for bucket_width {width_name}", param="limit")
+    if (page := request.query_params.get("page")) is not None:
+        matched = PAGE_RE.fullmatch(page)
+        if matched is None or not start <= int(matched[1]) < end:
+            raise InvalidRequest("`page` is not a cursor this query gave", param="page")
+        start = int(matched[1])
+    if not 0 <= start < end:
+        raise InvalidRequest("`start_time` must be before `end_time`", param="start_time")
+    group_by = _list(request, "group_by")
+    if unknown := [g for g in group_by if g not in GROUPS[kind]]:
+        raise InvalidRequest(f"cannot group by {unknown[0][:64]!r}", param="group_by")
+    filters = {
+        "project_id": _list(request, "project_ids"),
+        "api_key_id": _list(request, "api_key_ids"),
+        "model": _list(request, "models"),
+    }
+    filters = {k: v for k, v in filters.items() if v}
+    # Nothing here is a batch job or has a user: asking for only those finds nothing.
+    if request.query_params.get("batch") == "true" or _list(request, "user_ids"):
+        filters["project_id"] = []
+    if request.headers.get(ADMIN_HEADER) != "1":  # another project's usage is not this key's
+        asked = filters.get("project_id", [owner])
+        filters["project_id"] = [owner] if owner in asked else []
+    return {
+        "kind": kind,
+        "start": start,
+        "end": end,
+        "width": WIDTHS[width_name],
+        "limit": limit,
+        "group_by": group_by,
+        "filters": filters,
+    }
+
+
+def _parameters(kind: str) -> dict[str, Any]:
+    """The query parameters as OpenAI's schema has them (parsed by `_query`, which also takes
+    arrays as `name[]=` the way the official SDK sends them)."""
+
+    def array(name: str, items: dict[str, Any]) -> dict[str, Any]:
+        schema = {"type": "array", "items": items}
+        return {"name": name, "in": "query", "schema": schema, "style": "form", "explode": True}
+
+    seconds = {"type": "integer", "minimum": 0, "maximum": LATEST}
+    return {
+        "parameters": [
+            {"name": "start_time", "in": "query", "required": True, "schema": seconds},
+            {"name": "end_time", "in": "query", "schema": seconds},
+            {"name": "bucket_width", "in": "query", "schema": {"enum": list(WIDTHS)}},
+            array("project_ids", {"type": "string"}),
+            array("api_key_ids", {"type": "string"}),
+            array("models", {"type": "string"}),
+            array("group_by", {"enum": list(GROUPS[kind])}),
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+            {"name": "page", "in": "query", "schema": {"type": "string"}},
+        ]
+    }
+
+
+def router() -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/v1/organization/usage/completions", openapi_extra=_parameters("completions"))
+    def usage_completions(request: Request, owner: Owner) -> dict[str, Any]:
+        """Tokens and requests of chat completions, completions and responses (the agent's and
+        eval runs' model calls among them), in time buckets; an admin key sees every project
+        (`project_ids` narrows), another key its own project's."""
+        store: UsageStore = request.app.state.usage
+        return store.buckets(**_query(request, "completions", owner))
+
+    @r.get("/v1/organization/usage/embeddings", openapi_extra=_parameters("embeddings"))
+    def usage_embeddings(request: Request, owner: Owner) -> dict[str, Any]:
+        """Tokens and requests of `/v1/embeddings`, in time buckets, seen as the completions'."""
+        store: UsageStore = request.app.state.usage
+        return store.buckets(**_query(request, "embeddings", owner))
+
+    return r

@@ -1,0 +1,130 @@
+"""OpenAI's Usage API through the gateway with the official `openai` client: every request an
+engine served (chat, completions, a stream whose client did not ask for usage, embeddings) is
+counted once, with the tokens its answer reported, in its key's project only; an admin sees
+every project."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import DENSE
+
+EMBEDDER = "all-MiniLM-L6-v2"
+
+
+def _admin(gateway_url: str, admin_key: str, path: str, body: dict[str, Any]) -> Any:
+    r = httpx.post(
+        f"{gateway_url}{path}",
+        headers={"authorization": f"Bearer {admin_key}"},
+        json=body,
+        timeout=30,
+    )
+    assert r.status_code < 300, r.text
+    return r.json()
+
+
+def _sdk(gateway_url: str, secret: str) -> openai.OpenAI:
+    """The official client as the Usage API is called: with the key as its admin key."""
+    return openai.OpenAI(
+        base_url=f"{gateway_url}/v1", api_key=secret, admin_api_key=secret, max_retries=0
+    )
+
+
+def _usage(client: openai.OpenAI, **params: Any) -> Any:
+    return client.admin.organization.usage.completions(**params).model_dump()
+
+
+def _embedded(client: openai.OpenAI, **params: Any) -> Any:
+    return client.admin.organization.usage.embeddings(**params).model_dump()
+
+
+def test_each_served_request_is_counted_once_in_its_project(
+    gateway_url: str, admin_key: str
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    project = _admin(gateway_url, admin_key, "/admin/projects", {"name": f"usage {tag}"})
+    member = _admin(gateway_url, admin_key, "/admin/keys", {"project_id": project["id"], "rpm": 0})
+    outsider = _admin(gateway_url, admin_key, "/admin/keys", {"owner": f"elsewhere-{tag}"})
+    c, other = _sdk(gateway_url, member["key"]), _sdk(gateway_url, outsider["key"])
+    start = int(time.time())
+    chat = c.chat.completions.create(
+        model=DENSE, messages=[{"role": "user", "content": "Name a metal."}], max_tokens=5
+    )
+    text = c.completions.create(model=DENSE, prompt="Benzene is", max_tokens=4)
+    stream = c.chat.completions.create(
+        model=DENSE,
+        messages=[{"role": "user", "content": "Name a gas."}],
+        max_tokens=6,
+        stream=True,  # no include_usage: the gateway counts it all the same
+    )
+    streamed = sum(1 for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
+    assert chat.usage is not None and text.usage is not None and streamed > 0
+    known_in = chat.usage.prompt_tokens + text.usage.prompt_tokens
+    known_out = chat.usage.completion_tokens + text.usage.completion_tokens
+
+    deadline = time.monotonic() + 20
+    while True:  # the usage outbox delivers to the finetune service within moments
+        page = _usage(c, start_time=start, bucket_width="1d", group_by=["model", "api_key_id"])
+        results = page["data"][0]["results"]
+        if sum(r["num_model_requests"] for r in results) >= 3:
+            break
+        assert time.monotonic() < deadline, f"usage never arrived: {page}"
+        time.sleep(0.2)
+    assert len(results) == 1, results
+    got = results[0]
+    assert (got["model"], got["api_key_id"], got["project_id"]) == (DENSE, member["id"], None)
+    assert got["num_model_requests"] == 3  # once each
+    # The stream's own tokens (the client never saw them) on top of what the others reported.
+    assert got["input_tokens"] > known_in and got["output_tokens"] >= known_out + streamed
+    assert got["object"] == "organization.usage.completions.result"
+
+    theirs = _usage(other, start_time=start, bucket_width="1d")
+    assert theirs["data"][0]["results"] == []  # another project's usage is not theirs
+    peek = _usage(other, start_time=start, project_ids=[project["id"]])
+    assert peek["data"][0]["results"] == []
+
+    every = _usage(
+        _sdk(gateway_url, admin_key),  # an admin key sees any project
+        start_time=start,
+        project_ids=[project["id"]],
+        group_by=["project_id"],
+    )
+    assert [(r["project_id"], r["num_model_requests"]) for r in every["data"][0]["results"]] == [
+        (project["id"], 3)
+    ]
+    vectors = c.embeddings.create(model=EMBEDDER, input=["benzene", "toluene", "xylene"])
+    deadline = time.monotonic() + 20
+    while True:
+        embedded = _embedded(c, start_time=start, group_by=["model"])
+        if embedded["data"][0]["results"]:
+            break
+        assert time.monotonic() < deadline, f"embedding usage never arrived: {embedded}"
+        time.sleep(0.2)
+    assert embedded["data"][0]["results"] == [
+        {
+            "object": "organization.usage.embeddings.result",
+            "input_tokens": vectors.usage.prompt_tokens,
+            "num_model_requests": 1,
+            "project_id": None,
+            "user_id": None,
+            "api_key_id": None,
+            "model": EMBEDDER,
+        }
+    ]
+    # Embeddings are not completions.
+    assert _usage(c, start_time=start)["data"][0]["results"][0]["num_model_requests"] == 3
+
+    for bad in ({"bucket_width": "1w"}, {"limit": 32}, {"group_by": ["colour"]}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            _usage(c, start_time=start, **bad)
+        assert refused.value.param in bad  # type: ignore[attr-defined]
+    with pytest.raises(openai.BadRequestError):
+        c.get("/organization/usage/completions", cast_to=object)  # no start_time
+    c.close()
+    other.close()

@@ -1,0 +1,112 @@
+"""Usage records as the finetune service keeps them (SQLite and PostgreSQL): a record delivered
+twice is counted once, and OpenAI's usage buckets sum exactly what fell in each, grouped and
+filtered as asked, a page at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from services.finetune.jobs import JobStore
+from services.finetune.usage import UsageStore
+from tests.processes import postgres_database
+
+T0 = 1_767_225_600  # 2026-01-01 00:00 UTC
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UsageStore]:
+    if request.param == "sqlite":
+        jobs = JobStore(f"sqlite:///{tmp_path / 'finetune.db'}")
+        yield UsageStore(jobs.session)
+        return
+    with postgres_database() as url:
+        jobs = JobStore(url)
+        yield UsageStore(jobs.session)
+        jobs.engine.dispose()
+
+
+def record(i: str, at: int, project: str, key: str, model: str, tin: int, tout: int) -> Any:
+    meta = {
+        "id": i,
+        "at": at,
+        "project_id": project,
+        "api_key_id": key,
+        "model": model,
+        "input_tokens": tin,
+        "output_tokens": tout,
+        "input_cached_tokens": tin // 2,
+    }
+    return {b"meta": orjson.dumps(meta), b"request": b"", b"response": b""}
+
+
+def test_redelivered_records_count_once_and_buckets_sum_what_fell_in_them(
+    store: UsageStore,
+) -> None:
+    batch = [
+        record("u1", T0 + 5, "lab", "key_a", "m1", 10, 3),
+        record("u2", T0 + 59, "lab", "key_b", "m2", 20, 4),
+        record("u3", T0 + 60, "lab", "key_a", "m1", 30, 5),
+        record("u4", T0 + 200, "other", "key_c", "m1", 40, 6),
+        {b"meta": b"not json"},
+    ]
+    assert store.ingest(batch) == 4
+    assert store.ingest(batch[:3]) == 0  # the outbox delivered it again after a crash
+
+    page = store.buckets("completions", T0, T0 + 240, 60, 10, [], {})
+    assert [b["start_time"] for b in page["data"]] == [T0, T0 + 60, T0 + 120, T0 + 180]
+    assert page["data"][2]["results"] == []  # a bucket without use is there, empty
+    first = page["data"][0]["results"]
+    assert len(first) == 1 and first[0]["project_id"] is None  # not grouped: null
+    assert (first[0]["input_tokens"], first[0]["output_tokens"]) == (30, 7)
+    assert (first[0]["input_cached_tokens"], first[0]["num_model_requests"]) == (15, 2)
+    assert page["has_more"] is False and page["next_page"] is None
+
+    grouped = store.buckets("completions", T0, T0 + 240, 60, 10, ["model", "api_key_id"], {})
+    assert [
+        (r["model"], r["api_key_id"], r["input_tokens"]) for r in grouped["data"][0]["results"]
+    ] == [("m1", "key_a", 10), ("m2", "key_b", 20)]
+
+    mine = store.buckets(
+        "completions", T0, T0 + 240, 240, 1, ["project_id"], {"project_id": ["lab"]}
+    )
+    assert [(r["project_id"], r["num_model_requests"]) for r in mine["data"][0]["results"]] == [
+        ("lab", 3)
+    ]
+    nothing = store.buckets("completions", T0, T0 + 240, 240, 1, [], {"project_id": []})
+    assert nothing["data"][0]["results"] == []
+
+
+def test_pages_follow_one_another_until_the_end(store: UsageStore) -> None:
+    store.ingest([record(f"u{i}", T0 + 60 * i, "lab", "key_a", "m1", 1, 1) for i in range(5)])
+    first = store.buckets("completions", T0, T0 + 300, 60, 2, [], {})
+    assert [b["start_time"] for b in first["data"]] == [T0, T0 + 60]
+    assert first["has_more"] and first["next_page"] == f"page_{T0 + 120}"
+    last = store.buckets("completions", T0 + 240, T0 + 300, 60, 2, [], {})
+    assert [b["start_time"] for b in last["data"]] == [T0 + 240]
+    assert last["has_more"] is False
+    assert last["data"][0]["results"][0]["num_model_requests"] == 1
+
+
+def test_embeddings_are_their_own_kind(store: UsageStore) -> None:
+    chat = record("c1", T0, "lab", "key_a", "m1", 10, 3)
+    embed = orjson.loads(record("e1", T0, "lab", "key_a", "embedder", 7, 0)[b"meta"])
+    store.ingest([chat, {b"meta": orjson.dumps({**embed, "kind": "embeddings"})}])
+    got = store.buckets("embeddings", T0, T0 + 60, 60, 1, ["model"], {})["data"][0]["results"]
+    assert got == [
+        {
+            "object": "organization.usage.embeddings.result",
+            "input_tokens": 7,
+            "num_model_requests": 1,
+            "project_id": None,
+            "user_id": None,
+            "api_key_id": None,
+            "model": "embedder",
+        }
+    ]
+    chats = store.buckets("completions", T0, T0 + 60, 60, 1, [], {})["data"][0]["results"]
+    assert [r["num_model_requests"] for r in chats] == [1]
