@@ -1,9 +1,12 @@
 """The per-request cost of usage records and budgets (#24) on the gateway's hot path, in one run:
 
-- `usage_record`: building a served request's usage record and handing it to the outbox (every
+- `usage_record`: building a served request's usage record and handing it to the outbox, and
+  counting its tokens and engine time per project and model for the Cost dashboard (every
   served request pays this; the outbox's sender writes to Redis off the request path);
 - `budget_lookup`: finding the budgets of a key that has none, in a project that has none (every
   request pays this: the cached project table, a dict lookup);
+- `engine_clock`: counting a request in and out of an engine's processor-sharing clock (the
+  engine time attributed to it; every model request pays this);
 - `reserve_settle`: reserving a budgeted request's worst case and settling it, two Lua scripts
   on a real Redis (only requests of budgeted keys or projects pay this), beside
 - `redis_ping`: one PING on the same connection, the floor of any Redis round trip.
@@ -31,10 +34,13 @@ from prometheus_client import CollectorRegistry
 
 from bench._load import write_result
 from services.common.outbox import USAGE, Outbox
+from services.common.upstream import Pool
 from services.gateway.budgets import Budget, Budgets
 from services.gateway.keys import KeyStore
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Proxy
 from services.gateway.redisio import Redis
+from services.gateway.routing import Backend
 
 CALLS = 50_000
 REDIS_CALLS = 2_000
@@ -52,13 +58,17 @@ async def measure(store: KeyStore, secret: str, redis_url: str) -> dict[str, lis
     runs: dict[str, list[float]] = {
         "usage_record": [],
         "budget_lookup": [],
+        "engine_clock": [],
         "reserve_settle": [],
         "redis_ping": [],
     }
     key = await store.aresolve(secret, None)
     assert key is not None
     outbox = Outbox(None, USAGE, CollectorRegistry(), buffer=10 * CALLS)
-    proxy: Any = SimpleNamespace(usage=outbox, _usage_prefix="bench-", _usage_ids=itertools.count())
+    metrics = GatewayMetrics(CollectorRegistry())
+    proxy: Any = SimpleNamespace(
+        usage=outbox, metrics=metrics, _usage_prefix="bench-", _usage_ids=itertools.count()
+    )
     redis = Redis(redis_url, timeout=2.0)
     budgets = Budgets(redis)
     budget = [Budget("key", f"bench-{uuid.uuid4().hex[:8]}", 10**15, "day")]
@@ -68,6 +78,13 @@ async def measure(store: KeyStore, secret: str, redis_url: str) -> dict[str, lis
 
     async def lookup() -> None:
         assert not await store.budgets(key)
+
+    engine = Backend("http://127.0.0.1:9", Pool("http://127.0.0.1:9"))
+
+    async def clock() -> None:
+        mark = engine.request_started()
+        engine.request_done()
+        assert engine.shared_s >= mark
 
     async def reserve_settle() -> None:
         held = await budgets.reserve(budget, 600)
@@ -83,6 +100,7 @@ async def measure(store: KeyStore, secret: str, redis_url: str) -> dict[str, lis
             runs["usage_record"].append(await per_call_us(record, CALLS))
             outbox._items.clear()
             runs["budget_lookup"].append(await per_call_us(lookup, CALLS))
+            runs["engine_clock"].append(await per_call_us(clock, CALLS))
             runs["reserve_settle"].append(await per_call_us(reserve_settle, REDIS_CALLS))
             runs["redis_ping"].append(await per_call_us(ping, REDIS_CALLS))
     finally:

@@ -26,6 +26,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         ports=Ports.free(),
         models_dir=MODELS,
         scrape_interval="1s",  # Prometheus sees the tests' traffic within seconds
+        env={
+            # The cost model at exactly $1 per engine-second, and a hosted price list of $1 and
+            # $2 per input and output token, so costs are checked to the cent (test_usage.py).
+            "CRUCIBLE_FINETUNE_COST_HOSTING_USD_MONTH": "2629800",
+            "CRUCIBLE_FINETUNE_COST_HOSTED_PRICES": '{"*": {"input": 1e6, "output": 2e6}}',
+        },
     )
     s = Stack(config)
     try:

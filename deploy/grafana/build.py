@@ -21,6 +21,15 @@ CAPTURED = '{stream="crucible:captures"}'
 ALIAS_RATE = "rate(crucible_alias_requests_total[5m])"
 HTTP = '{__name__=~"crucible_[a-z]+_http_requests_total"}'
 HTTP_5XX = '{__name__=~"crucible_[a-z]+_http_requests_total", status="5xx"}'
+# The cost model's price of an engine-second, and what a hosted API would charge for the same
+# tokens at its "*" prices (the finetune service exports both from its settings).
+RATE = "scalar(max(crucible_cost_engine_usd_per_second))"
+HOSTED = " + ".join(
+    f'sum(increase(crucible_gateway_project_tokens_total{{direction="{d}"}}[1d]))'
+    f' * scalar(max(crucible_cost_hosted_usd_per_million_tokens{{model="*", direction="{d}"}}))'
+    " / 1e6"
+    for d in ("input", "output")
+)
 HTTP_BUCKETS = '{__name__=~"crucible_[a-z]+_http_request_duration_seconds_bucket"}'
 
 
@@ -263,6 +272,83 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 "Loop overhead per step",
                 "s",
                 [(p95("crucible_agent_loop_overhead_seconds_bucket", q=0.5), "p50")],
+            ),
+        ],
+    ),
+    "cost": (
+        "Crucible / Cost",
+        [
+            (
+                "Cost per day (USD): the lab's engines beside a hosted API",
+                "currencyUSD",
+                [
+                    (f"sum(increase(crucible_gateway_engine_seconds_total[1d])) * {RATE}", "lab"),
+                    (HOSTED, "hosted API, same tokens"),
+                ],
+            ),
+            (
+                "Cost per project (USD, last day)",
+                "currencyUSD",
+                [
+                    (
+                        "sum by (project) (increase(crucible_gateway_engine_seconds_total[1d]))"
+                        f" * {RATE}",
+                        "{{project}}",
+                    )
+                ],
+            ),
+            (
+                "Cost per model (USD, last day)",
+                "currencyUSD",
+                [
+                    (
+                        "sum by (model) (increase(crucible_gateway_engine_seconds_total[1d]))"
+                        f" * {RATE}",
+                        "{{model}}",
+                    )
+                ],
+            ),
+            (
+                "Cost per 1k tokens (USD)",
+                "currencyUSD",
+                [
+                    (
+                        f"sum(rate(crucible_gateway_engine_seconds_total[1h])) * {RATE} * 1000"
+                        " / sum(rate(crucible_gateway_project_tokens_total[1h]))",
+                        "lab",
+                    )
+                ],
+            ),
+            (
+                "Engine busy time attributed (seconds per second)",
+                "short",
+                [
+                    (
+                        "sum by (model) (rate(crucible_gateway_engine_seconds_total[5m]))",
+                        "{{model}}",
+                    )
+                ],
+            ),
+            (
+                "Budgets used (fraction of the period's tokens)",
+                "percentunit",
+                [
+                    (
+                        "max by (scope, id) (crucible_gateway_budget_used_ratio) or vector(0)",
+                        "{{scope}} {{id}}",
+                    )
+                ],
+            ),
+            (
+                "Requests refused for a spent budget (last hour)",
+                "short",
+                [
+                    (
+                        'sum(increase(crucible_gateway_rejections_total{reason="budget"}[1h]))'
+                        " or vector(0)",
+                        "refused",
+                    )
+                ],
             ),
         ],
     ),

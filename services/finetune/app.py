@@ -37,7 +37,7 @@ from services.finetune.datasets import DatasetStore
 from services.finetune.evals import EvalStore
 from services.finetune.handoff import HandoffStore, handoff_round
 from services.finetune.jobs import JobStore
-from services.finetune.metrics import ApiMetrics, LifecycleCollector
+from services.finetune.metrics import ApiMetrics, LifecycleCollector, cost_model
 from services.finetune.schedules import ScheduleStore, schedule_round
 from services.finetune.worker import TASK, make_celery, worker_key
 
@@ -128,6 +128,7 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
         jobs = JobStore(s.db_url())
         dispatcher = Dispatcher(s)
         metrics = ApiMetrics(app.state.registry)
+        cost_model(app.state.registry, s.engine_usd_per_second(), s.cost_hosted_prices)
         metrics.watch(jobs.counts, dispatcher.depth)
         tasks: set[asyncio.Task[None]] = set()
 

@@ -40,6 +40,29 @@ class FinetuneSettings(ServiceSettings):
     # Summed at most every stored_quota_every_s, so an owner may pass it by that long's worth.
     owner_stored_bytes: int = 10 << 30
     stored_quota_every_s: float = 10.0
+    # The cost model (README, "Costs"): what the lab's machine costs per second of an engine's
+    # busy time, from its price amortized over its life, its power and its hosting, shared
+    # equally by the engines it runs. All zero until the lab sets them.
+    cost_hardware_usd: float = Field(default=0.0, ge=0)
+    cost_amortization_years: float = Field(default=3.0, gt=0)
+    cost_power_watts: float = Field(default=0.0, ge=0)  # average draw while serving
+    cost_kwh_usd: float = Field(default=0.0, ge=0)
+    cost_hosting_usd_month: float = Field(default=0.0, ge=0)
+    cost_engines: int = Field(default=1, ge=1)
+    # A hosted API's prices to compare with, USD per million tokens: {"model or *": {"input":
+    # 0.15, "output": 0.6}} ("*" for every model without its own entry; embeddings: "input").
+    cost_hosted_prices: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+    def engine_usd_per_second(self) -> float:
+        """What one second of one engine's busy time costs the lab."""
+        year, month = 365.25 * 86_400, 30.4375 * 86_400
+        box = (
+            self.cost_hardware_usd / (self.cost_amortization_years * year)
+            + self.cost_power_watts / 1000 * self.cost_kwh_usd / 3600
+            + self.cost_hosting_usd_month / month
+        )
+        return box / self.cost_engines
+
     max_examples: int = 100_000
     # The longest example in tokens (within the base model's context): longer ones fail
     # validation, naming their line.

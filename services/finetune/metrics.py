@@ -66,6 +66,25 @@ class ApiMetrics:
         self.queue_depth.set_function(lambda: float(depth()))
 
 
+def cost_model(registry: CollectorRegistry, usd_per_second: float, hosted: dict[str, Any]) -> None:
+    """The cost model's prices as gauges, for the Cost dashboard to multiply the gateway's
+    engine seconds and tokens by."""
+    Gauge(
+        "crucible_cost_engine_usd_per_second",
+        "What one second of one engine's busy time costs (the cost model's settings)",
+        registry=registry,
+    ).set(usd_per_second)
+    prices = Gauge(
+        "crucible_cost_hosted_usd_per_million_tokens",
+        "A hosted API's price to compare with, by model (* for any other) and direction",
+        ["model", "direction"],
+        registry=registry,
+    )
+    for model, price in (hosted or {"*": {}}).items():
+        for direction in ("input", "output"):
+            prices.labels(model, direction).set(float(price.get(direction, 0.0)))
+
+
 class LifecycleCollector:
     """Feedback counts by metric and value, the pass rate of each eval's latest completed run
     per model, and the feedback on each alias's targets, read from SQL at each scrape. Each is

@@ -18,22 +18,26 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from sqlalchemy import BigInteger, Index, Integer, String, func, select
+from sqlalchemy import BigInteger, Float, Index, Integer, String, func, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.common.errors import InvalidRequest
 from services.common.tenancy import Owner
+from services.finetune.config import FinetuneSettings
 from services.finetune.jobs import Base
 from services.finetune.remote import ADMIN_HEADER
 
 WIDTHS = {"1m": 60, "1h": 3600, "1d": 86_400}
-# OpenAI's bounds on `limit` (buckets per page) for each width: (default, max).
-LIMITS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
-# What each kind may be grouped by (OpenAI's enums); a record has the first, third and fourth.
+# The widths each report allows and OpenAI's bounds on `limit` (buckets per page) for each:
+# (default, max). Costs come in days only.
+_TOKENS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
+LIMITS = {"completions": _TOKENS, "embeddings": _TOKENS, "costs": {"1d": (7, 180)}}
+# What each may be grouped by (OpenAI's enums); a record has project_id, api_key_id and model.
 _COMMON = ("project_id", "user_id", "api_key_id", "model")
 GROUPS = {
     "completions": (*_COMMON, "batch", "service_tier", "api_source"),
     "embeddings": _COMMON,
+    "costs": ("project_id", "line_item"),
 }
 COLUMNS = ("project_id", "api_key_id", "model")
 PAGE_RE = re.compile(r"^page_(\d{1,12})$")
@@ -53,6 +57,9 @@ class UsageRow(Base):
     input_tokens: Mapped[int] = mapped_column(Integer)
     output_tokens: Mapped[int] = mapped_column(Integer)
     input_cached_tokens: Mapped[int] = mapped_column(Integer)
+    # Its share of the engine's busy time (the gateway's processor-sharing clock; embeddings:
+    # the seconds the model took): what the cost model prices.
+    engine_seconds: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class UsageStore:
@@ -75,6 +82,7 @@ class UsageStore:
                     input_tokens=max(int(m["input_tokens"]), 0),
                     output_tokens=max(int(m["output_tokens"]), 0),
                     input_cached_tokens=max(int(m.get("input_cached_tokens") or 0), 0),
+                    engine_seconds=max(float(m.get("engine_s") or 0.0), 0.0),
                 )
             except (KeyError, TypeError, ValueError, orjson.JSONDecodeError):
                 continue  # not a usage record: nothing to keep
@@ -99,9 +107,7 @@ class UsageStore:
     ) -> dict[str, Any]:
         """OpenAI's UsageResponse: `limit` buckets of `width` seconds from `start` (before
         `end`), each with one result per group (an empty list for a bucket without use)."""
-        total = -(-(end - start) // width)  # buckets from start to end (the last may be short)
-        page, more = [start + i * width for i in range(min(limit, total))], total > limit
-        stop = min(end, page[-1] + width) if page else start
+        page = Page(start, end, width, limit)
         bucket = ((UsageRow.at - start) // width).label("bucket")
         groups = [getattr(UsageRow, g) for g in group_by if g in COLUMNS]
         stmt = (
@@ -111,9 +117,10 @@ class UsageStore:
                 func.sum(UsageRow.input_tokens),
                 func.sum(UsageRow.output_tokens),
                 func.sum(UsageRow.input_cached_tokens),
+                func.sum(UsageRow.engine_seconds),
                 func.count(),
             )
-            .where(UsageRow.at >= start, UsageRow.at < stop, UsageRow.kind == kind)
+            .where(UsageRow.at >= start, UsageRow.at < page.stop, UsageRow.kind == kind)
             .group_by(bucket, *groups)
             .order_by(bucket, *groups)
         )
@@ -123,12 +130,14 @@ class UsageStore:
         with self.sessions() as s:
             for row in s.execute(stmt):
                 named = dict(zip([g.key for g in groups], row[1 : 1 + len(groups)], strict=True))
-                tokens_in, tokens_out, cached, n = row[1 + len(groups) :]
+                tokens_in, tokens_out, cached, seconds, n = row[1 + len(groups) :]
                 result = {
                     "object": f"organization.usage.{kind}.result",
                     "input_tokens": int(tokens_in or 0),
                     "num_model_requests": int(n),
                     **{g: named.get(g) for g in GROUPS[kind]},
+                    # Crucible's own: the engine time these requests were attributed.
+                    "engine_seconds": round(float(seconds or 0.0), 6),
                 }
                 if kind == "completions":
                     result |= {
@@ -140,20 +149,100 @@ class UsageStore:
                         "api_source": "unlabeled" if "api_source" in group_by else None,
                     }
                 results.setdefault(int(row[0]), []).append(result)
+        return page.response(results)
+
+    def costs(
+        self,
+        start: int,
+        end: int,
+        limit: int,
+        group_by: Sequence[str],
+        filters: dict[str, list[str]],
+        usd_per_second: float,
+        hosted: dict[str, dict[str, float]],
+    ) -> dict[str, Any]:
+        """OpenAI's costs page: day buckets, each with the cost of its engine time at
+        `usd_per_second`, per project and/or line item (`<model>, <kind>`), and beside it what
+        the same tokens would have cost at the `hosted` prices (USD per million tokens)."""
+        page = Page(start, end, 86_400, limit)
+        bucket = ((UsageRow.at - start) // 86_400).label("bucket")
+        cols = (UsageRow.project_id, UsageRow.model, UsageRow.kind)
+        stmt = (
+            select(
+                bucket,
+                *cols,
+                func.sum(UsageRow.input_tokens),
+                func.sum(UsageRow.output_tokens),
+                func.sum(UsageRow.engine_seconds),
+            )
+            .where(UsageRow.at >= start, UsageRow.at < page.stop)
+            .group_by(bucket, *cols)
+        )
+        for field, values in filters.items():
+            stmt = stmt.where(getattr(UsageRow, field).in_(values))
+        sums: dict[tuple[int, str | None, str | None], list[float]] = {}
+        with self.sessions() as s:
+            for b, project, model, kind, tokens_in, tokens_out, seconds in s.execute(stmt):
+                key = (
+                    int(b),
+                    project if "project_id" in group_by else None,
+                    f"{model}, {kind}" if "line_item" in group_by else None,
+                )
+                price = hosted.get(model) or hosted.get("*") or {}
+                equivalent = (
+                    int(tokens_in or 0) * price.get("input", 0.0)
+                    + int(tokens_out or 0) * price.get("output", 0.0)
+                ) / 1e6
+                acc = sums.setdefault(key, [0.0, 0.0])
+                acc[0] += float(seconds or 0.0)
+                acc[1] += equivalent
+        results: dict[int, list[dict[str, Any]]] = {}
+        for (b, project, line_item), (seconds, equivalent) in sorted(
+            sums.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", kv[0][2] or "")
+        ):
+            results.setdefault(b, []).append(
+                {
+                    "object": "organization.costs.result",
+                    "amount": {"value": round(seconds * usd_per_second, 8), "currency": "usd"},
+                    "line_item": line_item,
+                    "project_id": project,
+                    # Crucible's own: the engine time priced, and a hosted API's price for
+                    # the same tokens (null without a price list).
+                    "engine_seconds": round(seconds, 6),
+                    "hosted_equivalent": (
+                        {"value": round(equivalent, 8), "currency": "usd"} if hosted else None
+                    ),
+                }
+            )
+        return page.response(results)
+
+
+class Page:
+    """`limit` buckets of `width` seconds from `start`, before `end` (the last may be short)."""
+
+    def __init__(self, start: int, end: int, width: int, limit: int) -> None:
+        total = -(-(end - start) // width)
+        self.start, self.end, self.width = start, end, width
+        self.starts = [start + i * width for i in range(min(limit, total))]
+        self.more = total > limit
+        self.stop = min(end, self.starts[-1] + width) if self.starts else start
+
+    def response(self, results: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+        """OpenAI's page of buckets; `results` by bucket index (a bucket without: empty)."""
         data = [
             {
                 "object": "bucket",
                 "start_time": t,
-                "end_time": min(t + width, end),
-                "results": results.get((t - start) // width, []),
+                "end_time": min(t + self.width, self.end),
+                "results": results.get((t - self.start) // self.width, []),
             }
-            for t in page
+            for t in self.starts
         ]
         return {
             "object": "page",
             "data": data,
-            "has_more": more,
-            "next_page": f"page_{page[-1] + width}" if more else None,
+            "has_more": self.more,
+            "next_page": f"page_{self.starts[-1] + self.width}" if self.more else None,
         }
 
 
@@ -208,17 +297,18 @@ def _list(request: Request, name: str) -> list[str]:
 
 
 def _query(request: Request, kind: str, owner: str) -> dict[str, Any]:
-    """`UsageStore.buckets`' arguments from OpenAI's query parameters, checked as its schema
-    has them (400 naming the parameter)."""
+    """`UsageStore.buckets`' arguments (or `costs`', less `kind` and `width`) from OpenAI's
+    query parameters, checked as its schema has them (400 naming the parameter)."""
     start = _int(request, "start_time")
     if start is None:
         raise InvalidRequest("`start_time` is required (Unix seconds)", param="start_time")
     end = _int(request, "end_time", int(time.time()) + 1)
     assert end is not None
     width_name = request.query_params.get("bucket_width", "1d")
-    if width_name not in WIDTHS:
-        raise InvalidRequest("`bucket_width` is one of 1m, 1h, 1d", param="bucket_width")
-    default, most = LIMITS[width_name]
+    if width_name not in LIMITS[kind]:
+        allowed = ", ".join(LIMITS[kind])
+        raise InvalidRequest(f"`bucket_width` is one of {allowed}", param="bucket_width")
+    default, most = LIMITS[kind][width_name]
     limit = _int(request, "limit", default)
     if limit is None or not 1 <= limit <= most:
         raise InvalidRequest(f"`limit` is 1 to {most} for bucket_width {width_name}", param="limit")
@@ -232,11 +322,9 @@ def _query(request: Request, kind: str, owner: str) -> dict[str, Any]:
     group_by = _list(request, "group_by")
     if unknown := [g for g in group_by if g not in GROUPS[kind]]:
         raise InvalidRequest(f"cannot group by {unknown[0][:64]!r}", param="group_by")
-    filters = {
-        "project_id": _list(request, "project_ids"),
-        "api_key_id": _list(request, "api_key_ids"),
-        "model": _list(request, "models"),
-    }
+    filters = {"project_id": _list(request, "project_ids")}
+    if kind != "costs":  # costs are filtered by project only
+        filters |= {"api_key_id": _list(request, "api_key_ids"), "model": _list(request, "models")}
     filters = {k: v for k, v in filters.items() if v}
     # Nothing here is a batch job or has a user: asking for only those finds nothing.
     if request.query_params.get("batch") == "true" or _list(request, "user_ids"):
@@ -264,16 +352,22 @@ def _parameters(kind: str) -> dict[str, Any]:
         return {"name": name, "in": "query", "schema": schema, "style": "form", "explode": True}
 
     seconds = {"type": "integer", "minimum": 0, "maximum": LATEST}
+    most = max(most for _, most in LIMITS[kind].values())
+    filters = [array("project_ids", {"type": "string"})]
+    if kind != "costs":
+        filters += [array("api_key_ids", {"type": "string"}), array("models", {"type": "string"})]
     return {
         "parameters": [
             {"name": "start_time", "in": "query", "required": True, "schema": seconds},
             {"name": "end_time", "in": "query", "schema": seconds},
-            {"name": "bucket_width", "in": "query", "schema": {"enum": list(WIDTHS)}},
-            array("project_ids", {"type": "string"}),
-            array("api_key_ids", {"type": "string"}),
-            array("models", {"type": "string"}),
+            {"name": "bucket_width", "in": "query", "schema": {"enum": list(LIMITS[kind])}},
+            *filters,
             array("group_by", {"enum": list(GROUPS[kind])}),
-            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+            {
+                "name": "limit",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": most},
+            },
             {"name": "page", "in": "query", "schema": {"type": "string"}},
         ]
     }
@@ -295,5 +389,23 @@ def router() -> APIRouter:
         """Tokens and requests of `/v1/embeddings`, in time buckets, seen as the completions'."""
         store: UsageStore = request.app.state.usage
         return store.buckets(**_query(request, "embeddings", owner))
+
+    @r.get("/v1/organization/costs", openapi_extra=_parameters("costs"))
+    def costs(request: Request, owner: Owner) -> dict[str, Any]:
+        """What the lab's engines cost, per day: each request's share of an engine's busy time
+        priced by the cost model (settings `cost_*`), grouped by project and/or line item
+        (`<model>, <kind>`); with `hosted_equivalent`, what a hosted API would have charged."""
+        q = _query(request, "costs", owner)
+        s: FinetuneSettings = request.app.state.settings
+        store: UsageStore = request.app.state.usage
+        return store.costs(
+            q["start"],
+            q["end"],
+            q["limit"],
+            q["group_by"],
+            q["filters"],
+            s.engine_usd_per_second(),
+            s.cost_hosted_prices,
+        )
 
     return r

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import QuotaExceeded, Unavailable
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.redisio import Redis, RedisReplyError, Script
 
 log = logging.getLogger("crucible.gateway.budgets")
@@ -27,18 +28,19 @@ log = logging.getLogger("crucible.gateway.budgets")
 PERIODS = ("day", "month")
 
 # KEYS: the counters; ARGV[1]: tokens; ARGV[2i], ARGV[2i+1]: counter i's budget and TTL (s).
-# Returns {0, 0} when reserved on all, else {i, used} for the first counter it would pass.
+# Returns {0, total_1, ...} when reserved on all, else {i, used} for the first it would pass.
 _RESERVE = Script("""
 local want = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
   local used = tonumber(redis.call('GET', key) or '0')
   if used + want > tonumber(ARGV[2 * i]) then return {i, used} end
 end
+local totals = {0}
 for i, key in ipairs(KEYS) do
-  redis.call('INCRBY', key, want)
+  totals[i + 1] = redis.call('INCRBY', key, want)
   redis.call('EXPIRE', key, tonumber(ARGV[2 * i + 1]))
 end
-return {0, 0}
+return totals
 """)
 # KEYS: the counters a reservation holds; ARGV[1]: what to add (negative: given back).
 _SETTLE = Script("""
@@ -79,8 +81,13 @@ class Reservation:
 
 
 class Budgets:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, metrics: GatewayMetrics | None = None) -> None:
         self.redis = redis
+        self.metrics = metrics
+
+    def _used(self, budget: Budget, used: int) -> None:
+        if self.metrics is not None:
+            self.metrics.budget_used.labels(budget.scope, budget.id).set(used / budget.tokens)
 
     async def reserve(self, budgets: Sequence[Budget], tokens: int) -> Reservation | None:
         """Reserve `tokens` on every budget, or raise (429 past one, 503 without Redis)."""
@@ -91,18 +98,23 @@ class Budgets:
         for b, c in zip(budgets, counters, strict=True):
             args += [b.tokens, c[2]]
         try:
-            hit, used = await _RESERVE(self.redis, *args)
+            hit, *used = await _RESERVE(self.redis, *args)
         except (RedisReplyError, OSError, TimeoutError) as exc:
             log.warning("budgets: redis unavailable", extra={"error": type(exc).__name__})
             raise Unavailable("budgets cannot be checked now; try again shortly") from None
         if hit:
             b = budgets[hit - 1]
+            self._used(b, used[0])
+            if self.metrics is not None:
+                self.metrics.rejections.labels("budget").inc()
             raise QuotaExceeded(
                 f"this {b.scope}'s budget of {b.tokens:,} tokens for {counters[hit - 1][1]} "
-                f"would be passed: {used:,} used or reserved, and this request may use up to "
-                f"{tokens:,} (its body's bytes and its output bound); lower max_tokens, or ask "
-                "an admin to raise the budget"
+                f"would be passed: {used[0]:,} used or reserved, and this request may use up "
+                f"to {tokens:,} (its body's bytes and its output bound); lower max_tokens, or "
+                "ask an admin to raise the budget"
             )
+        for b, total in zip(budgets, used, strict=True):
+            self._used(b, total)
         return Reservation([c[0] for c in counters], tokens)
 
     async def settle(self, reservation: Reservation, used: int) -> None:

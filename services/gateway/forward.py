@@ -223,14 +223,16 @@ class ServiceForwarder:
             raise UpstreamError(f"the {service} service broke the connection") from None
 
     def _record(self, key: ApiKey, route: str, used: bytes) -> None:
-        """The usage a service reported for a request it served (embeddings' tokens)."""
+        """The usage a service reported for a request it served (embeddings' tokens, and the
+        seconds its model took)."""
         try:
             u = orjson.loads(used)
             model, tokens = str(u["model"]), int(u["input_tokens"])
+            seconds = float(u.get("seconds") or 0.0)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.warning("malformed usage header", extra={"route": route})
             return
-        self.proxy.record_usage(key, route.rsplit("/", 1)[-1], model, tokens)
+        self.proxy.record_usage(key, route.rsplit("/", 1)[-1], model, tokens, engine_s=seconds)
 
     async def _audit(self, key: ApiKey, action: str, target: str, body: bytes) -> None:
         """Record a change the service made (never its body: a created alias's name only)."""

@@ -60,6 +60,28 @@ class GatewayMetrics:
             registry=registry,
         )
         self.streams_by_relay = {r: self.streams.labels(r) for r in ("direct", "asgi")}
+        # Per project and model (a lab's handful of each): what the Cost dashboard prices.
+        self.engine_seconds = Counter(
+            "crucible_gateway_engine_seconds_total",
+            "Engine busy time attributed to served requests (processor sharing), by project "
+            "and model.",
+            ["project", "model"],
+            registry=registry,
+        )
+        self.project_tokens = Counter(
+            "crucible_gateway_project_tokens_total",
+            "Tokens of served requests by project, model and direction (input, output).",
+            ["project", "model", "direction"],
+            registry=registry,
+        )
+        self._usage: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self.budget_used = Gauge(
+            "crucible_gateway_budget_used_ratio",
+            "Tokens used or reserved of a budget this period, as a fraction of it, at its last "
+            "request (scope: key or project).",
+            ["scope", "id"],
+            registry=registry,
+        )
         self.backend_up = Gauge(
             "crucible_gateway_backend_up",
             "1 if the backend answered its last probe.",
@@ -83,6 +105,20 @@ class GatewayMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=registry,
         )
+
+    def used(self, project: str, model: str, tokens_in: int, tokens_out: int, s: float) -> None:
+        """A served request's tokens and engine time, by project and model."""
+        children = self._usage.get((project, model))
+        if children is None:
+            children = self._usage[(project, model)] = (
+                self.engine_seconds.labels(project, model),
+                self.project_tokens.labels(project, model, "input"),
+                self.project_tokens.labels(project, model, "output"),
+            )
+        engine, tin, tout = children
+        engine.inc(s)
+        tin.inc(tokens_in)
+        tout.inc(tokens_out)
 
     def watch(self, concurrency: Any) -> None:
         """Gauges read from the admission counters at scrape time (nothing on the hot path):

@@ -77,6 +77,7 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    engine_s: float = 0.0  # its share of the engine's busy time (routing.Backend)
     failed_midstream: bool = False
     strip_usage: bool = False  # the gateway asked for the usage event; the client did not
     capture: bytes | None = None  # the request body, when the exchange is to be stored
@@ -121,7 +122,7 @@ class Proxy:
         self.router = router
         self.keys = keys
         self.limiter = limiter
-        self.budgets = Budgets(limiter.redis)
+        self.budgets = Budgets(limiter.redis, metrics)
         self._usage_prefix, self._usage_ids = uuid.uuid4().hex[:20] + "-", itertools.count()
         self.metrics = metrics
         self.concurrency = Concurrency(settings.max_concurrency, settings.max_key_bytes_in_flight)
@@ -154,6 +155,7 @@ class Proxy:
                     out.prompt_tokens,
                     out.completion_tokens,
                     out.cached_tokens,
+                    out.engine_s,
                 )
             self.metrics.observe(
                 route,
@@ -187,6 +189,7 @@ class Proxy:
         input_tokens: int,
         output_tokens: int = 0,
         cached_tokens: int = 0,
+        engine_s: float = 0.0,
     ) -> None:
         """A usage record for a request an engine served, to the usage outbox; the finetune
         service keeps it once (by its own id) for `/v1/organization/usage/...`."""
@@ -202,8 +205,10 @@ class Proxy:
             "input_tokens": input_tokens,
             "output_tokens": output_tokens,
             "input_cached_tokens": cached_tokens,
+            "engine_s": round(engine_s, 6),
         }
         self.usage.put(record, b"", b"")
+        self.metrics.used(key.owner, model, input_tokens, output_tokens, engine_s)
 
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, rid: str, out: Outcome, start: float
@@ -424,7 +429,7 @@ class Proxy:
         watcher = asyncio.create_task(watch_disconnect())
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._open(scope["path"].encode(), body, backends, rid)
+                resp = await self._open(scope["path"].encode(), body, backends, rid, out)
                 try:
                     await self._relay(resp, send, stream, rid, out, start)
                 finally:
@@ -449,21 +454,23 @@ class Proxy:
             state["done"] = True
             watcher.cancel()
 
-    async def _open(self, path: bytes, body: bytes, backends: list[Backend], rid: str) -> Response:
+    async def _open(
+        self, path: bytes, body: bytes, backends: list[Backend], rid: str, out: Outcome
+    ) -> Response:
         """Send to the best backend; on a connect failure, mark it down and try the next."""
         headers = [(b"content-type", b"application/json"), (b"x-request-id", rid.encode())]
         headers += self.inference_headers
         tried: list[Backend] = []
         busy = False
         while (backend := choose(backends, tried)) is not None:
-            backend.outstanding += 1
+            mark = backend.request_started()
             try:
                 resp = await backend.pool.request(
                     b"POST", path, body, headers, connect_timeout=self.s.connect_timeout_s
                 )
             except UpstreamBusy:
                 # Up but saturated: another backend may take it; this one is not marked down.
-                backend.outstanding -= 1
+                backend.request_done()
                 self.metrics.upstream_errors.labels("busy").inc()
                 tried.append(backend)
                 busy = True
@@ -471,16 +478,21 @@ class Proxy:
             except (UpstreamConnectError, UpstreamProtocolError) as exc:
                 # Nothing reached the client yet: mark the backend down and try the next one.
                 # (A protocol error means it took the request and broke: it may be dying.)
-                backend.outstanding -= 1
+                backend.request_done()
                 kind = "connect" if isinstance(exc, UpstreamConnectError) else "protocol"
                 self.metrics.upstream_errors.labels(kind).inc()
                 backend.mark_down()
                 tried.append(backend)
                 continue
             except BaseException:
-                backend.outstanding -= 1
+                backend.request_done()
                 raise
-            resp.on_release = backend.request_done
+
+            def released(backend: Backend = backend, mark: float = mark) -> None:
+                backend.request_done()
+                out.engine_s = backend.shared_s - mark  # its share of the engine's time
+
+            resp.on_release = released
             return resp
         if busy:
             full = Unavailable("every inference backend for this model is busy; try again shortly")

@@ -19,14 +19,36 @@ log = logging.getLogger("crucible.gateway.routing")
 
 @dataclass(eq=False)
 class Backend:
+    """One engine. Its time is shared out among the requests it serves as a processor-sharing
+    clock: while n requests are in flight, each is attributed 1/n of every second, so what the
+    requests are attributed sums to the time it was busy (`busy_s`, as this process saw it)."""
+
     url: str
     pool: Pool
     outstanding: int = 0
     healthy: bool = True
     down_since: float = 0.0
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    busy_s: float = 0.0  # seconds with at least one of this process's requests in flight
+    shared_s: float = 0.0  # the integral of 1/outstanding over time: a request's share is its
+    _since: float = 0.0  # difference between its end and its start
+
+    def _advance(self) -> None:
+        now = time.monotonic()
+        if self.outstanding > 0:
+            elapsed = now - self._since
+            self.busy_s += elapsed
+            self.shared_s += elapsed / self.outstanding
+        self._since = now
+
+    def request_started(self) -> float:
+        """Count a request in; returns its mark on the shared clock."""
+        self._advance()
+        self.outstanding += 1
+        return self.shared_s
 
     def request_done(self) -> None:
+        self._advance()
         self.outstanding -= 1
 
     def mark_down(self) -> None:

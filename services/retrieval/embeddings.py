@@ -51,13 +51,14 @@ def router() -> APIRouter:
         tokens = queue.embedder.counted(texts, "input", isinstance(body.input, list))
         start = time.perf_counter()
         vectors = await queue.embed(texts, priority=USER)
-        metrics.embed_seconds.labels("request").observe(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        metrics.embed_seconds.labels("request").observe(seconds)
         metrics.embedded_tokens.labels("request").inc(sum(tokens))
-        used = orjson.dumps({"model": model_id, "input_tokens": sum(tokens)}).decode()
+        used = {"model": model_id, "input_tokens": sum(tokens), "seconds": round(seconds, 6)}
         return Response(
             _encode(vectors, body.encoding_format, model_id, sum(tokens)),
             media_type="application/json",
-            headers={USAGE_HEADER: used},
+            headers={USAGE_HEADER: orjson.dumps(used).decode()},
         )
 
     return r

@@ -5,6 +5,7 @@ every project."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import Any
@@ -115,8 +116,10 @@ def test_each_served_request_is_counted_once_in_its_project(
             "user_id": None,
             "api_key_id": None,
             "model": EMBEDDER,
+            "engine_seconds": embedded["data"][0]["results"][0]["engine_seconds"],
         }
     ]
+    assert embedded["data"][0]["results"][0]["engine_seconds"] > 0
     # Embeddings are not completions.
     assert _usage(c, start_time=start)["data"][0]["results"][0]["num_model_requests"] == 3
 
@@ -128,3 +131,60 @@ def test_each_served_request_is_counted_once_in_its_project(
         c.get("/organization/usage/completions", cast_to=object)  # no start_time
     c.close()
     other.close()
+
+
+def test_engine_time_attributed_to_requests_is_the_time_the_engine_was_busy_and_is_priced(
+    gateway_url: str, admin_key: str
+) -> None:
+    """Requests overlap (three clients); the engine time the gateway attributes to them sums to
+    the time at least one of them was in flight as the clients saw it (within 10%), and the
+    costs are that time at the test stack's $1 per engine-second (tests/conftest.py)."""
+    tag = uuid.uuid4().hex[:8]
+    project = _admin(gateway_url, admin_key, "/admin/projects", {"name": f"cost {tag}"})
+    member = _admin(gateway_url, admin_key, "/admin/keys", {"project_id": project["id"], "rpm": 0})
+    c = _sdk(gateway_url, member["key"])
+    start = int(time.time())
+    spans: list[tuple[float, float]] = []
+
+    def client(n: int) -> None:
+        for i in range(4):
+            began = time.monotonic()
+            c.chat.completions.create(
+                model=DENSE,
+                messages=[{"role": "user", "content": f"Name element {n * 4 + i}."}],
+                max_tokens=40 + 8 * ((n + i) % 4),
+                extra_body={"ignore_eos": True},  # long enough that the engine's time dominates
+            )
+            spans.append((began, time.monotonic()))
+            time.sleep(0.05 * ((n + i) % 3))  # gaps, so the engine is idle at times
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    busy, end = 0.0, 0.0
+    for began, ended in sorted(spans):  # the union of the spans
+        busy += max(0.0, ended - max(began, end))
+        end = max(end, ended)
+
+    deadline = time.monotonic() + 20
+    while True:
+        results = _usage(c, start_time=start)["data"][0]["results"]
+        if results and results[0]["num_model_requests"] >= 12:
+            break
+        assert time.monotonic() < deadline, f"usage never arrived: {results}"
+        time.sleep(0.2)
+    (got,) = results
+    assert got["num_model_requests"] == 12
+    attributed = got["engine_seconds"]
+    print(f"engine time attributed: {attributed:.3f} s; busy as the clients saw it: {busy:.3f} s")
+    assert abs(attributed - busy) <= 0.10 * busy, (attributed, busy)
+
+    costs = c.admin.organization.usage.costs(start_time=start, group_by=["line_item"])
+    (line,) = costs.model_dump()["data"][0]["results"]
+    assert line["line_item"] == f"{DENSE}, completions"
+    assert line["amount"]["value"] == pytest.approx(attributed, abs=1e-5)  # $1 a second
+    tokens = got["input_tokens"] + 2 * got["output_tokens"]  # at $1 and $2 a token
+    assert line["hosted_equivalent"]["value"] == pytest.approx(tokens)
+    c.close()

@@ -30,8 +30,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UsageStore
         jobs.engine.dispose()
 
 
-def record(i: str, at: int, project: str, key: str, model: str, tin: int, tout: int) -> Any:
+def record(
+    i: str, at: int, project: str, key: str, model: str, tin: int, tout: int, engine_s: float = 0
+) -> Any:
     meta = {
+        "engine_s": engine_s,
         "id": i,
         "at": at,
         "project_id": project,
@@ -94,7 +97,7 @@ def test_pages_follow_one_another_until_the_end(store: UsageStore) -> None:
 
 def test_embeddings_are_their_own_kind(store: UsageStore) -> None:
     chat = record("c1", T0, "lab", "key_a", "m1", 10, 3)
-    embed = orjson.loads(record("e1", T0, "lab", "key_a", "embedder", 7, 0)[b"meta"])
+    embed = orjson.loads(record("e1", T0, "lab", "key_a", "embedder", 7, 0, 0.25)[b"meta"])
     store.ingest([chat, {b"meta": orjson.dumps({**embed, "kind": "embeddings"})}])
     got = store.buckets("embeddings", T0, T0 + 60, 60, 1, ["model"], {})["data"][0]["results"]
     assert got == [
@@ -106,7 +109,34 @@ def test_embeddings_are_their_own_kind(store: UsageStore) -> None:
             "user_id": None,
             "api_key_id": None,
             "model": "embedder",
+            "engine_seconds": 0.25,
         }
     ]
     chats = store.buckets("completions", T0, T0 + 60, 60, 1, [], {})["data"][0]["results"]
     assert [r["num_model_requests"] for r in chats] == [1]
+
+
+def test_costs_price_engine_time_and_compare_with_a_hosted_price_list(store: UsageStore) -> None:
+    store.ingest(
+        [
+            record("c1", T0 + 10, "lab", "key_a", "m1", 1_000, 200, engine_s=2.0),
+            record("c2", T0 + 20, "lab", "key_b", "m2", 500, 100, engine_s=1.5),
+            record("c3", T0 + 86_400, "other", "key_c", "m1", 10, 10, engine_s=0.5),
+        ]
+    )
+    hosted = {"m1": {"input": 1.0, "output": 4.0}, "*": {"input": 2.0, "output": 8.0}}
+    page = store.costs(T0, T0 + 2 * 86_400, 7, ["project_id", "line_item"], {}, 0.01, hosted)
+    assert [b["start_time"] for b in page["data"]] == [T0, T0 + 86_400]
+    first = page["data"][0]["results"]
+    assert [(r["project_id"], r["line_item"], r["engine_seconds"]) for r in first] == [
+        ("lab", "m1, completions", 2.0),
+        ("lab", "m2, completions", 1.5),
+    ]
+    assert first[0]["amount"] == {"value": 0.02, "currency": "usd"}  # 2 s at $0.01
+    # m1 at its own prices, m2 at the "*" ones: (1000 + 200 x 4) / 1e6, (500 x 2 + 100 x 8) / 1e6
+    assert first[0]["hosted_equivalent"]["value"] == pytest.approx(0.0018)
+    assert first[1]["hosted_equivalent"]["value"] == pytest.approx(0.0018)
+    whole = store.costs(T0, T0 + 86_400, 7, [], {"project_id": ["lab"]}, 0.01, {})
+    (total,) = whole["data"][0]["results"]
+    assert total["amount"]["value"] == pytest.approx(0.035) and total["project_id"] is None
+    assert total["hosted_equivalent"] is None  # no price list
