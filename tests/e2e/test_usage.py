@@ -54,10 +54,14 @@ def test_each_served_request_is_counted_once_in_its_project(
     outsider = _admin(gateway_url, admin_key, "/admin/keys", {"owner": f"elsewhere-{tag}"})
     c, other = _sdk(gateway_url, member["key"]), _sdk(gateway_url, outsider["key"])
     start = int(time.time())
+    same = {"X-Request-Id": f"reused-{tag}"}  # one id twice: still two requests counted
     chat = c.chat.completions.create(
-        model=DENSE, messages=[{"role": "user", "content": "Name a metal."}], max_tokens=5
+        model=DENSE,
+        messages=[{"role": "user", "content": "Name a metal."}],
+        max_tokens=5,
+        extra_headers=same,
     )
-    text = c.completions.create(model=DENSE, prompt="Benzene is", max_tokens=4)
+    text = c.completions.create(model=DENSE, prompt="Benzene is", max_tokens=4, extra_headers=same)
     stream = c.chat.completions.create(
         model=DENSE,
         messages=[{"role": "user", "content": "Name a gas."}],
