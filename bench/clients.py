@@ -80,18 +80,18 @@ async def _http_clients(url: str) -> dict[str, tuple[Run, Callable[[], Awaitable
 async def _redis_clients(url: str) -> dict[str, tuple[Run, Callable[[], Awaitable[None]]]]:
     import redis.asyncio as redis_py
 
-    from services.gateway.limits import _GCRA, _GCRA_SHA
+    from services.gateway.limits import _GCRA
     from services.gateway.redisio import Redis
 
     ours_client = Redis(url)
-    await ours_client.execute("SCRIPT", "LOAD", _GCRA)
+    await ours_client.execute("SCRIPT", "LOAD", _GCRA.source)
     maintained_client = redis_py.Redis.from_url(url)
 
     async def ours() -> None:
-        await ours_client.execute("EVALSHA", _GCRA_SHA, 1, "crucible:rpm:bench", 10**9, 1)
+        await ours_client.execute("EVALSHA", _GCRA.sha, 1, "crucible:rpm:bench", 10**9, 1)
 
     async def maintained() -> None:
-        await maintained_client.evalsha(_GCRA_SHA, 1, "crucible:rpm:bench", 10**9, 1)
+        await maintained_client.evalsha(_GCRA.sha, 1, "crucible:rpm:bench", 10**9, 1)
 
     return {
         "ours": (ours, ours_client.aclose),

@@ -67,7 +67,7 @@ def lab(admin: Any) -> dict[str, Any]:
 
     def key(project: str, role: str, **extra: Any) -> dict[str, Any]:
         body = {"project_id": project, "role": role, "rpm": 0, "name": role, **extra}
-        return admin("POST", "/admin/keys", json=body)  # type: ignore[no-any-return]
+        return admin("POST", "/admin/keys", json=body)
 
     for role in ROLES:
         out["keys"][f"a-{role}"] = key(a["id"], role)
@@ -173,7 +173,7 @@ def test_a_reviewer_corrects_another_members_completion(sdk: Any, lab: dict[str,
     assert given["correction"] == fixed
     assert given["key_id"] == lab["keys"]["a-reviewer"]["id"]  # who corrected it
     got = member.chat.completions.retrieve(reply.id)
-    assert got.feedback[0]["correction"] == fixed  # type: ignore[attr-defined]
+    assert got.feedback[0]["correction"] == fixed
     # A reviewer reviews and nothing else; a reader cannot give feedback; another project's
     # reviewer does not see it.
     with pytest.raises(openai.PermissionDeniedError):
