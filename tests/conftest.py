@@ -31,6 +31,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             # $2 per input and output token, so costs are checked to the cent (test_usage.py).
             "CRUCIBLE_FINETUNE_COST_HOSTING_USD_MONTH": "2629800",
             "CRUCIBLE_FINETUNE_COST_HOSTED_PRICES": '{"*": {"input": 1e6, "output": 2e6}}',
+            # Vector store storage recorded every 3 s, so its usage shows within the test.
+            "CRUCIBLE_FINETUNE_USAGE_SNAPSHOT_EVERY_S": "3",
         },
     )
     s = Stack(config)

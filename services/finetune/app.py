@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 import redis
 from fastapi import FastAPI
 
@@ -187,8 +188,28 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
         def rolled_back(alias: str, bar: str) -> None:
             metrics.alias_rollbacks.labels(alias, bar).inc()
 
+        snapshot_at = [0.0]
+
+        async def storage_snapshot() -> None:
+            """The bytes each project's vector stores hold, from retrieval, every
+            `usage_snapshot_every_s` (a round that cannot reach it tries again next round)."""
+            if time.monotonic() - snapshot_at[0] < s.usage_snapshot_every_s:
+                return
+            async with httpx.AsyncClient(timeout=10) as http:
+                r = await http.get(
+                    f"{s.retrieval_url}/internal/vector_store_bytes",
+                    headers={"authorization": f"Bearer {s.internal_token.get_secret_value()}"},
+                )
+            r.raise_for_status()
+            await asyncio.to_thread(usage_store.snapshot, r.json()["owners"])
+            snapshot_at[0] = time.monotonic()
+
         async def guardian() -> None:
             while True:
+                try:
+                    await storage_snapshot()
+                except Exception:
+                    log.warning("vector store usage not recorded", exc_info=True)
                 try:
                     await asyncio.to_thread(guard_round, aliases, captures, rolled_back)
                     await asyncio.to_thread(handoff_round, app.state)

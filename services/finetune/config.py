@@ -52,6 +52,8 @@ class FinetuneSettings(ServiceSettings):
     # A hosted API's prices to compare with, USD per million tokens: {"model or *": {"input":
     # 0.15, "output": 0.6}} ("*" for every model without its own entry; embeddings: "input").
     cost_hosted_prices: dict[str, dict[str, float]] = Field(default_factory=dict)
+    # How often the bytes each project's vector stores hold are recorded (the storage usage).
+    usage_snapshot_every_s: float = Field(default=300.0, gt=0)
 
     def engine_usd_per_second(self) -> float:
         """What one second of one engine's busy time costs the lab."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,12 +32,18 @@ WIDTHS = {"1m": 60, "1h": 3600, "1d": 86_400}
 # The widths each report allows and OpenAI's bounds on `limit` (buckets per page) for each:
 # (default, max). Costs come in days only.
 _TOKENS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
-LIMITS = {"completions": _TOKENS, "embeddings": _TOKENS, "costs": {"1d": (7, 180)}}
+LIMITS = {
+    "completions": _TOKENS,
+    "embeddings": _TOKENS,
+    "vector_stores": _TOKENS,
+    "costs": {"1d": (7, 180)},
+}
 # What each may be grouped by (OpenAI's enums); a record has project_id, api_key_id and model.
 _COMMON = ("project_id", "user_id", "api_key_id", "model")
 GROUPS = {
     "completions": (*_COMMON, "batch", "service_tier", "api_source"),
     "embeddings": _COMMON,
+    "vector_stores": ("project_id",),
     "costs": ("project_id", "line_item"),
 }
 COLUMNS = ("project_id", "api_key_id", "model")
@@ -60,6 +67,8 @@ class UsageRow(Base):
     # Its share of the engine's busy time (the gateway's processor-sharing clock; embeddings:
     # the seconds the model took): what the cost model prices.
     engine_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    # A storage snapshot (kind "vector_stores"): the bytes the project's vector stores held.
+    usage_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class UsageStore:
@@ -175,7 +184,7 @@ class UsageStore:
                 func.sum(UsageRow.output_tokens),
                 func.sum(UsageRow.engine_seconds),
             )
-            .where(UsageRow.at >= start, UsageRow.at < page.stop)
+            .where(UsageRow.at >= start, UsageRow.at < page.stop, UsageRow.kind != "vector_stores")
             .group_by(bucket, *cols)
         )
         for field, values in filters.items():
@@ -212,6 +221,65 @@ class UsageStore:
                     "hosted_equivalent": (
                         {"value": round(equivalent, 8), "currency": "usd"} if hosted else None
                     ),
+                }
+            )
+        return page.response(results)
+
+    def snapshot(self, bytes_by_project: dict[str, int], at: int | None = None) -> int:
+        """Record what each project's vector stores hold now; returns how many were recorded."""
+        now = int(time.time()) if at is None else at
+        rows = [
+            UsageRow(
+                id="vs-" + uuid.uuid4().hex,
+                at=now,
+                kind="vector_stores",
+                project_id=project,
+                api_key_id="",
+                model="",
+                input_tokens=0,
+                output_tokens=0,
+                input_cached_tokens=0,
+                usage_bytes=max(int(used), 0),
+            )
+            for project, used in bytes_by_project.items()
+        ]
+        if rows:
+            with self.sessions.begin() as s:
+                s.add_all(rows)
+        return len(rows)
+
+    def storage(
+        self,
+        start: int,
+        end: int,
+        width: int,
+        limit: int,
+        group_by: Sequence[str],
+        filters: dict[str, list[str]],
+    ) -> dict[str, Any]:
+        """OpenAI's vector-store usage: per bucket, the bytes held (the largest snapshot of each
+        project in it), per project or summed."""
+        page = Page(start, end, width, limit)
+        bucket = ((UsageRow.at - start) // width).label("bucket")
+        stmt = (
+            select(bucket, UsageRow.project_id, func.max(UsageRow.usage_bytes))
+            .where(UsageRow.at >= start, UsageRow.at < page.stop, UsageRow.kind == "vector_stores")
+            .group_by(bucket, UsageRow.project_id)
+        )
+        if "project_id" in filters:
+            stmt = stmt.where(UsageRow.project_id.in_(filters["project_id"]))
+        held: dict[tuple[int, str | None], int] = {}
+        with self.sessions() as s:
+            for b, project, used in s.execute(stmt):
+                key = (int(b), project if "project_id" in group_by else None)
+                held[key] = held.get(key, 0) + int(used or 0)
+        results: dict[int, list[dict[str, Any]]] = {}
+        for (b, project), used in sorted(held.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+            results.setdefault(b, []).append(
+                {
+                    "object": "organization.usage.vector_stores.result",
+                    "usage_bytes": used,
+                    "project_id": project,
                 }
             )
         return page.response(results)
@@ -258,7 +326,7 @@ def report(sessions: Any, start: int, end: int) -> list[dict[str, Any]]:
             func.sum(UsageRow.output_tokens),
             func.sum(UsageRow.input_cached_tokens),
         )
-        .where(UsageRow.at >= start, UsageRow.at < end)
+        .where(UsageRow.at >= start, UsageRow.at < end, UsageRow.kind != "vector_stores")
         .group_by(*cols)
     )
     with sessions() as s:
@@ -323,7 +391,7 @@ def _query(request: Request, kind: str, owner: str) -> dict[str, Any]:
     if unknown := [g for g in group_by if g not in GROUPS[kind]]:
         raise InvalidRequest(f"cannot group by {unknown[0][:64]!r}", param="group_by")
     filters = {"project_id": _list(request, "project_ids")}
-    if kind != "costs":  # costs are filtered by project only
+    if kind in ("completions", "embeddings"):  # storage and costs: by project only
         filters |= {"api_key_id": _list(request, "api_key_ids"), "model": _list(request, "models")}
     filters = {k: v for k, v in filters.items() if v}
     # Nothing here is a batch job or has a user: asking for only those finds nothing.
@@ -354,7 +422,7 @@ def _parameters(kind: str) -> dict[str, Any]:
     seconds = {"type": "integer", "minimum": 0, "maximum": LATEST}
     most = max(most for _, most in LIMITS[kind].values())
     filters = [array("project_ids", {"type": "string"})]
-    if kind != "costs":
+    if kind in ("completions", "embeddings"):
         filters += [array("api_key_ids", {"type": "string"}), array("models", {"type": "string"})]
     return {
         "parameters": [
@@ -389,6 +457,16 @@ def router() -> APIRouter:
         """Tokens and requests of `/v1/embeddings`, in time buckets, seen as the completions'."""
         store: UsageStore = request.app.state.usage
         return store.buckets(**_query(request, "embeddings", owner))
+
+    @r.get("/v1/organization/usage/vector_stores", openapi_extra=_parameters("vector_stores"))
+    def usage_vector_stores(request: Request, owner: Owner) -> dict[str, Any]:
+        """The bytes the vector stores held, in time buckets (snapshots taken every
+        `usage_snapshot_every_s`), seen as the completions'."""
+        q = _query(request, "vector_stores", owner)
+        store: UsageStore = request.app.state.usage
+        return store.storage(
+            q["start"], q["end"], q["width"], q["limit"], q["group_by"], q["filters"]
+        )
 
     @r.get("/v1/organization/costs", openapi_extra=_parameters("costs"))
     def costs(request: Request, owner: Owner) -> dict[str, Any]:

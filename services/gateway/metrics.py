@@ -107,7 +107,9 @@ class GatewayMetrics:
         )
 
     def used(self, project: str, model: str, tokens_in: int, tokens_out: int, s: float) -> None:
-        """A served request's tokens and engine time, by project and model."""
+        """A served request's tokens and engine time, by project and model (a fine-tuned one by
+        its base, as everywhere on the public /metrics)."""
+        model = self.model_label(model)
         children = self._usage.get((project, model))
         if children is None:
             children = self._usage[(project, model)] = (

@@ -569,9 +569,11 @@ class Proxy:
             self.metrics.upstream_errors.labels("stream_broken").inc()
             await _stream_error(send, UpstreamError("the inference backend broke the stream"), out)
             return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        # The engine's answer is whole: kept before the final send, which a client that closes
+        # on `[DONE]` may cut short (the exchange must not be lost with it).
         if usage.kept is not None:
             self.keep(out, rid, b"".join(usage.kept), stream=True)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def keep(self, out: Outcome, rid: str, response: bytes, *, stream: bool) -> None:
         """Hand a finished exchange to the capture outbox (no I/O here)."""

@@ -289,6 +289,14 @@ class Catalog:
                 out[sid]["usage_bytes"] += used
         return out
 
+    def bytes_by_owner(self) -> dict[str, int]:
+        """What each owner's vector stores hold (the usage bytes of their files)."""
+        stmt = select(StoreFileRow.owner, func.sum(StoreFileRow.usage_bytes)).group_by(
+            StoreFileRow.owner
+        )
+        with self.session() as s:
+            return {owner: int(used or 0) for owner, used in s.execute(stmt)}
+
     # --- vector store files --------------------------------------------------------------------
 
     def add_store_file(

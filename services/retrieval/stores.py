@@ -6,12 +6,12 @@ import asyncio
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 from services.common.errors import InvalidRequest
 from services.common.pagination import PageParams, listing
-from services.common.tenancy import Owner
+from services.common.tenancy import Owner, internal_only
 from services.retrieval.catalog import Catalog, StoreRow, store_file_object
 from services.retrieval.chunking import ChunkingError, Strategy, resolve
 from services.retrieval.embedder import USER
@@ -111,6 +111,12 @@ def store_object(row: StoreRow, counts: dict[str, int]) -> dict[str, Any]:
 
 def router() -> APIRouter:
     r = APIRouter()
+
+    @r.get("/internal/vector_store_bytes", dependencies=[Depends(internal_only)])
+    def stored_bytes(request: Request) -> dict[str, Any]:
+        """Per owner, the bytes their vector stores hold (the finetune service's snapshots of
+        storage, for `/v1/organization/usage/vector_stores`)."""
+        return {"object": "list", "owners": request.app.state.catalog.bytes_by_owner()}
 
     def described(catalog: Catalog, row: StoreRow) -> dict[str, Any]:
         return store_object(row, catalog.counts([row.id])[row.id])

@@ -192,3 +192,33 @@ def test_engine_time_attributed_to_requests_is_the_time_the_engine_was_busy_and_
     tokens = got["input_tokens"] + 2 * got["output_tokens"]  # at $1 and $2 a token
     assert line["hosted_equivalent"]["value"] == pytest.approx(tokens)
     c.close()
+
+
+def test_vector_store_storage_is_reported_per_project(gateway_url: str, admin_key: str) -> None:
+    tag = uuid.uuid4().hex[:8]
+    project = _admin(gateway_url, admin_key, "/admin/projects", {"name": f"storage {tag}"})
+    member = _admin(gateway_url, admin_key, "/admin/keys", {"project_id": project["id"], "rpm": 0})
+    c = _sdk(gateway_url, member["key"])
+    start = int(time.time())
+    made = c.files.create(file=("notes.txt", b"Benzene is aromatic. " * 200), purpose="assistants")
+    vs = c.vector_stores.create(name="storage", file_ids=[made.id])
+    deadline = time.monotonic() + 60
+    while (vs := c.vector_stores.retrieve(vs.id)).file_counts.completed < 1:
+        assert time.monotonic() < deadline, "the file was never indexed"
+        time.sleep(0.2)
+    assert vs.usage_bytes > 0
+    while True:  # recorded at the next snapshot (every 3 s in the test stack)
+        page = c.admin.organization.usage.vector_stores(
+            start_time=start, bucket_width="1d", group_by=["project_id"]
+        ).model_dump()
+        results = page["data"][0]["results"]
+        if results and results[0]["usage_bytes"] == vs.usage_bytes:
+            break
+        assert time.monotonic() < deadline, f"storage never reported: {results}"
+        time.sleep(0.5)
+    assert [(r["project_id"], r["object"]) for r in results] == [
+        (project["id"], "organization.usage.vector_stores.result")
+    ]
+    c.vector_stores.delete(vs.id)
+    c.files.delete(made.id)
+    c.close()

@@ -127,8 +127,9 @@ def pdf_page(stream: bytes, flate: bool = False) -> bytes:
     return bytes(out)
 
 
-# 100,000 text operators in 3.5 KB: pypdf takes ~7 s to walk them.
-SLOW_PDF = pdf_page(b"BT /F1 12 Tf 72 712 Td " + b"(ab) Tj 1 0 Td " * 100_000 + b"ET", True)
+# 200,000 text operators in 6 KB: pypdf takes ~4.5 s to walk them here, twice the tests' 2 s cap
+# (100,000 took 2.2 s, under 2 s on a fast day: the file then failed for its text instead).
+SLOW_PDF = pdf_page(b"BT /F1 12 Tf 72 712 Td " + b"(ab) Tj 1 0 Td " * 200_000 + b"ET", True)
 # 70 MB of content in 70 KB: inflated whole before a word is read.
 BOMB_PDF = pdf_page(b"BT /F1 12 Tf 72 712 Td (x) Tj ET " + b" " * (70 << 20), True)
 

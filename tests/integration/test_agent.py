@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from services.agent.runs import RunStore
 from services.stack import Stack
 from services.stackconfig import _free_port
 from tests.conftest import ROOT
@@ -539,10 +540,14 @@ def test_a_run_interrupted_by_a_restart_ends_failed_with_its_steps_kept(
         {**act("calculator", expression="2+2"), "delay_s": 30, "repeat": True},
     )
     run = create(client, tools=["calculator"], budgets={"max_seconds": 60})
+    # Steps are written behind the loop (a kill loses the last few milliseconds' worth): the
+    # kill comes once two of them are in the database.
+    store = RunStore(f"sqlite:///{env.var / 'agent.db'}")
     deadline = time.monotonic() + 10
-    while len(get(client, f"/agent/runs/{run['id']}")["steps"]) < 2:
+    while len(store.steps(run["id"])) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    store.engine.dispose()
     os.killpg(env.agent.popen.pid, signal.SIGKILL)
     env.agent.popen.wait(10)
     with service("agent", env.var, env.settings, ready="/ready", port=env.agent.port) as again:

@@ -140,3 +140,19 @@ def test_costs_price_engine_time_and_compare_with_a_hosted_price_list(store: Usa
     (total,) = whole["data"][0]["results"]
     assert total["amount"]["value"] == pytest.approx(0.035) and total["project_id"] is None
     assert total["hosted_equivalent"] is None  # no price list
+
+
+def test_vector_store_storage_is_the_largest_snapshot_in_each_bucket(store: UsageStore) -> None:
+    store.snapshot({"lab": 1_000, "other": 50}, at=T0 + 10)
+    store.snapshot({"lab": 3_000, "other": 50}, at=T0 + 40)
+    store.snapshot({"lab": 2_000}, at=T0 + 70)  # "other" deleted its stores
+    per_project = store.storage(T0, T0 + 120, 60, 10, ["project_id"], {})
+    assert [
+        [(r["project_id"], r["usage_bytes"]) for r in b["results"]] for b in per_project["data"]
+    ] == [[("lab", 3_000), ("other", 50)], [("lab", 2_000)]]
+    summed = store.storage(T0, T0 + 120, 60, 10, [], {"project_id": ["lab", "other"]})
+    assert [[r["usage_bytes"] for r in b["results"]] for b in summed["data"]] == [[3_050], [2_000]]
+    assert summed["data"][0]["results"][0]["object"] == "organization.usage.vector_stores.result"
+    # Snapshots are neither requests nor costs.
+    assert store.buckets("completions", T0, T0 + 120, 120, 1, [], {})["data"][0]["results"] == []
+    assert store.costs(T0, T0 + 120, 1, [], {}, 1.0, {})["data"][0]["results"] == []

@@ -2,7 +2,7 @@
 
 Revision ID: finetune_0007
 Revises: finetune_0006
-Create Date: 2026-12-01 14:51:43.347045
+Create Date: 2026-12-01 15:11:30.526999
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("output_tokens", sa.Integer(), nullable=False),
         sa.Column("input_cached_tokens", sa.Integer(), nullable=False),
         sa.Column("engine_seconds", sa.Float(), nullable=False),
+        sa.Column("usage_bytes", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("usage_records", schema=None) as batch_op:
