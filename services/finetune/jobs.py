@@ -21,7 +21,9 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
     and_,
+    case,
     delete,
+    func,
     or_,
     select,
     update,
@@ -65,6 +67,9 @@ class JobRow(Base):
     finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Seconds its workers trained it, beat to beat (an attempt whose worker died counts to its
+    # last beat): what the costs price as its GPU time.
+    train_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
@@ -165,6 +170,13 @@ def checkpoint_object(row: CheckpointRow, fine_tuned: str) -> dict[str, Any]:
     }
 
 
+def _trained(now: float) -> Any:
+    """SQL: the job's training seconds with the time since its last beat, while it runs."""
+    running = and_(JobRow.status == "running", JobRow.heartbeat_at.is_not(None))
+    since = now - func.coalesce(JobRow.heartbeat_at, now)
+    return case((running, JobRow.train_seconds + since), else_=JobRow.train_seconds)
+
+
 class JobStore:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
@@ -222,7 +234,9 @@ class JobStore:
         """Set the status (and fields) if the job is in one of `only_from`; log an event."""
         values: dict[str, Any] = {"status": status, **fields}
         if status in FINAL:
-            values["finished_at"] = int(time.time())
+            now = time.time()
+            values["finished_at"] = int(now)
+            values["train_seconds"] = _trained(now)
         if status == "queued":
             values["queued_at"] = time.time()
         with self.session.begin() as s:
@@ -257,11 +271,12 @@ class JobStore:
 
     def heartbeat(self, job_id: str, worker: str) -> bool:
         """Beat; returns whether a cancel was asked for (or the job is no longer ours)."""
+        now = time.time()
         with self.session.begin() as s:
             s.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.worker == worker)
-                .values(heartbeat_at=time.time())
+                .values(heartbeat_at=now, train_seconds=_trained(now))
             )
             row = s.get(JobRow, job_id)
             return row is None or row.cancel_requested or row.worker != worker

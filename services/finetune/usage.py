@@ -25,7 +25,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from services.common.errors import InvalidRequest
 from services.common.tenancy import Owner
 from services.finetune.config import FinetuneSettings
-from services.finetune.jobs import Base
+from services.finetune.jobs import Base, JobRow
 from services.finetune.remote import ADMIN_HEADER
 
 WIDTHS = {"1m": 60, "1h": 3600, "1d": 86_400}
@@ -170,9 +170,10 @@ class UsageStore:
         usd_per_second: float,
         hosted: dict[str, dict[str, float]],
     ) -> dict[str, Any]:
-        """OpenAI's costs page: day buckets, each with the cost of its engine time at
-        `usd_per_second`, per project and/or line item (`<model>, <kind>`), and beside it what
-        the same tokens would have cost at the `hosted` prices (USD per million tokens)."""
+        """OpenAI's costs page: day buckets, each with the cost of its engine time (fine-tuning
+        jobs: their training time) at `usd_per_second`, per project and/or line item (`<model>,
+        <kind>`, `<model>, fine-tuning`), and beside it what the same tokens would have cost at
+        the `hosted` prices (USD per million tokens; trained tokens at "training")."""
         page = Page(start, end, 86_400, limit)
         bucket = ((UsageRow.at - start) // 86_400).label("bucket")
         cols = (UsageRow.project_id, UsageRow.model, UsageRow.kind)
@@ -189,22 +190,41 @@ class UsageStore:
         )
         for field, values in filters.items():
             stmt = stmt.where(getattr(UsageRow, field).in_(values))
+        # Fine-tuning jobs, on the day they ended: their training seconds, their trained tokens
+        # at the hosted price list's "training" price.
+        jobs = select(
+            ((JobRow.finished_at - start) // 86_400).label("bucket"),
+            JobRow.owner,
+            JobRow.model,
+            JobRow.trained_tokens,
+            JobRow.train_seconds,
+        ).where(JobRow.finished_at >= start, JobRow.finished_at < page.stop)
+        if "project_id" in filters:
+            jobs = jobs.where(JobRow.owner.in_(filters["project_id"]))
         sums: dict[tuple[int, str | None, str | None], list[float]] = {}
+
+        def add(b: int, project: str, item: str, seconds: float, equivalent: float) -> None:
+            key = (
+                b,
+                project if "project_id" in group_by else None,
+                item if "line_item" in group_by else None,
+            )
+            acc = sums.setdefault(key, [0.0, 0.0])
+            acc[0] += seconds
+            acc[1] += equivalent
+
         with self.sessions() as s:
             for b, project, model, kind, tokens_in, tokens_out, seconds in s.execute(stmt):
-                key = (
-                    int(b),
-                    project if "project_id" in group_by else None,
-                    f"{model}, {kind}" if "line_item" in group_by else None,
-                )
                 price = hosted.get(model) or hosted.get("*") or {}
                 equivalent = (
                     int(tokens_in or 0) * price.get("input", 0.0)
                     + int(tokens_out or 0) * price.get("output", 0.0)
                 ) / 1e6
-                acc = sums.setdefault(key, [0.0, 0.0])
-                acc[0] += float(seconds or 0.0)
-                acc[1] += equivalent
+                add(int(b), project, f"{model}, {kind}", float(seconds or 0.0), equivalent)
+            for b, project, model, trained, seconds in s.execute(jobs):
+                price = hosted.get(model) or hosted.get("*") or {}
+                equivalent = int(trained or 0) * price.get("training", 0.0) / 1e6
+                add(int(b), project, f"{model}, fine-tuning", float(seconds or 0.0), equivalent)
         results: dict[int, list[dict[str, Any]]] = {}
         for (b, project, line_item), (seconds, equivalent) in sorted(
             sums.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", kv[0][2] or "")

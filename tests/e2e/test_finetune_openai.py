@@ -88,6 +88,27 @@ def test_the_fine_tuned_model_knows_what_the_base_model_does_not(
     assert sum(base) == 0, base
 
 
+def test_the_job_costs_its_training_time(
+    finished_job: Any, gateway_url: str, admin_key: str
+) -> None:
+    """The costs API prices the job's training seconds on the day it ended (the test stack's
+    cost model: $1 per engine-second, tests/conftest.py)."""
+    admin = openai.OpenAI(
+        base_url=f"{gateway_url}/v1", api_key=admin_key, admin_api_key=admin_key, max_retries=0
+    )
+    done = admin.fine_tuning.jobs.retrieve(finished_job.id)
+    assert done.finished_at is not None
+    page = admin.admin.organization.usage.costs(
+        start_time=done.finished_at, end_time=done.finished_at + 1, group_by=["line_item"]
+    ).model_dump()
+    lines = {r["line_item"]: r for r in page["data"][0]["results"]}
+    job = lines[f"{DENSE}, fine-tuning"]
+    # Trained for a while, and never longer than the job existed.
+    assert 0 < job["engine_seconds"] <= done.finished_at - done.created_at + 1
+    assert job["amount"]["value"] == pytest.approx(job["engine_seconds"])
+    admin.close()
+
+
 def test_public_metrics_count_adapter_traffic_without_naming_the_adapter(
     client: openai.OpenAI, finished_job: Any, gateway_url: str
 ) -> None:

@@ -156,3 +156,45 @@ def test_vector_store_storage_is_the_largest_snapshot_in_each_bucket(store: Usag
     # Snapshots are neither requests nor costs.
     assert store.buckets("completions", T0, T0 + 120, 120, 1, [], {})["data"][0]["results"] == []
     assert store.costs(T0, T0 + 120, 1, [], {}, 1.0, {})["data"][0]["results"] == []
+
+
+def test_a_fine_tuning_job_costs_its_training_time(tmp_path: Path) -> None:
+    import time
+
+    from services.finetune.jobs import JobRow
+
+    jobs = JobStore(f"sqlite:///{tmp_path / 'finetune.db'}")
+    usage = UsageStore(jobs.session)
+    now = time.time()
+    with jobs.session.begin() as s:
+        s.add(
+            JobRow(
+                id="ftjob-1",
+                owner="lab",
+                model="m1",
+                training_file="file-1",
+                seed=0,
+                hyperparameters={},
+                lora={},
+                status="running",
+                created_at=int(now) - 60,
+                worker="w1",
+                heartbeat_at=now - 5,  # trained 5 s since its last beat
+            )
+        )
+    assert not jobs.heartbeat("ftjob-1", "w1")
+    with jobs.session() as s:
+        assert 5 <= s.get(JobRow, "ftjob-1").train_seconds < 6
+    jobs.transition("ftjob-1", "succeeded", only_from=("running",), trained_tokens=4_000)
+    start = int(now) - 10
+    hosted = {"*": {"input": 1.0, "output": 1.0, "training": 25.0}}
+    page = usage.costs(start, start + 86_400, 1, ["project_id", "line_item"], {}, 0.5, hosted)
+    (job,) = page["data"][0]["results"]
+    assert (job["project_id"], job["line_item"]) == ("lab", "m1, fine-tuning")
+    assert 5 <= job["engine_seconds"] < 6 and job["amount"]["value"] == pytest.approx(
+        job["engine_seconds"] * 0.5
+    )
+    assert job["hosted_equivalent"]["value"] == pytest.approx(0.1)  # 4,000 tokens at $25/M
+    other = usage.costs(start, start + 86_400, 1, [], {"project_id": ["other"]}, 0.5, hosted)
+    assert other["data"][0]["results"] == []
+    jobs.engine.dispose()
