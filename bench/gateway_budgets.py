@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import statistics
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,9 +36,9 @@ from services.common.upstream import Pool
 from services.gateway.budgets import Budget, Budgets
 from services.gateway.keys import KeyStore
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.proxy import Proxy
 from services.gateway.redisio import Redis
 from services.gateway.routing import Backend
+from services.gateway.usage import UsageRecorder
 
 CALLS = 50_000
 REDIS_CALLS = 2_000
@@ -65,16 +63,13 @@ async def measure(store: KeyStore, secret: str, redis_url: str) -> dict[str, lis
     key = await store.aresolve(secret, None)
     assert key is not None
     outbox = Outbox(None, USAGE, CollectorRegistry(), buffer=10 * CALLS)
-    metrics = GatewayMetrics(CollectorRegistry())
-    proxy: Any = SimpleNamespace(
-        usage=outbox, metrics=metrics, _usage_prefix="bench-", _usage_ids=itertools.count()
-    )
+    recorder = UsageRecorder(outbox, GatewayMetrics(CollectorRegistry()))
     redis = Redis(redis_url, timeout=2.0)
     budgets = Budgets(redis)
     budget = [Budget("key", f"bench-{uuid.uuid4().hex[:8]}", 10**15, "day")]
 
     async def record() -> None:
-        Proxy.record_usage(proxy, key, "completions", "crucible-dev", 120, 30, 0)
+        recorder.record(key, "completions", "crucible-dev", 120, 30, 0)
 
     async def lookup() -> None:
         assert not await store.budgets(key)

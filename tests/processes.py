@@ -147,6 +147,18 @@ def gateway(
     return service("gateway", var_dir, {**wiring, **settings})
 
 
+@contextmanager
+def replicas(
+    var_dir: Path, backends: list[str], redis_url: str, **settings: object
+) -> Iterator[tuple[Proc, Proc]]:
+    """Two gateway processes on one key database and one Redis, as compose's replicas are."""
+    with (
+        gateway(var_dir, backends, redis_url, **settings) as a,
+        gateway(var_dir, backends, redis_url, **settings) as b,
+    ):
+        yield a, b
+
+
 def retrieval(var_dir: Path, **settings: object) -> contextlib.AbstractContextManager[Proc]:
     """A retrieval service process on its own var dir (own SQLite, Milvus Lite and files)."""
     return service("retrieval", var_dir, settings, ready="/ready", timeout=120)

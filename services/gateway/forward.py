@@ -232,7 +232,7 @@ class ServiceForwarder:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.warning("malformed usage header", extra={"route": route})
             return
-        self.proxy.record_usage(key, route.rsplit("/", 1)[-1], model, tokens, engine_s=seconds)
+        self.proxy.usage.record(key, route.rsplit("/", 1)[-1], model, tokens, engine_s=seconds)
 
     async def _audit(self, key: ApiKey, action: str, target: str, body: bytes) -> None:
         """Record a change the service made (never its body: a created alias's name only)."""

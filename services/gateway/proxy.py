@@ -7,11 +7,9 @@ limits → upstream with failover before the first byte → relay. One deadline 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -46,13 +44,14 @@ from services.gateway.aliases import Alias, AliasRouter
 from services.gateway.bodies import ClientGone, parse_object, read_body
 from services.gateway.budgets import Budgets
 from services.gateway.config import GatewaySettings
+from services.gateway.direct import direct_client
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey, KeyStore
 from services.gateway.limits import BodyBytes, Concurrency, RateLimiter, RedisUnavailable
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.owners import ModelOwners
 from services.gateway.quotas import StoredQuotas
 from services.gateway.routing import Backend, Router, choose
-from services.gateway.usage import UsageSniffer, ask_for_usage, count
+from services.gateway.usage import UsageRecorder, UsageSniffer, ask_for_usage, count
 from services.gateway.validation import bound_output, check_request, output_bound, sequences
 
 ON_BEHALF = ON_BEHALF_HEADER.encode()
@@ -113,7 +112,7 @@ class Proxy:
         self.s = settings
         self.quotas = quotas
         self.outbox = outbox
-        self.usage = usage
+        self.usage = UsageRecorder(usage, metrics)
         self.aliases = aliases
         # The lifecycle store (the finetune service): stored responses a request continues.
         self.lifecycle = Pool(settings.finetune_url)
@@ -123,7 +122,6 @@ class Proxy:
         self.keys = keys
         self.limiter = limiter
         self.budgets = Budgets(limiter.redis, metrics)
-        self._usage_prefix, self._usage_ids = uuid.uuid4().hex[:20] + "-", itertools.count()
         self.metrics = metrics
         self.concurrency = Concurrency(settings.max_concurrency, settings.max_key_bytes_in_flight)
         metrics.watch(self.concurrency)
@@ -148,7 +146,7 @@ class Proxy:
                 status = 502 if out.failed_midstream else out.status
                 self.aliases.outcome(out.alias, out.model, status, out.ttft or elapsed)
             if out.key is not None and out.forwarded and out.status in (200, 499):
-                self.record_usage(
+                self.usage.record(
                     out.key,
                     "completions",
                     out.model,
@@ -180,35 +178,6 @@ class Proxy:
                 },
             )
             request_id.reset(token)
-
-    def record_usage(
-        self,
-        key: ApiKey,
-        kind: str,
-        model: str,
-        input_tokens: int,
-        output_tokens: int = 0,
-        cached_tokens: int = 0,
-        engine_s: float = 0.0,
-    ) -> None:
-        """A usage record for a request an engine served, to the usage outbox; the finetune
-        service keeps it once (by its own id) for `/v1/organization/usage/...`."""
-        record = {
-            # Never the request id (a client may send the same one twice): this process's own
-            # random prefix and a counter, unique without the cost of a uuid per request.
-            "id": f"{self._usage_prefix}{next(self._usage_ids)}",
-            "at": int(time.time()),
-            "kind": kind,
-            "project_id": key.owner,
-            "api_key_id": key.id,
-            "model": model,
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "input_cached_tokens": cached_tokens,
-            "engine_s": round(engine_s, 6),
-        }
-        self.usage.put(record, b"", b"")
-        self.metrics.used(key.owner, model, input_tokens, output_tokens, engine_s)
 
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, rid: str, out: Outcome, start: float
@@ -592,51 +561,6 @@ class Proxy:
             "request_id": rid,
         }
         self.outbox.put(meta, out.capture, response)
-
-
-class DirectClient:
-    """The client's side of uvicorn's httptools protocol, for relaying a stream's body without
-    an ASGI send per read. It writes what uvicorn's `send` would write for a body message with
-    `more_body` (one chunk of chunked encoding) to the same transport, and keeps uvicorn's own
-    flow control: a full socket pauses the upstream until uvicorn says it drained. The response
-    start and end still go through `send`, so uvicorn's state stays true."""
-
-    def __init__(self, cycle: Any) -> None:
-        self.transport = cycle.transport
-        self.flow = cycle.flow
-
-    def sink(self, see: Callable[[bytes], bytes]) -> Callable[[bytes], bool]:
-        """What the relay calls with each read: what `see` makes of it goes to the client."""
-        transport, flow = self.transport, self.flow
-
-        def write(data: bytes) -> bool:
-            data = see(data)
-            if transport.is_closing():
-                return False  # gone: drain_or_gone ends the relay
-            if data:  # a chunk of length 0 would end the chunked body
-                transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-            return not flow.write_paused
-
-        return write
-
-    async def drain_or_gone(self) -> None:
-        if self.transport.is_closing():
-            raise ClientGone
-        await self.flow.drain()
-
-
-def direct_client(send: Send) -> DirectClient | None:
-    """The uvicorn httptools cycle behind `send`, if that is what it is and its response is
-    chunked (the only framing this relay writes); else None, and the ASGI path is used."""
-    cycle = getattr(send, "__self__", None)
-    if (
-        type(cycle).__module__ == "uvicorn.protocols.http.httptools_impl"
-        and getattr(cycle, "chunked_encoding", None) is True
-        and hasattr(cycle, "transport")
-        and hasattr(cycle, "flow")
-    ):
-        return DirectClient(cycle)
-    return None
 
 
 def _upstream_error(status: int, raw: bytes) -> CrucibleError:

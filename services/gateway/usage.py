@@ -4,10 +4,16 @@ the client did not), found as the reads pass without parsing every event."""
 
 from __future__ import annotations
 
+import itertools
+import time
+import uuid
 from typing import Any, Protocol
 
 import orjson
 
+from services.common.outbox import Outbox
+from services.gateway.keys import ApiKey
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.validation import insert_fields
 
 
@@ -96,3 +102,40 @@ def ask_for_usage(body: bytes, payload: dict[str, Any]) -> bytes | None:
     if not isinstance(options, dict) or options.get("include_usage") is True:
         return None
     return orjson.dumps({**payload, "stream_options": {**options, "include_usage": True}})
+
+
+class UsageRecorder:
+    """A usage record for each request an engine served, to the usage outbox (the finetune
+    service keeps it once, by its own id, for `/v1/organization/usage/...`), and its tokens and
+    engine time on the per-project counters."""
+
+    def __init__(self, outbox: Outbox, metrics: GatewayMetrics) -> None:
+        self.outbox, self.metrics = outbox, metrics
+        # Never the request id (a client may send the same one twice): this process's own
+        # random prefix and a counter, unique without the cost of a uuid per request.
+        self._prefix, self._ids = uuid.uuid4().hex[:20] + "-", itertools.count()
+
+    def record(
+        self,
+        key: ApiKey,
+        kind: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int = 0,
+        cached_tokens: int = 0,
+        engine_s: float = 0.0,
+    ) -> None:
+        record = {
+            "id": f"{self._prefix}{next(self._ids)}",
+            "at": int(time.time()),
+            "kind": kind,
+            "project_id": key.owner,
+            "api_key_id": key.id,
+            "model": model,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "input_cached_tokens": cached_tokens,
+            "engine_s": round(engine_s, 6),
+        }
+        self.outbox.put(record, b"", b"")
+        self.metrics.used(key.owner, model, input_tokens, output_tokens, engine_s)

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from services.gateway.keys import KeyStore
-from tests.processes import Proc, gateway
+from tests.processes import Proc, replicas
 
 MAX_TOKENS = 8
 
@@ -26,11 +26,8 @@ def var(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def gateways(var: Path, fake: Proc, redis_url: str) -> Iterator[tuple[Proc, Proc]]:
-    with (
-        gateway(var, [fake.url], redis_url) as a,
-        gateway(var, [fake.url], redis_url) as b,
-    ):
-        yield a, b
+    with replicas(var, [fake.url], redis_url) as both:
+        yield both
 
 
 @pytest.fixture(scope="module")

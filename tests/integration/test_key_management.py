@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from services.gateway.keys import KeyStore
-from tests.processes import Proc, gateway
+from tests.processes import Proc, replicas
 
 HI: list[Any] = [{"role": "user", "content": "hi"}]
 
@@ -27,13 +27,8 @@ def var(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def gateways(var: Path, fake: Proc, redis_url: str) -> Iterator[tuple[Proc, Proc]]:
-    """Two gateway processes on one key database, as compose's replicas are."""
-    settings: dict[str, Any] = {"key_last_used_every_s": 0.2}
-    with (
-        gateway(var, [fake.url], redis_url, **settings) as a,
-        gateway(var, [fake.url], redis_url, **settings) as b,
-    ):
-        yield a, b
+    with replicas(var, [fake.url], redis_url, key_last_used_every_s=0.2) as both:
+        yield both
 
 
 @pytest.fixture(scope="module")
