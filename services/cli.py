@@ -207,38 +207,73 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _usage(args: argparse.Namespace) -> int:
-    """A month's tokens per project, model and kind, from the finetune service's records."""
+    """A month's usage and cost per project, model and kind, from the finetune service's
+    records, priced by its cost model (the `CRUCIBLE_FINETUNE_COST_*` settings)."""
     import csv
 
     from services.backup import Deployment
     from services.common.db import make_engine, make_sessionmaker
-    from services.finetune.usage import report
+    from services.finetune.config import FinetuneSettings
+    from services.finetune.usage import UsageStore, report
 
     first = datetime.strptime(args.month, "%Y-%m").replace(tzinfo=UTC)
     after = first.replace(year=first.year + first.month // 12, month=first.month % 12 + 1)
     engine = make_engine(Deployment.from_settings().databases["finetune"])
+    prices = FinetuneSettings()
     try:
-        rows = report(make_sessionmaker(engine), int(first.timestamp()), int(after.timestamp()))
+        rows = report(
+            UsageStore(make_sessionmaker(engine)),
+            int(first.timestamp()),
+            int(after.timestamp()),
+            prices.engine_usd_per_second(),
+            prices.cost_hosted_prices,
+        )
     finally:
         engine.dispose()
-    fields = ["project_id", "model", "kind", "requests", "input_tokens", "output_tokens"]
-    fields.append("input_cached_tokens")
     if args.csv:
-        out = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+        out = csv.DictWriter(sys.stdout, fieldnames=list(USAGE_FIELDS), lineterminator="\n")
         out.writeheader()
         out.writerows(rows)
         return 0
-    print(f"{'project':<30} {'model':<40} {'kind':<12} {'requests':>9} {'in':>12} {'out':>12}")
+
+    def usd(value: float | None) -> str:
+        return "-" if value is None else f"{value:,.2f}"
+
+    print(
+        f"{'project':<24} {'model':<32} {'kind':<12} {'requests':>9} {'in':>12} {'out':>12} "
+        f"{'engine s':>10} {'cost $':>10} {'hosted $':>10}"
+    )
     for r in rows:
+        seconds = "-" if r["engine_seconds"] is None else f"{r['engine_seconds']:,.1f}"
         print(
-            f"{r['project_id'][:30]:<30} {r['model'][:40]:<40} {r['kind']:<12} "
-            f"{r['requests']:>9,} {r['input_tokens']:>12,} {r['output_tokens']:>12,}"
+            f"{r['project_id'][:24]:<24} {r['model'][:32]:<32} {r['kind'][:12]:<12} "
+            f"{r['requests']:>9,} {r['input_tokens']:>12,} {r['output_tokens']:>12,} "
+            f"{seconds:>10} {usd(r['cost_usd']):>10} {usd(r['hosted_usd']):>10}"
         )
-    total_in = sum(r["input_tokens"] for r in rows)
-    total_out = sum(r["output_tokens"] for r in rows)
-    print(f"{'total ' + args.month:<83} {sum(r['requests'] for r in rows):>9,} ", end="")
-    print(f"{total_in:>12,} {total_out:>12,}")
+    served = [r for r in rows if r["kind"] in ("completions", "embeddings")]
+    priced = [r for r in rows if r["cost_usd"] is not None]  # runs are within completions
+    hosted = [r["hosted_usd"] for r in priced if r["hosted_usd"] is not None]
+    print(
+        f"{'total ' + args.month:<71} {'':>9} {sum(r['input_tokens'] for r in served):>12,} "
+        f"{sum(r['output_tokens'] for r in served):>12,} "
+        f"{sum(r['engine_seconds'] or 0.0 for r in priced):>10,.1f} "
+        f"{usd(sum(r['cost_usd'] for r in priced)):>10} {usd(sum(hosted) if hosted else None):>10}"
+    )
     return 0
+
+
+USAGE_FIELDS = (
+    "project_id",
+    "model",
+    "kind",
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "input_cached_tokens",
+    "engine_seconds",
+    "cost_usd",
+    "hosted_usd",
+)
 
 
 def _db(args: argparse.Namespace) -> int:
@@ -380,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     pupd.add_argument("--budget-tokens", type=_or_none(int, "none"), help="per period, or none")
     pupd.add_argument("--budget-period", choices=PERIODS)
     psub.add_parser("archive", help="revoke its keys; its data stays").add_argument("project_id")
-    use = sub.add_parser("usage", help="a month's tokens per project and model")
+    use = sub.add_parser("usage", help="a month's tokens and cost per project and model")
     use.add_argument("--month", default=datetime.now(UTC).strftime("%Y-%m"), help="YYYY-MM (UTC)")
     use.add_argument("--csv", action="store_true", help="CSV instead of a table")
     aud = sub.add_parser("audit", help="the audit log: who changed what, newest first")

@@ -105,6 +105,7 @@ class StackConfig:
             "CRUCIBLE_FINETUNE_REDIS_URL": broker,
             "CRUCIBLE_FINETUNE_CAPTURES_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/0",
             "CRUCIBLE_FINETUNE_RETRIEVAL_URL": retrieval_url,
+            "CRUCIBLE_FINETUNE_AGENT_URL": agent_url,
             # Eval runs call models (and their create checks them) through the gateway.
             "CRUCIBLE_FINETUNE_GATEWAY_URL": gateway_url,
             "CRUCIBLE_FINETUNE_INFERENCE_URLS": json.dumps([inference_url]),

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import httpx
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
@@ -26,7 +26,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.pagination import PageParams
-from services.common.tenancy import Owner
+from services.common.tenancy import Owner, internal_only
 
 ToolName = Literal[
     "search_documents", "molecule_info", "similarity", "substructure_match", "calculator"
@@ -101,6 +101,16 @@ def router() -> APIRouter:
         await asyncio.to_thread(store.request_cancel, run_id, owner)
         await request.app.state.runner.cancel(run_id)
         return await _with_steps(request, run_id, owner)
+
+    @r.get("/internal/ended_runs", dependencies=[Depends(internal_only)])
+    async def ended_runs(
+        request: Request,
+        since: Annotated[float, Query(ge=0)] = 0.0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+    ) -> dict[str, Any]:
+        """The usage of runs that ended at or after `since` (epoch seconds), oldest first."""
+        store: RunStore = request.app.state.store
+        return {"object": "list", "data": await asyncio.to_thread(store.ended_since, since, limit)}
 
     return r
 

@@ -65,7 +65,7 @@ class RunRow(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[int] = mapped_column(Integer, index=True)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
 
 
 class StepRow(Base):
@@ -177,6 +177,35 @@ class RunStore:
             stmt = select(RunRow).where(RunRow.owner == owner)
             rows, more = page(s, stmt, RunRow.created_at, RunRow.id, q)
         return listing([run_object(r) for r in rows], more)
+
+    def ended_since(self, since: float, limit: int) -> list[dict[str, Any]]:
+        """Usage records of the runs that ended at or after `since`, oldest first (the finetune
+        service keeps them, once each by run id, for `/v1/organization/usage/agent_runs`)."""
+        stmt = (
+            select(RunRow)
+            .where(RunRow.completed_at >= since, RunRow.status.in_(FINAL))
+            .order_by(RunRow.completed_at, RunRow.id)
+            .limit(limit)
+        )
+        with self.sessions() as s:
+            rows = list(s.scalars(stmt))
+        return [
+            {
+                "id": r.id,
+                "at": int(r.completed_at or 0),
+                "ended_at": r.completed_at,
+                "kind": "agent_runs",
+                "project_id": r.owner,
+                "api_key_id": r.key_id,
+                "model": r.model,
+                "input_tokens": r.usage.get("prompt_tokens", 0),
+                "output_tokens": r.usage.get("completion_tokens", 0),
+                "requests": r.usage.get("model_calls", 0),
+                "tool_calls": r.usage.get("tool_calls", 0),
+                "tool_seconds": (r.timings or {}).get("tools_ms", 0.0) / 1000,
+            }
+            for r in rows
+        ]
 
     def interrupted(self) -> list[str]:
         """Runs left active by a previous process (it stopped mid-run)."""

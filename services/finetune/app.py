@@ -188,28 +188,36 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
         def rolled_back(alias: str, bar: str) -> None:
             metrics.alias_rollbacks.labels(alias, bar).inc()
 
-        snapshot_at = [0.0]
+        snapshot_at = [0.0, 0.0]  # when storage, and agent runs, were last recorded
+        token = s.internal_token.get_secret_value()
+        runs_since = [max(0.0, usage_store.last("agent_runs") - usage.OVERLAP_S)]
 
-        async def storage_snapshot() -> None:
-            """The bytes each project's vector stores hold, from retrieval, every
-            `usage_snapshot_every_s` (a round that cannot reach it tries again next round)."""
-            if time.monotonic() - snapshot_at[0] < s.usage_snapshot_every_s:
-                return
+        async def record_usage() -> None:
+            """The bytes each project's vector stores hold, from retrieval, and the agent runs
+            that ended, from the agent, every `usage_snapshot_every_s` (each tries again next
+            round when its service cannot be reached)."""
+            now = time.monotonic()
             async with httpx.AsyncClient(timeout=10) as http:
-                r = await http.get(
-                    f"{s.retrieval_url}/internal/vector_store_bytes",
-                    headers={"authorization": f"Bearer {s.internal_token.get_secret_value()}"},
-                )
-            r.raise_for_status()
-            await asyncio.to_thread(usage_store.snapshot, r.json()["owners"])
-            snapshot_at[0] = time.monotonic()
+                if now - snapshot_at[0] >= s.usage_snapshot_every_s:
+                    r = await http.get(
+                        f"{s.retrieval_url}/internal/vector_store_bytes",
+                        headers={"authorization": f"Bearer {token}"},
+                    )
+                    r.raise_for_status()
+                    await asyncio.to_thread(usage_store.snapshot, r.json()["owners"])
+                    snapshot_at[0] = now
+                if now - snapshot_at[1] >= s.usage_snapshot_every_s:
+                    runs_since[0] = await usage.collect_agent_runs(
+                        usage_store, http, s.agent_url, token, runs_since[0]
+                    )
+                    snapshot_at[1] = now
 
         async def guardian() -> None:
             while True:
                 try:
-                    await storage_snapshot()
+                    await record_usage()
                 except Exception:
-                    log.warning("vector store usage not recorded", exc_info=True)
+                    log.warning("storage or agent run usage not recorded", exc_info=True)
                 try:
                     await asyncio.to_thread(guard_round, aliases, captures, rolled_back)
                     await asyncio.to_thread(handoff_round, app.state)

@@ -21,6 +21,8 @@ class FinetuneSettings(ServiceSettings):
     queue: str = "finetune"
     # Training files are read from the retrieval service, as their owner.
     retrieval_url: str = "http://127.0.0.1:8001"
+    # Where agent runs are (their usage is read from it when they end).
+    agent_url: str = "http://127.0.0.1:8003"
     # vLLM servers that serve the fine-tuned adapters (loaded through their internal LoRA route).
     inference_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])
     inference_api_key: SecretStr | None = None  # vLLM's --api-key (compose sets one)
@@ -52,7 +54,8 @@ class FinetuneSettings(ServiceSettings):
     # A hosted API's prices to compare with, USD per million tokens: {"model or *": {"input":
     # 0.15, "output": 0.6}} ("*" for every model without its own entry; embeddings: "input").
     cost_hosted_prices: dict[str, dict[str, float]] = Field(default_factory=dict)
-    # How often the bytes each project's vector stores hold are recorded (the storage usage).
+    # How often the bytes each project's vector stores hold are recorded (the storage usage),
+    # and the agent's ended runs read.
     usage_snapshot_every_s: float = Field(default=300.0, gt=0)
 
     def engine_usd_per_second(self) -> float:

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from services.common.errors import NotFound
 from services.common.pagination import PageQuery, listing, page
 from services.finetune.jobs import Base
+from services.finetune.usage import UsageRow
 
 RUN_FINAL = ("completed", "failed", "canceled")
 
@@ -365,12 +366,31 @@ class EvalStore:
             row.usage = merged
 
     def finish(self, run_id: str, worker: str, status: str, error: dict[str, Any] | None) -> None:
+        """End the run (if `worker` still holds it) and, in the same transaction, its usage
+        record: the model calls and tokens of all its samples and graders."""
         with self.session.begin() as s:
-            s.execute(
+            ended = s.execute(
                 update(RunRow)
                 .where(RunRow.id == run_id, RunRow.worker == worker)
                 .values(status=status, error=error)
-            )
+            ).rowcount
+            row = s.get(RunRow, run_id)
+            if ended and row is not None and s.get(UsageRow, run_id) is None:
+                used = (row.usage or {}).values()
+                s.add(
+                    UsageRow(
+                        id=run_id,
+                        at=int(time.time()),
+                        kind="eval_runs",
+                        project_id=row.owner,
+                        api_key_id=row.key_id,
+                        model=row.model or "",
+                        input_tokens=sum(u.get("prompt_tokens", 0) for u in used),
+                        output_tokens=sum(u.get("completion_tokens", 0) for u in used),
+                        input_cached_tokens=0,
+                        requests=sum(u.get("invocation_count", 0) for u in used),
+                    )
+                )
 
     def latest_completed(
         self, eval_id: str, owner: str, models: list[str]

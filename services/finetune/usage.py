@@ -1,22 +1,30 @@
 """Usage records: the tokens of every request an engine served, kept once each, and OpenAI's
 Usage API over them (`GET /v1/organization/usage/completions` and `/embeddings`, as the
-reference schema has them).
+reference schema has them), with storage, runs and costs beside them.
 
 The gateway hands a record per served request to the usage outbox (services/common/outbox.py):
 chat, completions and responses with the tokens their answer reported, embeddings with those
 the retrieval service counted. This service's consumer stores it under the record's own id, so
-a batch delivered twice is kept once. Buckets are summed in SQL: `(at - start_time) // width`
-groups a record into its bucket on SQLite and PostgreSQL alike (whole seconds, never negative).
+a batch delivered twice is kept once. Runs are recorded whole when they end, under their own
+ids: an eval run in the transaction that ends it (evals.py), an agent run read from the agent
+service's finished runs (`collect_agent_runs`, re-reading an overlap, kept once by id). A run's
+model calls are also among the completions (they went through the gateway): a run's record says
+what the run as a whole used (steps, tool time), and costs count the calls once.
+
+Buckets are summed in SQL: `(at - start_time) // width` groups a record into its bucket on
+SQLite and PostgreSQL alike (whole seconds, never negative).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
 import orjson
 from fastapi import APIRouter, Request
 from sqlalchemy import BigInteger, Float, Index, Integer, String, func, select
@@ -36,6 +44,8 @@ LIMITS = {
     "completions": _TOKENS,
     "embeddings": _TOKENS,
     "vector_stores": _TOKENS,
+    "agent_runs": _TOKENS,
+    "eval_runs": _TOKENS,
     "costs": {"1d": (7, 180)},
 }
 # What each may be grouped by (OpenAI's enums); a record has project_id, api_key_id and model.
@@ -44,8 +54,12 @@ GROUPS = {
     "completions": (*_COMMON, "batch", "service_tier", "api_source"),
     "embeddings": _COMMON,
     "vector_stores": ("project_id",),
+    "agent_runs": ("project_id", "api_key_id", "model"),
+    "eval_runs": ("project_id", "api_key_id", "model"),
     "costs": ("project_id", "line_item"),
 }
+# The records an engine's time and a request's tokens are in (a run's record repeats its calls').
+SERVED = ("completions", "embeddings")
 COLUMNS = ("project_id", "api_key_id", "model")
 PAGE_RE = re.compile(r"^page_(\d{1,12})$")
 LATEST = 10**12  # seconds since the epoch a query may name (beyond: a typo, or milliseconds)
@@ -57,7 +71,8 @@ class UsageRow(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the gateway's, per request
     at: Mapped[int] = mapped_column(BigInteger)  # when it finished, epoch seconds
-    kind: Mapped[str] = mapped_column(String(16))  # completions | embeddings
+    # completions | embeddings | vector_stores | agent_runs | eval_runs
+    kind: Mapped[str] = mapped_column(String(16))
     project_id: Mapped[str] = mapped_column(String(128), index=True)
     api_key_id: Mapped[str] = mapped_column(String(32))
     model: Mapped[str] = mapped_column(String(256))
@@ -69,6 +84,11 @@ class UsageRow(Base):
     engine_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     # A storage snapshot (kind "vector_stores"): the bytes the project's vector stores held.
     usage_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # A run's: its model calls (an agent's steps, an eval's invocations), its tool calls, and
+    # the seconds its tools took.
+    requests: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    tool_calls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    tool_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class UsageStore:
@@ -77,10 +97,19 @@ class UsageStore:
 
     def ingest(self, records: Sequence[dict[bytes, bytes]]) -> int:
         """One outbox batch; returns how many records were new (a redelivered one is not)."""
-        rows: dict[str, UsageRow] = {}
+        found = []
         for record in records:
             try:
-                m = orjson.loads(record[b"meta"])
+                found.append(orjson.loads(record[b"meta"]))
+            except (KeyError, orjson.JSONDecodeError):
+                continue  # not a usage record: nothing to keep
+        return self.keep(found)
+
+    def keep(self, records: Sequence[dict[str, Any]]) -> int:
+        """Records as dicts (the outbox's, or runs'); returns how many were new."""
+        rows: dict[str, UsageRow] = {}
+        for m in records:
+            try:
                 row = UsageRow(
                     id=str(m["id"])[:40],
                     at=int(m["at"]),
@@ -92,8 +121,11 @@ class UsageStore:
                     output_tokens=max(int(m["output_tokens"]), 0),
                     input_cached_tokens=max(int(m.get("input_cached_tokens") or 0), 0),
                     engine_seconds=max(float(m.get("engine_s") or 0.0), 0.0),
+                    requests=max(int(m.get("requests") or 0), 0),
+                    tool_calls=max(int(m.get("tool_calls") or 0), 0),
+                    tool_seconds=max(float(m.get("tool_seconds") or 0.0), 0.0),
                 )
-            except (KeyError, TypeError, ValueError, orjson.JSONDecodeError):
+            except (KeyError, TypeError, ValueError):
                 continue  # not a usage record: nothing to keep
             rows[row.id] = row
         if not rows:
@@ -103,6 +135,11 @@ class UsageStore:
             new = [r for i, r in rows.items() if i not in seen]
             s.add_all(new)
         return len(new)
+
+    def last(self, kind: str) -> int:
+        """When the latest record of `kind` was made (0: none yet)."""
+        with self.sessions() as s:
+            return int(s.scalar(select(func.max(UsageRow.at)).where(UsageRow.kind == kind)) or 0)
 
     def buckets(
         self,
@@ -119,16 +156,17 @@ class UsageStore:
         page = Page(start, end, width, limit)
         bucket = ((UsageRow.at - start) // width).label("bucket")
         groups = [getattr(UsageRow, g) for g in group_by if g in COLUMNS]
+        summed = (
+            UsageRow.input_tokens,
+            UsageRow.output_tokens,
+            UsageRow.input_cached_tokens,
+            UsageRow.engine_seconds,
+            UsageRow.requests,
+            UsageRow.tool_calls,
+            UsageRow.tool_seconds,
+        )
         stmt = (
-            select(
-                bucket,
-                *groups,
-                func.sum(UsageRow.input_tokens),
-                func.sum(UsageRow.output_tokens),
-                func.sum(UsageRow.input_cached_tokens),
-                func.sum(UsageRow.engine_seconds),
-                func.count(),
-            )
+            select(bucket, *groups, *(func.sum(c) for c in summed), func.count())
             .where(UsageRow.at >= start, UsageRow.at < page.stop, UsageRow.kind == kind)
             .group_by(bucket, *groups)
             .order_by(bucket, *groups)
@@ -139,24 +177,9 @@ class UsageStore:
         with self.sessions() as s:
             for row in s.execute(stmt):
                 named = dict(zip([g.key for g in groups], row[1 : 1 + len(groups)], strict=True))
-                tokens_in, tokens_out, cached, seconds, n = row[1 + len(groups) :]
-                result = {
-                    "object": f"organization.usage.{kind}.result",
-                    "input_tokens": int(tokens_in or 0),
-                    "num_model_requests": int(n),
-                    **{g: named.get(g) for g in GROUPS[kind]},
-                    # Crucible's own: the engine time these requests were attributed.
-                    "engine_seconds": round(float(seconds or 0.0), 6),
-                }
-                if kind == "completions":
-                    result |= {
-                        "output_tokens": int(tokens_out or 0),
-                        "input_cached_tokens": int(cached or 0),
-                        "input_audio_tokens": 0,
-                        "output_audio_tokens": 0,
-                        "batch": False if "batch" in group_by else None,
-                        "api_source": "unlabeled" if "api_source" in group_by else None,
-                    }
+                sums = dict(zip((c.key for c in summed), row[1 + len(groups) : -1], strict=True))
+                result = _result(kind, {k: v or 0 for k, v in sums.items()}, int(row[-1]), group_by)
+                result |= {g: named.get(g) for g in GROUPS[kind]}
                 results.setdefault(int(row[0]), []).append(result)
         return page.response(results)
 
@@ -185,7 +208,7 @@ class UsageStore:
                 func.sum(UsageRow.output_tokens),
                 func.sum(UsageRow.engine_seconds),
             )
-            .where(UsageRow.at >= start, UsageRow.at < page.stop, UsageRow.kind != "vector_stores")
+            .where(UsageRow.at >= start, UsageRow.at < page.stop, UsageRow.kind.in_(SERVED))
             .group_by(bucket, *cols)
         )
         for field, values in filters.items():
@@ -305,6 +328,69 @@ class UsageStore:
         return page.response(results)
 
 
+# Runs re-read on each round: one that committed late with an earlier end time is still seen.
+OVERLAP_S = 60.0
+
+
+async def collect_agent_runs(
+    store: UsageStore, http: httpx.AsyncClient, agent_url: str, token: str, since: float
+) -> float:
+    """Keep the usage of the agent runs that ended since `since` (each once, by run id), page
+    by page; returns where the next round starts (the last end seen, less `OVERLAP_S`)."""
+    last = since
+    while True:
+        r = await http.get(
+            f"{agent_url}/internal/ended_runs",
+            params={"since": last, "limit": 500},
+            headers={"authorization": f"Bearer {token}"},
+        )
+        r.raise_for_status()
+        runs = r.json()["data"]
+        await asyncio.to_thread(store.keep, runs)
+        ended = max((float(run["ended_at"]) for run in runs), default=last)
+        if len(runs) < 500 or ended <= last:
+            return max(since, ended - OVERLAP_S)
+        last = ended
+
+
+def _result(kind: str, sums: dict[str, Any], n: int, group_by: Sequence[str]) -> dict[str, Any]:
+    """One bucket's result for a group: OpenAI's fields for completions and embeddings (with
+    Crucible's `engine_seconds`), Crucible's own for runs."""
+    tokens = {
+        "input_tokens": int(sums["input_tokens"]),
+        "output_tokens": int(sums["output_tokens"]),
+    }
+    obj = f"organization.usage.{kind}.result"
+    if kind == "agent_runs":
+        return {
+            "object": obj,
+            "num_runs": n,
+            "steps": int(sums["requests"]),
+            "tool_calls": int(sums["tool_calls"]),
+            "tool_seconds": round(float(sums["tool_seconds"]), 6),
+            **tokens,
+        }
+    if kind == "eval_runs":
+        return {"object": obj, "num_runs": n, "num_model_requests": int(sums["requests"]), **tokens}
+    result = {
+        "object": obj,
+        "input_tokens": tokens["input_tokens"],
+        "num_model_requests": n,
+        # Crucible's own: the engine time these requests were attributed.
+        "engine_seconds": round(float(sums["engine_seconds"]), 6),
+    }
+    if kind == "completions":
+        result |= {
+            "output_tokens": tokens["output_tokens"],
+            "input_cached_tokens": int(sums["input_cached_tokens"]),
+            "input_audio_tokens": 0,
+            "output_audio_tokens": 0,
+            "batch": False if "batch" in group_by else None,
+            "api_source": "unlabeled" if "api_source" in group_by else None,
+        }
+    return result
+
+
 class Page:
     """`limit` buckets of `width` seconds from `start`, before `end` (the last may be short)."""
 
@@ -334,9 +420,16 @@ class Page:
         }
 
 
-def report(sessions: Any, start: int, end: int) -> list[dict[str, Any]]:
-    """Tokens and requests per project, model and kind from `start` to `end` (`crucible
-    usage`), largest first."""
+def report(
+    store: UsageStore,
+    start: int,
+    end: int,
+    usd_per_second: float,
+    hosted: dict[str, dict[str, float]],
+) -> list[dict[str, Any]]:
+    """Per project, model and kind from `start` to `end` (`crucible usage`): requests (runs, or
+    fine-tuning jobs), tokens, engine seconds, what they cost and what a hosted API would have
+    charged; largest cost first. Runs are priced within their completions (cost None)."""
     cols = (UsageRow.project_id, UsageRow.model, UsageRow.kind)
     stmt = (
         select(
@@ -349,9 +442,10 @@ def report(sessions: Any, start: int, end: int) -> list[dict[str, Any]]:
         .where(UsageRow.at >= start, UsageRow.at < end, UsageRow.kind != "vector_stores")
         .group_by(*cols)
     )
-    with sessions() as s:
-        rows = [
-            {
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    with store.sessions() as s:
+        for project, model, kind, n, tin, tout, cached in s.execute(stmt):
+            rows[project, f"{model}, {kind}"] = {
                 "project_id": project,
                 "model": model,
                 "kind": kind,
@@ -360,9 +454,48 @@ def report(sessions: Any, start: int, end: int) -> list[dict[str, Any]]:
                 "output_tokens": int(tout or 0),
                 "input_cached_tokens": int(cached or 0),
             }
-            for project, model, kind, n, tin, tout, cached in s.execute(stmt)
-        ]
-    return sorted(rows, key=lambda r: (-(r["input_tokens"] + r["output_tokens"]), r["project_id"]))
+        jobs = select(JobRow.owner, JobRow.model, func.count(), func.sum(JobRow.trained_tokens))
+        jobs = jobs.where(JobRow.finished_at >= start, JobRow.finished_at < end)
+        for project, model, n, trained in s.execute(jobs.group_by(JobRow.owner, JobRow.model)):
+            rows[project, f"{model}, fine-tuning"] = {
+                "project_id": project,
+                "model": model,
+                "kind": "fine-tuning",
+                "requests": int(n),
+                "input_tokens": int(trained or 0),  # trained tokens
+                "output_tokens": 0,
+                "input_cached_tokens": 0,
+            }
+    for r in rows.values():
+        r |= {"engine_seconds": None, "cost_usd": None, "hosted_usd": None}
+    days = -(-(end - start) // 86_400)
+    for day in range(0, days, 180):  # the costs report's pages
+        first = start + day * 86_400
+        page = store.costs(
+            first,
+            min(end, first + 180 * 86_400),
+            180,
+            ["project_id", "line_item"],
+            {},
+            usd_per_second,
+            hosted,
+        )
+        for bucket in page["data"]:
+            for c in bucket["results"]:
+                if (line := rows.get((c["project_id"], c["line_item"]))) is None:
+                    continue
+                line["engine_seconds"] = (line["engine_seconds"] or 0.0) + c["engine_seconds"]
+                line["cost_usd"] = (line["cost_usd"] or 0.0) + c["amount"]["value"]
+                if (equivalent := c["hosted_equivalent"]) is not None:
+                    line["hosted_usd"] = (line["hosted_usd"] or 0.0) + equivalent["value"]
+    return sorted(
+        rows.values(),
+        key=lambda r: (
+            -(r["cost_usd"] or 0.0),
+            -(r["input_tokens"] + r["output_tokens"]),
+            r["project_id"],
+        ),
+    )
 
 
 def _int(request: Request, name: str, default: int | None = None) -> int | None:
@@ -411,7 +544,7 @@ def _query(request: Request, kind: str, owner: str) -> dict[str, Any]:
     if unknown := [g for g in group_by if g not in GROUPS[kind]]:
         raise InvalidRequest(f"cannot group by {unknown[0][:64]!r}", param="group_by")
     filters = {"project_id": _list(request, "project_ids")}
-    if kind in ("completions", "embeddings"):  # storage and costs: by project only
+    if kind not in ("vector_stores", "costs"):  # storage and costs: by project only
         filters |= {"api_key_id": _list(request, "api_key_ids"), "model": _list(request, "models")}
     filters = {k: v for k, v in filters.items() if v}
     # Nothing here is a batch job or has a user: asking for only those finds nothing.
@@ -442,7 +575,7 @@ def _parameters(kind: str) -> dict[str, Any]:
     seconds = {"type": "integer", "minimum": 0, "maximum": LATEST}
     most = max(most for _, most in LIMITS[kind].values())
     filters = [array("project_ids", {"type": "string"})]
-    if kind in ("completions", "embeddings"):
+    if kind not in ("vector_stores", "costs"):
         filters += [array("api_key_ids", {"type": "string"}), array("models", {"type": "string"})]
     return {
         "parameters": [
@@ -487,6 +620,21 @@ def router() -> APIRouter:
         return store.storage(
             q["start"], q["end"], q["width"], q["limit"], q["group_by"], q["filters"]
         )
+
+    @r.get("/v1/organization/usage/agent_runs", openapi_extra=_parameters("agent_runs"))
+    def usage_agent_runs(request: Request, owner: Owner) -> dict[str, Any]:
+        """Crucible's own: agent runs that ended, in time buckets (`num_runs`, `steps`,
+        `tool_calls`, `tool_seconds`, and the tokens of their model calls, which are also among
+        the completions), seen as the completions'."""
+        store: UsageStore = request.app.state.usage
+        return store.buckets(**_query(request, "agent_runs", owner))
+
+    @r.get("/v1/organization/usage/eval_runs", openapi_extra=_parameters("eval_runs"))
+    def usage_eval_runs(request: Request, owner: Owner) -> dict[str, Any]:
+        """Crucible's own: eval runs that ended, in time buckets (`num_runs`, and the model
+        calls and tokens of their samples and graders, also among the completions)."""
+        store: UsageStore = request.app.state.usage
+        return store.buckets(**_query(request, "eval_runs", owner))
 
     @r.get("/v1/organization/costs", openapi_extra=_parameters("costs"))
     def costs(request: Request, owner: Owner) -> dict[str, Any]:

@@ -92,6 +92,7 @@ class _Outcome:
     status: int = 500
     key_id: str | None = None
     started: bool = False
+    tokens: int | None = None  # what the service said the request used
 
 
 class ServiceForwarder:
@@ -151,7 +152,15 @@ class ServiceForwarder:
             if route == "/v1/embeddings" and key.models is not None:
                 _check_model(body, key.models)
             await self.proxy.reserve(key)
-            await self._forward(scope, send, body, SERVICE_ROUTES[route], key, rid, out)
+            # Embeddings count against token budgets: at most a token per byte sent.
+            budgets = await self.proxy.keys.budgets(key) if route == "/v1/embeddings" else ()
+            reserved = await self.proxy.budgets.reserve(budgets, len(body))
+            try:
+                await self._forward(scope, send, body, SERVICE_ROUTES[route], key, rid, out)
+            finally:
+                if reserved is not None:
+                    spent = out.tokens if out.tokens is not None else len(body)
+                    await self.proxy.budgets.settle(reserved, spent if out.status == 200 else 0)
             if out.status < 300 and (change := forwarded_action(scope["method"], scope["path"])):
                 await self._audit(key, *change, body)
         finally:
@@ -203,7 +212,7 @@ class ServiceForwarder:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     used = next((v for k, v in resp.headers if k == USED), None)
                     if used is not None and resp.status == 200:
-                        self._record(key, route_of(scope["path"]) or "", used)
+                        out.tokens = self._record(key, route_of(scope["path"]) or "", used)
                 finally:
                     resp.release()
         except (UpstreamConnectError, UpstreamBusy) as exc:
@@ -222,17 +231,18 @@ class ServiceForwarder:
                 raise UpstreamTimeout(f"the {service} service did not answer in time") from None
             raise UpstreamError(f"the {service} service broke the connection") from None
 
-    def _record(self, key: ApiKey, route: str, used: bytes) -> None:
+    def _record(self, key: ApiKey, route: str, used: bytes) -> int | None:
         """The usage a service reported for a request it served (embeddings' tokens, and the
-        seconds its model took)."""
+        seconds its model took); returns its tokens (None: not said)."""
         try:
             u = orjson.loads(used)
             model, tokens = str(u["model"]), int(u["input_tokens"])
             seconds = float(u.get("seconds") or 0.0)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.warning("malformed usage header", extra={"route": route})
-            return
+            return None
         self.proxy.usage.record(key, route.rsplit("/", 1)[-1], model, tokens, engine_s=seconds)
+        return tokens
 
     async def _audit(self, key: ApiKey, action: str, target: str, body: bytes) -> None:
         """Record a change the service made (never its body: a created alias's name only)."""

@@ -222,3 +222,153 @@ def test_vector_store_storage_is_reported_per_project(gateway_url: str, admin_ke
     c.vector_stores.delete(vs.id)
     c.files.delete(made.id)
     c.close()
+
+
+def _until(fetch: Any, ready: Any, what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while not ready(got := fetch()):
+        assert time.monotonic() < deadline, f"{what} never arrived: {got}"
+        time.sleep(0.3)
+    return got
+
+
+def test_agent_and_eval_runs_are_each_recorded_once_whole(gateway_url: str, admin_key: str) -> None:
+    """A run's record says what the run as a whole used: the agent's steps, tool calls and tool
+    seconds, an eval's model calls, and their tokens, as the run object itself reports them;
+    their calls stay among the completions, and the costs count them once."""
+    tag = uuid.uuid4().hex[:8]
+    project = _admin(gateway_url, admin_key, "/admin/projects", {"name": f"runs {tag}"})
+    member = _admin(gateway_url, admin_key, "/admin/keys", {"project_id": project["id"], "rpm": 0})
+    c = _sdk(gateway_url, member["key"])
+    start = int(time.time())
+    body = {
+        "model": DENSE,
+        "mode": "structured",
+        "tool_choice": "required",  # a tool is called: its time is counted
+        "messages": [{"role": "user", "content": "What is 18.015 * 3?"}],
+        "tools": ["calculator"],
+        "budgets": {"max_steps": 2, "max_tokens": 2000, "max_seconds": 90},
+    }
+    run: Any = c.post("/agent/runs", body=body, cast_to=object)
+    run = _until(
+        lambda: c.get(f"/agent/runs/{run['id']}", cast_to=object),
+        lambda r: r["status"] not in ("queued", "in_progress"),
+        "the agent run's end",
+        120,
+    )
+    assert run["usage"]["model_calls"] >= 1 and run["usage"]["tool_calls"] >= 1, run
+
+    def agent_usage() -> list[dict[str, Any]]:
+        page: Any = c.get(
+            "/organization/usage/agent_runs",
+            options={"params": {"start_time": start, "group_by": ["model"]}},
+            cast_to=object,
+        )
+        return page["data"][0]["results"]
+
+    (agent,) = _until(agent_usage, bool, "the agent run's usage")  # read every 3 s in tests
+    assert agent["object"] == "organization.usage.agent_runs.result"
+    assert (agent["num_runs"], agent["model"]) == (1, DENSE)
+    assert agent["steps"] == run["usage"]["model_calls"]
+    assert agent["tool_calls"] == run["usage"]["tool_calls"]
+    assert agent["input_tokens"] == run["usage"]["prompt_tokens"]
+    assert agent["output_tokens"] == run["usage"]["completion_tokens"]
+    assert agent["tool_seconds"] == pytest.approx(run["timings"]["tools_ms"] / 1000, abs=1e-5)
+
+    ev = c.evals.create(
+        data_source_config={
+            "type": "custom",
+            "item_schema": {"type": "object", "properties": {"q": {"type": "string"}}},
+            "include_sample_schema": True,
+        },
+        testing_criteria=[
+            {
+                "type": "string_check",
+                "name": "said something",
+                "input": "{{sample.output_text}}",
+                "reference": "",
+                "operation": "ne",
+            }
+        ],
+    )
+    eval_run = c.evals.runs.create(
+        ev.id,
+        data_source={
+            "type": "completions",
+            "model": DENSE,
+            "input_messages": {
+                "type": "template",
+                "template": [{"role": "user", "content": "{{item.q}}"}],
+            },
+            "sampling_params": {"temperature": 0, "max_completion_tokens": 4},
+            "source": {
+                "type": "file_content",
+                "content": [{"item": {"q": f"question {i}?"}} for i in range(3)],
+            },
+        },
+    )
+    done = _until(
+        lambda: c.evals.runs.retrieve(eval_run.id, eval_id=ev.id),
+        lambda r: r.status in ("completed", "failed", "canceled"),
+        "the eval run's end",
+        180,
+    )
+    (per_model,) = done.per_model_usage
+
+    def eval_usage() -> list[dict[str, Any]]:
+        page: Any = c.get(
+            "/organization/usage/eval_runs",
+            options={"params": {"start_time": start, "group_by": ["model", "api_key_id"]}},
+            cast_to=object,
+        )
+        return page["data"][0]["results"]
+
+    (evaluated,) = _until(eval_usage, bool, "the eval run's usage")  # kept as it ended
+    assert evaluated["num_runs"] == 1 and evaluated["api_key_id"] == member["id"]
+    assert evaluated["num_model_requests"] == per_model.invocation_count == 3
+    assert evaluated["input_tokens"] == per_model.prompt_tokens
+    assert evaluated["output_tokens"] == per_model.completion_tokens
+
+    # Every model call of both runs is a completion of the project, and is priced once.
+    calls = 3 + run["usage"]["model_calls"]
+    completions = _until(
+        lambda: _usage(c, start_time=start)["data"][0]["results"],
+        lambda r: r and r[0]["num_model_requests"] >= calls,
+        "the runs' completions",
+    )
+    assert completions[0]["num_model_requests"] == calls
+    costs = c.admin.organization.usage.costs(start_time=start, group_by=["line_item"])
+    items = [r["line_item"] for r in costs.model_dump()["data"][0]["results"]]
+    assert items == [f"{DENSE}, completions"]
+    c.close()
+
+
+def test_embeddings_count_against_a_token_budget(gateway_url: str, admin_key: str) -> None:
+    """An embedding request reserves a token per byte it sends and is settled to the tokens
+    the model counted; one that could pass the budget is refused before it is embedded."""
+    tag = uuid.uuid4().hex[:8]
+    project = _admin(gateway_url, admin_key, "/admin/projects", {"name": f"embed budget {tag}"})
+    member = _admin(
+        gateway_url,
+        admin_key,
+        "/admin/keys",
+        {"project_id": project["id"], "rpm": 0, "budget_tokens": 400, "budget_period": "day"},
+    )
+    c = _sdk(gateway_url, member["key"])
+    vectors = c.embeddings.create(model=EMBEDDER, input=["benzene", "toluene"])
+    got = httpx.get(
+        f"{gateway_url}/admin/keys/{member['id']}",
+        headers={"authorization": f"Bearer {admin_key}"},
+        timeout=10,
+    ).json()
+    assert got["budget_used"] == vectors.usage.prompt_tokens > 0  # settled to what was used
+    with pytest.raises(openai.RateLimitError) as refused:  # 400 bytes could be 400 tokens
+        c.embeddings.create(model=EMBEDDER, input="aromatic " * 45)
+    assert refused.value.code == "insufficient_quota"
+    after = httpx.get(
+        f"{gateway_url}/admin/keys/{member['id']}",
+        headers={"authorization": f"Bearer {admin_key}"},
+        timeout=10,
+    ).json()
+    assert after["budget_used"] == got["budget_used"]  # nothing held for the refused one
+    c.close()

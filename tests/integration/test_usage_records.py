@@ -198,3 +198,80 @@ def test_a_fine_tuning_job_costs_its_training_time(tmp_path: Path) -> None:
     other = usage.costs(start, start + 86_400, 1, [], {"project_id": ["other"]}, 0.5, hosted)
     assert other["data"][0]["results"] == []
     jobs.engine.dispose()
+
+
+def test_runs_are_kept_once_each_apart_from_the_costs(store: UsageStore) -> None:
+    """An agent run read twice (the collector re-reads an overlap) is one run; runs are their
+    own kinds, and the costs count their model calls once, as the completions they were."""
+    run = {
+        "id": "run_1",
+        "at": T0 + 30,
+        "kind": "agent_runs",
+        "project_id": "lab",
+        "api_key_id": "key_a",
+        "model": "m1",
+        "input_tokens": 900,
+        "output_tokens": 90,
+        "requests": 3,
+        "tool_calls": 2,
+        "tool_seconds": 0.25,
+    }
+    assert store.keep([run, {**run, "id": "run_2", "tool_seconds": 0.5}]) == 2
+    assert store.keep([run]) == 0  # read again: kept once
+    assert store.keep([{"id": "bad"}, {**run, "id": "run_3", "at": "soon"}]) == 0
+    store.keep([{**run, "id": "evalrun_1", "kind": "eval_runs", "tool_calls": 0}])
+    store.ingest([record("c1", T0 + 31, "lab", "key_a", "m1", 900, 90, engine_s=2.0)])
+    assert store.last("agent_runs") == T0 + 30 and store.last("costs") == 0
+
+    (agent,) = store.buckets("agent_runs", T0, T0 + 60, 60, 1, ["model"], {})["data"][0]["results"]
+    assert agent == {
+        "object": "organization.usage.agent_runs.result",
+        "num_runs": 2,
+        "steps": 6,
+        "tool_calls": 4,
+        "tool_seconds": 0.75,
+        "input_tokens": 1_800,
+        "output_tokens": 180,
+        "project_id": None,
+        "api_key_id": None,
+        "model": "m1",
+    }
+    (evaluated,) = store.buckets("eval_runs", T0, T0 + 60, 60, 1, [], {})["data"][0]["results"]
+    assert (evaluated["num_runs"], evaluated["num_model_requests"]) == (1, 3)
+    elsewhere = store.buckets("agent_runs", T0, T0 + 60, 60, 1, [], {"project_id": ["other"]})
+    assert elsewhere["data"][0]["results"] == []
+
+    (cost,) = store.costs(T0, T0 + 60, 1, ["line_item"], {}, 1.0, {})["data"][0]["results"]
+    assert (cost["line_item"], cost["amount"]["value"]) == ("m1, completions", 2.0)
+
+
+def test_the_monthly_report_prices_what_was_used(tmp_path: Path) -> None:
+    from services.finetune.usage import report
+
+    jobs = JobStore(f"sqlite:///{tmp_path / 'finetune.db'}")
+    store = UsageStore(jobs.session)
+    store.ingest(
+        [
+            record("c1", T0 + 10, "lab", "key_a", "m1", 1_000, 200, engine_s=3.0),
+            record("c2", T0 + 86_400 * 40, "lab", "key_a", "m1", 10, 10, engine_s=1.0),  # later
+            record("c3", T0 + 20, "other", "key_b", "m1", 100, 10, engine_s=0.5),
+        ]
+    )
+    store.keep(
+        [
+            {
+                **orjson.loads(record("r1", T0 + 30, "lab", "k", "m1", 5, 5)[b"meta"]),
+                "kind": "agent_runs",
+                "requests": 2,
+            }
+        ]
+    )
+    rows = report(store, T0, T0 + 31 * 86_400, 0.5, {"*": {"input": 1.0, "output": 2.0}})
+    assert [(r["project_id"], r["kind"], r["requests"], r["cost_usd"]) for r in rows] == [
+        ("lab", "completions", 1, 1.5),  # 3 s at $0.5: largest first
+        ("other", "completions", 1, 0.25),
+        ("lab", "agent_runs", 1, None),  # its calls are priced as completions
+    ]
+    assert rows[0]["hosted_usd"] == pytest.approx((1_000 + 2 * 200) / 1e6)
+    assert rows[0]["engine_seconds"] == 3.0
+    jobs.engine.dispose()

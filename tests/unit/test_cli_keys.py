@@ -122,7 +122,10 @@ def test_each_role_holds_what_the_readme_says() -> None:
 
 
 def test_budgets_are_set_from_the_cli_and_a_months_usage_is_reported(
-    store: KeyStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    store: KeyStore,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import orjson
 
@@ -146,10 +149,10 @@ def test_budgets_are_set_from_the_cli_and_a_months_usage_is_reported(
     jobs = JobStore(FinetuneSettings().db_url())  # the finetune database `crucible` reads
     t0 = 1_767_225_600  # 2026-01-01 00:00 UTC
     records = [
-        (t0 + 10, "lab", "m1", "completions", 100, 20),
-        (t0 + 20, "lab", "m1", "completions", 50, 5),
-        (t0 + 30, "lab", "emb", "embeddings", 7, 0),
-        (t0 - 1, "lab", "m1", "completions", 999, 999),  # December: not January's
+        (t0 + 10, "lab", "m1", "completions", 100, 20, 1.5),
+        (t0 + 20, "lab", "m1", "completions", 50, 5, 0.5),
+        (t0 + 30, "lab", "emb", "embeddings", 7, 0, 0.25),
+        (t0 - 1, "lab", "m1", "completions", 999, 999, 9.0),  # December: not January's
     ]
     UsageStore(jobs.session).ingest(
         [
@@ -164,22 +167,27 @@ def test_budgets_are_set_from_the_cli_and_a_months_usage_is_reported(
                         "model": model,
                         "input_tokens": tin,
                         "output_tokens": tout,
+                        "engine_s": seconds,
                     }
                 )
             }
-            for i, (at, project_id, model, kind, tin, tout) in enumerate(records)
+            for i, (at, project_id, model, kind, tin, tout, seconds) in enumerate(records)
         ]
     )
     jobs.engine.dispose()
     capsys.readouterr()
+    # Priced at $1 an engine-second (a month's hosting at 2,629,800 s), and a hosted API's list.
+    monkeypatch.setenv("CRUCIBLE_FINETUNE_COST_HOSTING_USD_MONTH", "2629800")
+    monkeypatch.setenv("CRUCIBLE_FINETUNE_COST_HOSTED_PRICES", '{"*": {"input": 1e4}}')
     assert cli.main(["usage", "--month", "2026-01", "--csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
-        "project_id,model,kind,requests,input_tokens,output_tokens,input_cached_tokens",
-        "lab,m1,completions,2,150,25,0",
-        "lab,emb,embeddings,1,7,0,0",
+        "project_id,model,kind,requests,input_tokens,output_tokens,input_cached_tokens,"
+        "engine_seconds,cost_usd,hosted_usd",
+        "lab,m1,completions,2,150,25,0,2.0,2.0,1.5",  # 150 tokens at $10,000 a million
+        "lab,emb,embeddings,1,7,0,0,0.25,0.25,0.07",
     ]
     assert cli.main(["usage", "--month", "2026-01"]) == 0
     table = [line.split() for line in capsys.readouterr().out.splitlines()]
-    assert ["lab", "m1", "completions", "2", "150", "25"] in table
-    assert table[-1] == ["total", "2026-01", "3", "157", "25"]
+    assert ["lab", "m1", "completions", "2", "150", "25", "2.0", "2.00", "1.50"] in table
+    assert table[-1] == ["total", "2026-01", "157", "25", "2.2", "2.25", "1.57"]
