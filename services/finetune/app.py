@@ -188,36 +188,54 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
         def rolled_back(alias: str, bar: str) -> None:
             metrics.alias_rollbacks.labels(alias, bar).inc()
 
-        snapshot_at = [0.0, 0.0]  # when storage, and agent runs, were last recorded
         token = s.internal_token.get_secret_value()
-        runs_since = [max(0.0, usage_store.last("agent_runs") - usage.OVERLAP_S)]
+        http = httpx.AsyncClient(timeout=10)
+        runs_since = max(0.0, usage_store.last("agent_runs") - usage.OVERLAP_S)
+
+        async def storage() -> None:
+            r = await http.get(
+                f"{s.retrieval_url}/internal/vector_store_bytes",
+                headers={"authorization": f"Bearer {token}"},
+            )
+            r.raise_for_status()
+            await asyncio.to_thread(usage_store.snapshot, r.json()["owners"])
+
+        async def agent_runs() -> None:
+            nonlocal runs_since
+            runs_since = await usage.collect_agent_runs(
+                usage_store, http, s.agent_url, token, runs_since
+            )
+
+        # Every `usage_snapshot_every_s`: the bytes each project's vector stores hold (from
+        # retrieval), and the agent runs that ended (from the agent). A round that cannot reach
+        # its service tries again next round; an outage is logged once, when it starts.
+        recorders = {"storage": storage, "agent runs": agent_runs}
+        last_done = dict.fromkeys(recorders, 0.0)
+        failing: set[str] = set()
 
         async def record_usage() -> None:
-            """The bytes each project's vector stores hold, from retrieval, and the agent runs
-            that ended, from the agent, every `usage_snapshot_every_s` (each tries again next
-            round when its service cannot be reached)."""
-            now = time.monotonic()
-            async with httpx.AsyncClient(timeout=10) as http:
-                if now - snapshot_at[0] >= s.usage_snapshot_every_s:
-                    r = await http.get(
-                        f"{s.retrieval_url}/internal/vector_store_bytes",
-                        headers={"authorization": f"Bearer {token}"},
-                    )
-                    r.raise_for_status()
-                    await asyncio.to_thread(usage_store.snapshot, r.json()["owners"])
-                    snapshot_at[0] = now
-                if now - snapshot_at[1] >= s.usage_snapshot_every_s:
-                    runs_since[0] = await usage.collect_agent_runs(
-                        usage_store, http, s.agent_url, token, runs_since[0]
-                    )
-                    snapshot_at[1] = now
+            for name, record in recorders.items():
+                if time.monotonic() - last_done[name] < s.usage_snapshot_every_s:
+                    continue
+                try:
+                    await record()
+                except httpx.HTTPError as exc:
+                    if name not in failing:
+                        log.warning(
+                            "usage not recorded: its service is unreachable",
+                            extra={"usage": name, "error": type(exc).__name__},
+                        )
+                    failing.add(name)
+                    continue
+                failing.discard(name)
+                last_done[name] = time.monotonic()
 
         async def guardian() -> None:
             while True:
                 try:
                     await record_usage()
                 except Exception:
-                    log.warning("storage or agent run usage not recorded", exc_info=True)
+                    log.warning("usage not recorded", exc_info=True)
                 try:
                     await asyncio.to_thread(guard_round, aliases, captures, rolled_back)
                     await asyncio.to_thread(handoff_round, app.state)
@@ -243,6 +261,7 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+            await http.aclose()
             jobs.engine.dispose()
 
     async def redis_ready() -> None:
