@@ -115,6 +115,87 @@ async def added_latency(
     return out
 
 
+async def traced_latency(
+    direct: str, gateway: str, traced: str, key: str, rate: float, seconds: float
+) -> dict[str, Any]:
+    """Open loop at `rate` per target, taking turns: the upstream directly, a gateway with
+    sampling off (it mints and passes on trace ids, records nothing) and one that records every
+    request's span and exports it to the trace sink (sampling on). Same load on each gateway."""
+    body = orjson.dumps(CHAT)
+    auth = [(b"content-type", b"application/json"), (b"authorization", f"Bearer {key}".encode())]
+    pools = {"direct": Pool(direct), "sampling_off": Pool(gateway), "sampling_on": Pool(traced)}
+    lat: dict[str, list[float]] = {t: [] for t in pools}
+    loop = asyncio.get_running_loop()
+    start, n, tasks = loop.time(), int(rate * seconds), []
+    for i in range(len(pools) * n):
+        target = list(pools)[i % len(pools)]
+        await asyncio.sleep(max(0.0, start + i / (len(pools) * rate) - loop.time()))
+
+        async def go(t: str = target) -> None:
+            lat[t].append(await _one(pools[t], body, auth if t != "direct" else auth[:1]))
+
+        tasks.append(asyncio.create_task(go()))
+    await asyncio.gather(*tasks)
+    for p in pools.values():
+        await p.aclose()
+    p50 = {t: pct(v, 0.5) * 1000 for t, v in lat.items()}
+    return {
+        "p50_ms": {t: round(v, 3) for t, v in p50.items()},
+        "off_added_p50_ms": round(p50["sampling_off"] - p50["direct"], 3),
+        "on_over_off_p50_ms": round(p50["sampling_on"] - p50["sampling_off"], 3),
+    }
+
+
+def span_cost(n: int) -> dict[str, Any]:
+    """The gateway's per-request tracing, alone and in-process: parse the caller's
+    `traceparent`, start the server span, format the upstream's header, end the span, exactly
+    as proxy.py does, with sampling off and on (a batch processor whose exporter discards),
+    the two interleaved call by call. Reported: p50 and p99 in microseconds."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+
+    from services.common import tracing
+    from services.gateway.proxy import end_span
+
+    class Discard(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    recording = TracerProvider(sampler=ALWAYS_ON)
+    recording.add_span_processor(BatchSpanProcessor(Discard()))
+    tracers = {
+        "off": TracerProvider(sampler=ALWAYS_OFF).get_tracer("bench"),
+        "on": recording.get_tracer("bench"),
+    }
+    headers = [
+        (b"host", b"127.0.0.1:8080"),
+        (b"content-type", b"application/json"),
+        (b"authorization", b"Bearer sk-bench"),
+        (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    ]
+    took: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(n):
+        for mode, tracer in tracers.items():
+            tracing._recording = mode == "on"  # what `setup` sets: an endpoint or none
+            t0 = time.perf_counter_ns()
+            span = tracing.server_span(
+                tracer, "POST /v1/chat/completions", tracing.incoming(headers)
+            )
+            parent = tracing.header(span)
+            token = tracing.current_trace_id.set(parent[3:35].decode())
+            if span.is_recording():
+                end_span(span, 200, None, model="crucible-dev")
+            span.end()
+            tracing.current_trace_id.reset(token)
+            took[mode].append(time.perf_counter_ns() - t0)
+    recording.shutdown()
+    return {
+        mode: {"p50_us": round(pct(v, 0.5) / 1000, 2), "p99_us": round(pct(v, 0.99) / 1000, 2)}
+        for mode, v in took.items()
+    } | {"calls_each": n}
+
+
 async def saturation(url: str, key: str | None, seconds: float, concurrency: int = 64) -> float:
     body = orjson.dumps(CHAT)
     headers = [(b"content-type", b"application/json")]
@@ -196,7 +277,30 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
     # stack's lifecycle store (it reads database 0). Emptied afterwards.
     redis_url = redis_url.rsplit("/", 1)[0] + "/13"
     fake_port, gw_port, naive_port = _free_port(), _free_port(), _free_port()
+    traced_port, sink_port = _free_port(), _free_port()
+    gateway_env = {
+        "CRUCIBLE_VAR_DIR": str(tmp),
+        "CRUCIBLE_GATEWAY_INFERENCE_URLS": f'["http://127.0.0.1:{fake_port}"]',
+        "CRUCIBLE_GATEWAY_REDIS_URL": redis_url,
+        # The fake serves the alias table too (`bench-alias`, the bench key's owner's).
+        "CRUCIBLE_GATEWAY_FINETUNE_URL": f"http://127.0.0.1:{fake_port}",
+    }
     procs = [
+        _spawn(
+            [sys.executable, "-m", "services.traces"],
+            {"CRUCIBLE_VAR_DIR": str(tmp), "CRUCIBLE_TRACES_PORT": str(sink_port)},
+            tmp / "traces.log",
+        ),
+        _spawn(
+            [sys.executable, "-m", "services.gateway"],
+            {
+                **gateway_env,
+                "CRUCIBLE_GATEWAY_PORT": str(traced_port),
+                "CRUCIBLE_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+                "CRUCIBLE_TRACE_SAMPLE_RATIO": "1",
+            },
+            tmp / "gateway-traced.log",
+        ),
         _spawn(
             [sys.executable, "-m", "tests.fakes.openai_server", "--port", str(fake_port)],
             {},
@@ -204,14 +308,7 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
         ),
         _spawn(
             [sys.executable, "-m", "services.gateway"],
-            {
-                "CRUCIBLE_VAR_DIR": str(tmp),
-                "CRUCIBLE_GATEWAY_PORT": str(gw_port),
-                "CRUCIBLE_GATEWAY_INFERENCE_URLS": f'["http://127.0.0.1:{fake_port}"]',
-                "CRUCIBLE_GATEWAY_REDIS_URL": redis_url,
-                # The fake serves the alias table too (`bench-alias`, the bench key's owner's).
-                "CRUCIBLE_GATEWAY_FINETUNE_URL": f"http://127.0.0.1:{fake_port}",
-            },
+            {**gateway_env, "CRUCIBLE_GATEWAY_PORT": str(gw_port)},
             tmp / "gateway.log",
         ),
         _spawn(
@@ -229,13 +326,19 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
     ]
     try:
         _until(lambda: _http_ok(f"http://127.0.0.1:{gw_port}/ready"), "gateway")
+        _until(lambda: _http_ok(f"http://127.0.0.1:{traced_port}/ready"), "traced gateway")
         key = _bench_key(tmp)
         direct, gw = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{gw_port}"
-        naive = f"http://127.0.0.1:{naive_port}"
+        naive, traced = f"http://127.0.0.1:{naive_port}", f"http://127.0.0.1:{traced_port}"
         _until(lambda: _port_busy(naive_port), "naive proxy")
         asyncio.run(added_latency(direct, gw, naive, key, args.rate, 1.0))  # warm every path
+        asyncio.run(traced_latency(direct, gw, traced, key, args.rate, 1.0))
         rounds = [
             asyncio.run(added_latency(direct, gw, naive, key, args.rate, args.seconds))
+            for _ in range(args.rounds)
+        ]
+        traced_rounds = [
+            asyncio.run(traced_latency(direct, gw, traced, key, args.rate, args.seconds))
             for _ in range(args.rounds)
         ]
         sat_gw = [asyncio.run(saturation(gw, key, args.seconds / 2)) for _ in range(args.rounds)]
@@ -258,6 +361,11 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
         "store_median_added_p50_ms": median([r["store_added_p50_ms"] for r in rounds]),
         "store_median_over_plain_p50_ms": median([r["store_over_plain_p50_ms"] for r in rounds]),
         "alias_median_over_plain_p50_ms": median([r["alias_over_plain_p50_ms"] for r in rounds]),
+        "tracing": {
+            "rounds": traced_rounds,
+            "median_on_over_off_p50_ms": median([r["on_over_off_p50_ms"] for r in traced_rounds]),
+            "span_cost": span_cost(200 if args.smoke else 50_000),
+        },
         "saturation_rps_gateway": [round(x) for x in sat_gw],
         "saturation_rps_direct_fake": [round(x) for x in sat_direct],
         "median_saturation_rps_gateway": round(median(sat_gw)),

@@ -276,6 +276,33 @@ USAGE_FIELDS = (
 )
 
 
+def _trace(args: argparse.Namespace) -> int:
+    """A trace from the native stack's sink (services/traces.py): each span under its parent."""
+    from services.traces import SpanStore, TraceSettings, tree
+
+    path = TraceSettings().db_path()
+    if not path.exists():
+        print(f"no traces recorded yet ({path} is missing)", file=sys.stderr)
+        return 1
+    store = SpanStore(path)
+    try:
+        spans = store.trace(args.trace_id)
+    finally:
+        store.close()
+    if not spans:
+        print(
+            f"no spans of trace {args.trace_id} (yet: spans arrive within a second)",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps(spans, indent=2))
+        return 0
+    print(f"{'start':>13} {'duration':>13} | service: span")
+    print("\n".join(tree(spans)))
+    return 0
+
+
 def _db(args: argparse.Namespace) -> int:
     from services.backup import Deployment
     from services.common import migrations
@@ -418,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     use = sub.add_parser("usage", help="a month's tokens and cost per project and model")
     use.add_argument("--month", default=datetime.now(UTC).strftime("%Y-%m"), help="YYYY-MM (UTC)")
     use.add_argument("--csv", action="store_true", help="CSV instead of a table")
+    tr = sub.add_parser("trace", help="a trace's spans as a tree, with timings")
+    tr.add_argument("trace_id", help="32 hex digits (a response's x-trace-id header)")
+    tr.add_argument("--json", action="store_true", help="the spans as JSON instead")
     aud = sub.add_parser("audit", help="the audit log: who changed what, newest first")
     aud.add_argument("--limit", type=int, default=50, choices=range(1, 101), metavar="1-100")
     aud.add_argument("--action", help="only this action (key.create, alias.promote, ...)")
@@ -461,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         return _projects(args)
     if args.command == "usage":
         return _usage(args)
+    if args.command == "trace":
+        return _trace(args)
     if args.command in ("backup", "restore"):
         return _backup(args)
     return _keys(args)

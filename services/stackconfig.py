@@ -38,6 +38,7 @@ class Ports:
     finetune_worker: int = 8012  # the worker's /metrics
     supervisor: int = 8013  # the monitor's /metrics (restarts, failures)
     eval_worker: int = 8014  # the eval worker's /metrics
+    traces: int = 4318  # the trace sink (OTLP/HTTP's port)
 
     @classmethod
     def free(cls) -> Ports:
@@ -97,6 +98,8 @@ class StackConfig:
         worker_url = f"http://127.0.0.1:{self.ports.finetune_worker}"
         eval_worker_url = f"http://127.0.0.1:{self.ports.eval_worker}"
         agent_url = f"http://127.0.0.1:{self.ports.agent}"
+        traces_url = f"http://127.0.0.1:{self.ports.traces}"
+        traced = {"CRUCIBLE_OTLP_ENDPOINT": traces_url}  # where every service sends its spans
         prometheus_url = f"http://127.0.0.1:{self.ports.prometheus}"
         prometheus_dir = self.var_dir / "prometheus"
         # Jobs queue in their own Redis database, apart from the gateway's counters.
@@ -124,7 +127,7 @@ class StackConfig:
             return Service(
                 name=name,
                 argv=[PYTHON, "-m", f"services.{name}"],
-                env={**own, **env},
+                env={**own, **traced, **env},
                 url=url,
                 ready=lambda: _http_ok(f"{url}/ready"),
                 health=f"{url}/health",
@@ -157,6 +160,19 @@ class StackConfig:
                 adopt_existing=True,
             ),
             Service(
+                name="traces",
+                argv=[PYTHON, "-m", "services.traces"],
+                env={
+                    "CRUCIBLE_TRACES_HOST": "127.0.0.1",
+                    "CRUCIBLE_TRACES_PORT": str(self.ports.traces),
+                },
+                url=traces_url,
+                ready=lambda: _http_ok(f"{traces_url}/ready"),
+                health=f"{traces_url}/health",
+                ready_url=f"{traces_url}/ready",
+                ready_timeout=30,
+            ),
+            Service(
                 name="inference",
                 argv=[PYTHON, "-m", "services.inference.launch"],
                 env={
@@ -164,6 +180,7 @@ class StackConfig:
                     "CRUCIBLE_INFERENCE_HOST": "127.0.0.1",
                     "CRUCIBLE_INFERENCE_PORT": str(self.ports.inference),
                     "CRUCIBLE_INFERENCE_MODELS_DIR": str(self.models_dir),
+                    **traced,
                 },
                 url=inference_url,
                 ready=lambda: readiness.is_ready(inference_url, profile.served_model_name),
@@ -198,6 +215,7 @@ class StackConfig:
                     "CRUCIBLE_FINETUNE_PORT": str(self.ports.finetune),
                     "CRUCIBLE_FINETUNE_WORKER_METRICS_PORT": str(self.ports.finetune_worker),
                     **finetune_env,
+                    **traced,
                 },
                 url=worker_url,
                 ready=lambda: _http_ok(f"{worker_url}/metrics"),
@@ -232,6 +250,7 @@ class StackConfig:
                     "CRUCIBLE_FINETUNE_EVAL_WORKER_METRICS_PORT": str(self.ports.eval_worker),
                     "CRUCIBLE_FINETUNE_GATEWAY_URL": gateway_url,
                     "CRUCIBLE_FINETUNE_RETRIEVAL_URL": retrieval_url,
+                    **traced,
                 },
                 url=eval_worker_url,
                 ready=lambda: _http_ok(f"{eval_worker_url}/metrics"),

@@ -14,6 +14,7 @@ from urllib.parse import quote
 import orjson
 from pydantic import SecretStr
 
+from services.common import tracing
 from services.common.http import make_client
 from services.common.logging import request_id
 from services.common.tenancy import internal_headers
@@ -52,6 +53,8 @@ class ModelClient:
         raw += [(b"content-type", b"application/json")]
         if rid := request_id.get():
             raw.append((b"x-request-id", rid.encode()))
+        if (parent := tracing.current_header()) is not None:
+            raw.append((tracing.TRACEPARENT, parent))
         payload = orjson.dumps(body)
         while True:
             left = deadline - time.monotonic()

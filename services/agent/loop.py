@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from services.agent import prompt
@@ -25,6 +27,7 @@ from services.agent.clients import ModelCallError
 from services.agent.runs import RunRow
 from services.agent.tools import TOOLS, Tool, ToolContext, ToolError
 
+_TRACER = trace.get_tracer("crucible.agent")
 log = logging.getLogger("crucible.agent")
 Emit = Callable[[str, dict[str, Any]], None]
 CITATION = re.compile(r"\[(S\d{1,3})\]")
@@ -163,7 +166,10 @@ class Execution:
                 body["tool_choice"] = "required"
         call0 = time.perf_counter()
         try:
-            answer = await sv.model.chat(self.row.key_id, self.row.owner, body, self.deadline)
+            with _TRACER.start_as_current_span(
+                "agent.model_call", kind=SpanKind.CLIENT, attributes={"crucible.step": self.index}
+            ):
+                answer = await sv.model.chat(self.row.key_id, self.row.owner, body, self.deadline)
         except ModelCallError as exc:
             self._record({"type": "model_call", "duration_ms": _ms(call0), "error": exc.message})
             code = "model_unavailable" if exc.status >= 500 else "model_error"
@@ -206,7 +212,9 @@ class Execution:
         if problem:
             self._observe(None, "model_output", False, problem)
         for tool, args, call_id in calls:
-            await self._tool(tool, args, call_id)
+            named = tool if tool in self.allowed else "unknown"
+            with _TRACER.start_as_current_span(f"agent.tool {named}", attributes={"tool": named}):
+                await self._tool(tool, args, call_id)
 
     def _step_allowance(self) -> int:
         b = self.row.budgets

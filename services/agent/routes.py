@@ -18,6 +18,7 @@ from services.agent.clients import KEY_HEADER
 from services.agent.runner import Runner
 from services.agent.runs import FINAL, RunRow, RunStore, new_run_id, run_object
 from services.agent.tools import TOOLS
+from services.common import tracing
 from services.common.errors import (
     AuthenticationFailed,
     InvalidRequest,
@@ -176,6 +177,7 @@ async def _new_run(body: RunCreate, owner: str, key_id: str, state: Any) -> RunR
         status="queued",
         usage={},
         created_at=int(time.time()),
+        trace_id=tracing.current_id(),
     )
 
 

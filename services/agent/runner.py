@@ -10,9 +10,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
+
 from services.agent.loop import Execution, Finished
 from services.agent.runs import RunRow, run_object
 
+_TRACER = trace.get_tracer("crucible.agent")
 log = logging.getLogger("crucible.agent")
 Event = tuple[str, dict[str, Any]] | None  # None ends a stream
 
@@ -93,10 +96,13 @@ class Runner:
         began = time.perf_counter()
         ex = Execution(row, sv, lambda name, data: self._emit(row.id, (name, data)))
         self.executions[row.id] = ex
+        span = _TRACER.start_span("agent.run", attributes={"crucible.run_id": row.id})
         try:
-            await asyncio.to_thread(store.start, row.id)
-            self._emit(row.id, ("run.in_progress", {"id": row.id, "status": "in_progress"}))
-            end = await ex.execute()
+            with trace.use_span(span, end_on_exit=True):
+                await asyncio.to_thread(store.start, row.id)
+                self._emit(row.id, ("run.in_progress", {"id": row.id, "status": "in_progress"}))
+                end = await ex.execute()
+                span.set_attribute("crucible.status", end.status)
         except asyncio.CancelledError:
             end = (
                 Finished("failed", error={"code": "service_stopped", "message": _STOPPED})

@@ -66,6 +66,8 @@ class RunRow(Base):
     created_at: Mapped[int] = mapped_column(Integer, index=True)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     completed_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    # The trace of the request that made it (its steps' spans are in it): `crucible trace`.
+    trace_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class StepRow(Base):
@@ -102,6 +104,7 @@ def run_object(row: RunRow, steps: list[dict[str, Any]] | None = None) -> dict[s
         "incomplete_details": row.incomplete_details,
         "error": row.error,
         "metadata": row.metadata_,
+        "trace_id": row.trace_id,
     }
     if steps is not None:
         obj["steps"] = steps

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Gauge
 
+from services.common import tracing
 from services.common.bodylimit import BodyLimitMiddleware, LimitFor
 from services.common.errors import install_error_handlers
 from services.common.metrics import (
@@ -45,6 +46,8 @@ def build_app(
         app.state.settings = settings
         app.state.internal_token = settings.internal_token
         registry.register(DiskCollector(settings.var_dir))
+        provider = tracing.setup(service, settings.otlp_endpoint, settings.trace_sample_ratio)
+        tracing.instrument_app(app, provider)
     app.state.http_metrics = HttpMetrics(service, registry)
     install_error_handlers(app)
     checks = list(ready_checks)

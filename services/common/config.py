@@ -46,6 +46,12 @@ class ServiceSettings(BaseSettings):
         default=SecretStr("dev-internal-token"), validation_alias="CRUCIBLE_INTERNAL_TOKEN"
     )
     var_dir: Path = Field(default=VAR, validation_alias="CRUCIBLE_VAR_DIR")
+    # Where spans go (OTLP/HTTP; none: traces are propagated, not recorded), and the share of
+    # new traces recorded (a caller's sampled trace is always followed).
+    otlp_endpoint: str | None = Field(default=None, validation_alias="CRUCIBLE_OTLP_ENDPOINT")
+    trace_sample_ratio: float = Field(
+        default=1.0, ge=0.0, le=1.0, validation_alias="CRUCIBLE_TRACE_SAMPLE_RATIO"
+    )
     max_body_bytes: int = 1 << 20
 
     def sqlite_url(self, name: str) -> str:

@@ -1,4 +1,5 @@
-"""JSON logs, one line per event, each carrying the request id of the request that caused it."""
+"""JSON logs, one line per event, each carrying the request id and the trace id of the request
+that caused it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 import sys
 import time
 from contextvars import ContextVar
+
+from services.common import tracing
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
@@ -28,6 +31,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
             "request_id": request_id.get(),
+            "trace_id": tracing.current_id(),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):

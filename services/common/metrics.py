@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common import tracing
 from services.common.logging import request_id
 
 log = logging.getLogger("crucible.http")
@@ -71,7 +72,10 @@ class ObservabilityMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                ids = [(b"x-request-id", rid.encode())]
+                if (trace_id := tracing.current_id()) is not None:
+                    ids.append((tracing.TRACE_ID_HEADER, trace_id.encode()))
+                message["headers"] = [*message.get("headers", []), *ids]
             await send(message)
 
         try:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from services.common import tracing
 from services.common.errors import Conflict, InvalidRequest, NotFound
 from services.common.pagination import Cursor, PageParams
 from services.common.tenancy import Owner, internal_only
@@ -248,6 +249,7 @@ def _new_job(body: JobCreate, owner: str, s: Any, idempotency_key: str | None) -
         cancel_requested=False,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        traceparent=(tracing.current_header() or b"").decode() or None,
     )
 
 

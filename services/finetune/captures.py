@@ -70,6 +70,7 @@ class CompletionRow(Base):
     response: Mapped[dict[str, Any]] = mapped_column(JSON)
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
     request_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    trace_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # its request's
     prompt_hash: Mapped[str] = mapped_column(String(64), index=True)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     # The request and response bytes the gateway captured (the owner's stored-data quota).
@@ -223,6 +224,7 @@ def to_row(fields: dict[bytes, bytes]) -> CompletionRow | ResponseRow | None:
         response=response,
         metadata_=request.get("metadata") or None,
         request_id=meta.get("request_id"),
+        trace_id=str(meta["trace_id"])[:32] if meta.get("trace_id") else None,
         prompt_hash=prompt_hash(request.get("messages") or []),
         expires_at=created + retention * 86400 if retention else None,
         stored_bytes=size,
@@ -254,6 +256,7 @@ def completion_object(row: CompletionRow, feedback: Sequence[FeedbackRow] = ()) 
         "object": "chat.completion",
         "metadata": row.metadata_ or {},
         "request_id": row.request_id,
+        "trace_id": row.trace_id,
         "input_user": request.get("user"),
         **{k: request.get(k) for k in ECHOED},
         "feedback": [feedback_object(f) for f in feedback],

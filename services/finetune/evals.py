@@ -70,6 +70,8 @@ class RunRow(Base):
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The request that made it: the worker's span for the run continues its trace.
+    traceparent: Mapped[str | None] = mapped_column(String(55), nullable=True)
 
 
 class OutputRow(Base):
@@ -119,6 +121,7 @@ def run_object(row: RunRow, counts: dict[str, Any]) -> dict[str, Any]:
         "metadata": row.metadata_ or {},
         "error": row.error,
         "report_url": f"/v1/evals/{row.eval_id}/runs/{row.id}/output_items",
+        "trace_id": row.traceparent[3:35] if row.traceparent else None,
         "result_counts": counts["result_counts"],
         "per_testing_criteria_results": counts["per_testing_criteria_results"],
         "per_model_usage": [

@@ -11,7 +11,7 @@ import httpx
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from services.common import jsonl
+from services.common import jsonl, tracing
 from services.common.errors import AuthenticationFailed, InvalidRequest, NotFound
 from services.common.metadata import check_metadata
 from services.common.pagination import AscPageParams
@@ -216,6 +216,7 @@ def new_run(state: Any, owner: str, key_id: str, eval_id: str, body: RunCreate) 
         usage={},
         attempts=0,
         cancel_requested=False,
+        traceparent=(tracing.current_header() or b"").decode() or None,
     )
 
 

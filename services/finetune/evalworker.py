@@ -21,8 +21,10 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge, start_http_server
 
+from services.common import tracing
 from services.common.logging import configure_logging
 from services.common.tenancy import OWNER_HEADER, internal_headers
 from services.finetune import samplers
@@ -32,6 +34,7 @@ from services.finetune.graders import GradeError, grade
 from services.finetune.jobs import JobStore
 from services.finetune.samplers import PostEvents, PostJson
 
+_TRACER = trace.get_tracer("crucible.eval-worker")
 log = logging.getLogger("crucible.finetune.evals")
 
 ITEMS = Counter("crucible_eval_items_total", "Eval output items written, by status", ["status"])
@@ -234,6 +237,16 @@ class Runner:
             ITEMS.labels(status).inc()
 
     async def run(self, run: RunRow) -> None:
+        """One run, in a span that continues the trace of the request that made it (its
+        samples' and graders' model calls are under it)."""
+        with _TRACER.start_as_current_span(
+            "eval.run",
+            context=tracing.continued(run.traceparent),
+            attributes={"crucible.eval_run_id": run.id, "crucible.attempt": run.attempts},
+        ):
+            await self._run(run)
+
+    async def _run(self, run: RunRow) -> None:
         RUNNING.inc()
         usage: dict[str, dict[str, int]] = {}
         try:
@@ -318,6 +331,7 @@ def _count(usage: dict[str, dict[str, int]], model: str, u: Any) -> None:
 def main() -> None:
     s = FinetuneSettings()
     configure_logging("eval-worker", s.log_level)
+    tracing.instrument_httpx(tracing.setup("eval-worker", s.otlp_endpoint, s.trace_sample_ratio))
     start_http_server(s.eval_worker_metrics_port, addr=s.host)
     jobs = JobStore(s.db_url())
     runner = Runner(s, EvalStore(jobs.session))

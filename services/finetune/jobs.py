@@ -74,6 +74,8 @@ class JobRow(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The request that made it: each attempt's span continues its trace.
+    traceparent: Mapped[str | None] = mapped_column(String(55), nullable=True)
 
 
 class EventRow(Base):
@@ -134,7 +136,11 @@ def job_object(row: JobRow) -> dict[str, Any]:
         "user_provided_suffix": row.suffix,
         "metadata": row.metadata_,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
-        "crucible": {"lora": row.lora, "attempts": row.attempts},
+        "crucible": {
+            "lora": row.lora,
+            "attempts": row.attempts,
+            "trace_id": row.traceparent[3:35] if row.traceparent else None,
+        },
     }
 
 

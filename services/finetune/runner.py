@@ -11,7 +11,9 @@ import threading
 from typing import Any
 
 import httpx
+from opentelemetry import trace
 
+from services.common import tracing
 from services.common.errors import NotFound
 from services.finetune import adapters, trainproc
 from services.finetune.config import FinetuneSettings
@@ -20,6 +22,7 @@ from services.finetune.jobs import AdapterRow, JobRow, JobStore
 from services.finetune.training import Hooks, TrainSpec, checkpoint_steps, example_limit
 from services.finetune.validation import TrainingFileError, parse
 
+_TRACER = trace.get_tracer("crucible.finetune")
 log = logging.getLogger("crucible.finetune.runner")
 EVENT_EVERY = 10  # steps between metrics events
 
@@ -68,8 +71,14 @@ def run(job_id: str, s: FinetuneSettings, worker: str, metrics: Any = None) -> N
             )
             return
         watch = _Watch(store, job_id, worker, s.heartbeat_s)
+        span = _TRACER.start_span(
+            "finetune.job",
+            context=tracing.continued(job.traceparent),
+            attributes={"crucible.job_id": job_id, "crucible.attempt": job.attempts},
+        )
         try:
-            _train_and_register(store, job, s, watch, metrics)
+            with trace.use_span(span, end_on_exit=True):
+                _train_and_register(store, job, s, watch, metrics)
         finally:
             watch.close()
     finally:

@@ -23,6 +23,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
+from services.common import tracing
 from services.finetune.config import FinetuneSettings
 
 TASK = "crucible.finetune.run_job"
@@ -61,7 +62,11 @@ def run_job(job_id: str) -> None:
     from services.finetune.metrics import WorkerMetrics
 
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    runner.run(job_id, settings, worker, WorkerMetrics())
+    tracing.setup("finetune-worker", settings.otlp_endpoint, settings.trace_sample_ratio)
+    try:
+        runner.run(job_id, settings, worker, WorkerMetrics())
+    finally:
+        tracing.flush()  # this child exits after one task
 
 
 class Heartbeat:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from services.common import tracing
 from services.common.errors import (
     CrucibleError,
     NotFound,
@@ -41,7 +42,7 @@ from services.gateway.bodies import ClientGone
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey
 from services.gateway.limits import BodyBytes
-from services.gateway.proxy import Proxy, send_error
+from services.gateway.proxy import Proxy, end_span, ids, send_error
 
 log = logging.getLogger("crucible.gateway")
 
@@ -53,7 +54,7 @@ SERVICE_ROUTES: dict[str, str] = {
     "/v1/fine_tuning": "finetune",
     "/v1/evals": "finetune",
     "/v1/model_aliases": "finetune",
-    "/v1/organization": "finetune",  # usage (and, with #24's rest, costs)
+    "/v1/organization": "finetune",  # usage and costs
     "/v1/agent": "agent",
     # Stored chat completions (GET, POST /{id}, DELETE): POST to the path itself is the proxy's.
     "/v1/chat/completions": "finetune",
@@ -93,6 +94,8 @@ class _Outcome:
     key_id: str | None = None
     started: bool = False
     tokens: int | None = None  # what the service said the request used
+    key: ApiKey | None = None
+    traceparent: bytes = b""  # what the service gets: the gateway's span as its parent
 
 
 class ServiceForwarder:
@@ -113,7 +116,12 @@ class ServiceForwarder:
         rid = _incoming_request_id(scope) or uuid.uuid4().hex
         ctx = request_id.set(rid)
         start = time.perf_counter()
-        out = _Outcome()
+        span = tracing.server_span(
+            self.proxy.tracer, f"{scope['method']} {route}", tracing.incoming(scope["headers"])
+        )
+        parent = tracing.header(span)
+        traced = tracing.current_trace_id.set(parent[3:35].decode())
+        out = _Outcome(traceparent=parent)
         try:
             await self._handle(scope, receive, send, route, rid, out)
         except CrucibleError as exc:
@@ -134,6 +142,10 @@ class ServiceForwarder:
                     "duration_ms": round(elapsed * 1000, 2),
                 },
             )
+            if span.is_recording():
+                end_span(span, out.status, out.key, **{"url.path": scope["path"]})
+            span.end()
+            tracing.current_trace_id.reset(traced)
             request_id.reset(ctx)
 
     async def _handle(
@@ -141,7 +153,7 @@ class ServiceForwarder:
     ) -> None:
         headers = dict(scope["headers"])
         key = await self.proxy.authenticate(headers, roles.needed(scope["method"], scope["path"]))
-        out.key_id = key.id
+        out.key_id, out.key = key.id, key
         upload = route == UPLOAD_PATH and scope["method"] == "POST"
         limit = self.s.max_upload_bytes + MULTIPART_OVERHEAD if upload else self.s.max_body_bytes
         wait = self.s.upload_timeout_s if upload else self.s.body_timeout_s
@@ -186,6 +198,7 @@ class ServiceForwarder:
             (OWNER_HEADER.encode(), key.owner.encode()),
             (KEY_HEADER, key.id.encode()),
             (b"x-request-id", rid.encode()),
+            (tracing.TRACEPARENT, out.traceparent),
         ]
         if key.is_admin:  # the services may let an admin do more (force a gated promotion)
             headers.append((ADMIN_HEADER, b"1"))
@@ -201,7 +214,7 @@ class ServiceForwarder:
                 )
                 try:
                     relayed = [(k, v) for k, v in resp.headers if k in RELAYED]
-                    relayed.append((b"x-request-id", rid.encode()))
+                    relayed += ids(rid)
                     chunks = resp.iter_chunks(self.s.stream_idle_timeout_s)
                     await send(
                         {"type": "http.response.start", "status": resp.status, "headers": relayed}

@@ -15,8 +15,11 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
+from opentelemetry import trace
+from opentelemetry.trace import Span, StatusCode
 from starlette.types import Receive, Scope, Send
 
+from services.common import tracing
 from services.common.errors import (
     AuthenticationFailed,
     CrucibleError,
@@ -85,6 +88,7 @@ class Outcome:
     alias: Alias | None = None  # the alias the request named (`model` is then its target)
     served: tuple[tuple[bytes, bytes], ...] = ()  # response headers naming what served it
     forwarded: bool = False  # it reached an engine (its outcome is the target's)
+    traceparent: bytes = b""  # what the engine gets: the gateway's span as its parent
 
 
 def _charged(out: Outcome, worst: int) -> int:
@@ -126,13 +130,19 @@ class Proxy:
         self.concurrency = Concurrency(settings.max_concurrency, settings.max_key_bytes_in_flight)
         metrics.watch(self.concurrency)
         self.inference_headers = settings.inference_headers()
+        self.tracer = trace.get_tracer("crucible.gateway")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rid = _incoming_request_id(scope) or uuid.uuid4().hex
         token = request_id.set(rid)
         start = time.perf_counter()
         route: str = scope["path"]
-        out = Outcome(route=route)
+        span = tracing.server_span(
+            self.tracer, f"{scope['method']} {route}", tracing.incoming(scope["headers"])
+        )
+        parent = tracing.header(span)
+        traced = tracing.current_trace_id.set(parent[3:35].decode())
+        out = Outcome(route=route, traceparent=parent)
         try:
             await self._handle(scope, receive, send, rid, out, start)
         except CrucibleError as exc:
@@ -177,6 +187,10 @@ class Proxy:
                     **({"stream_failed": True} if out.failed_midstream else {}),
                 },
             )
+            if span.is_recording():
+                end_span(span, out.status, out.key, model=out.model)
+            span.end()
+            tracing.current_trace_id.reset(traced)
             request_id.reset(token)
 
     async def _handle(
@@ -427,8 +441,12 @@ class Proxy:
         self, path: bytes, body: bytes, backends: list[Backend], rid: str, out: Outcome
     ) -> Response:
         """Send to the best backend; on a connect failure, mark it down and try the next."""
-        headers = [(b"content-type", b"application/json"), (b"x-request-id", rid.encode())]
-        headers += self.inference_headers
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"x-request-id", rid.encode()),
+            (tracing.TRACEPARENT, out.traceparent),
+            *self.inference_headers,
+        ]
         tried: list[Backend] = []
         busy = False
         while (backend := choose(backends, tried)) is not None:
@@ -494,7 +512,7 @@ class Proxy:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [*JSON_HEADERS, (b"x-request-id", rid.encode()), *out.served],
+                "headers": [*JSON_HEADERS, *ids(rid), *out.served],
             }
         )
         await send({"type": "http.response.body", "body": raw, "more_body": False})
@@ -515,7 +533,7 @@ class Proxy:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [*SSE_HEADERS, (b"x-request-id", rid.encode()), *out.served],
+                "headers": [*SSE_HEADERS, *ids(rid), *out.served],
             }
         )
         usage = UsageSniffer(out, strip=out.strip_usage, keep=out.capture is not None)
@@ -559,6 +577,7 @@ class Proxy:
             "stream": stream,
             "strip_usage": out.strip_usage,
             "request_id": rid,
+            "trace_id": out.traceparent[3:35].decode(),
         }
         self.outbox.put(meta, out.capture, response)
 
@@ -580,9 +599,27 @@ def _upstream_error(status: int, raw: bytes) -> CrucibleError:
     return exc
 
 
+def ids(rid: str) -> list[tuple[bytes, bytes]]:
+    """The response headers that name the request: its id and its trace's."""
+    headers = [(b"x-request-id", rid.encode())]
+    if (trace_id := tracing.current_trace_id.get()) is not None:
+        headers.append((tracing.TRACE_ID_HEADER, trace_id.encode()))
+    return headers
+
+
+def end_span(span: Span, status: int, key: ApiKey | None, **attributes: Any) -> None:
+    """A recorded gateway span's outcome: status, key id and project (never the key itself)."""
+    span.set_attribute("http.response.status_code", status)
+    if key is not None:
+        span.set_attributes({"crucible.key_id": key.id, "crucible.project_id": key.owner})
+    span.set_attributes(attributes)
+    if status >= 500:
+        span.set_status(StatusCode.ERROR)
+
+
 async def send_error(send: Send, exc: CrucibleError, rid: str) -> None:
     body = orjson.dumps(exc.body())
-    headers = [*JSON_HEADERS, (b"x-request-id", rid.encode())]
+    headers = [*JSON_HEADERS, *ids(rid)]
     headers += [(b"content-length", str(len(body)).encode())]
     headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
     try:

@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=float(env("CRUCIBLE_INFERENCE_READY_TIMEOUT", "600")),
         help="seconds to wait for health, model list and canary before giving up",
     )
+    p.add_argument(
+        "--otlp-endpoint",
+        default=env("CRUCIBLE_OTLP_ENDPOINT") or None,
+        help="where vLLM sends its spans (OTLP/HTTP; the services' setting)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra vLLM flags")
     args = p.parse_args(argv)
@@ -63,10 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     except profiles.ProfileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cmd = profile.command(
-        args.python, host=args.host, port=args.port, models_dir=args.models_dir, extra=args.extra
-    )
+    extra = list(args.extra)
     env = profile.environment()
+    if args.otlp_endpoint:
+        # vLLM continues the gateway's `traceparent` with a span per request, sent over
+        # OTLP/HTTP (its default is gRPC, which the native stack's sink does not speak).
+        extra += ["--otlp-traces-endpoint", f"{args.otlp_endpoint.rstrip('/')}/v1/traces"]
+        env |= {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf", "OTEL_SERVICE_NAME": "vllm"}
+    cmd = profile.command(
+        args.python, host=args.host, port=args.port, models_dir=args.models_dir, extra=extra
+    )
     if args.dry_run:
         assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
         print(f"{assignments} {shlex.join(cmd)}".strip())

@@ -88,6 +88,24 @@ def test_the_fine_tuned_model_knows_what_the_base_model_does_not(
     assert sum(base) == 0, base
 
 
+def test_the_job_is_in_the_trace_of_the_request_that_made_it(
+    stack: Stack, finished_job: Any
+) -> None:
+    """Its worker's span (another process, started by Celery) continues the create's trace."""
+    from services.traces import SpanStore
+
+    trace_id = finished_job.model_extra["crucible"]["trace_id"]
+    assert trace_id and len(trace_id) == 32
+    store = SpanStore(stack.config.var_dir / "traces.db")
+    deadline = time.monotonic() + 20
+    while not (spans := [s for s in store.trace(trace_id) if s["name"] == "finetune.job"]):
+        assert time.monotonic() < deadline, "the job's span never arrived"
+        time.sleep(0.3)
+    store.close()
+    assert spans[0]["service"] == "finetune-worker"
+    assert spans[0]["attributes"]["crucible.job_id"] == finished_job.id
+
+
 def test_the_job_costs_its_training_time(
     finished_job: Any, gateway_url: str, admin_key: str
 ) -> None:
