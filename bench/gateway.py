@@ -331,14 +331,23 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
         direct, gw = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{gw_port}"
         naive, traced = f"http://127.0.0.1:{naive_port}", f"http://127.0.0.1:{traced_port}"
         _until(lambda: _port_busy(naive_port), "naive proxy")
-        asyncio.run(added_latency(direct, gw, naive, key, args.rate, 1.0))  # warm every path
-        asyncio.run(traced_latency(direct, gw, traced, key, args.rate, 1.0))
-        rounds = [
-            asyncio.run(added_latency(direct, gw, naive, key, args.rate, args.seconds))
-            for _ in range(args.rounds)
-        ]
+        asyncio.run(traced_latency(direct, gw, traced, key, args.rate, 1.0))  # warm up
         traced_rounds = [
             asyncio.run(traced_latency(direct, gw, traced, key, args.rate, args.seconds))
+            for _ in range(args.rounds)
+        ]
+        tracing = {
+            "rate_per_target": args.rate,
+            "rounds": traced_rounds,
+            "median_off_added_p50_ms": median([r["off_added_p50_ms"] for r in traced_rounds]),
+            "median_on_over_off_p50_ms": median([r["on_over_off_p50_ms"] for r in traced_rounds]),
+            "span_cost": span_cost(200 if args.smoke else 50_000),
+        }
+        if args.tracing:
+            return tracing
+        asyncio.run(added_latency(direct, gw, naive, key, args.rate, 1.0))  # warm every path
+        rounds = [
+            asyncio.run(added_latency(direct, gw, naive, key, args.rate, args.seconds))
             for _ in range(args.rounds)
         ]
         sat_gw = [asyncio.run(saturation(gw, key, args.seconds / 2)) for _ in range(args.rounds)]
@@ -361,11 +370,7 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
         "store_median_added_p50_ms": median([r["store_added_p50_ms"] for r in rounds]),
         "store_median_over_plain_p50_ms": median([r["store_over_plain_p50_ms"] for r in rounds]),
         "alias_median_over_plain_p50_ms": median([r["alias_over_plain_p50_ms"] for r in rounds]),
-        "tracing": {
-            "rounds": traced_rounds,
-            "median_on_over_off_p50_ms": median([r["on_over_off_p50_ms"] for r in traced_rounds]),
-            "span_cost": span_cost(200 if args.smoke else 50_000),
-        },
+        "tracing": tracing,
         "saturation_rps_gateway": [round(x) for x in sat_gw],
         "saturation_rps_direct_fake": [round(x) for x in sat_direct],
         "median_saturation_rps_gateway": round(median(sat_gw)),
@@ -437,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ttft-samples", type=int, default=30)
     p.add_argument("--skip-vllm", action="store_true", help="part A only")
+    p.add_argument(
+        "--tracing", action="store_true", help="only the tracing comparison (gateway_tracing.json)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--out", type=Path)
@@ -448,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         args.max_tokens, args.ttft_samples, args.vllm_rounds = 4, 2, 1
         args.requests_per_worker = 1
     result: dict[str, Any] = {}
+    if args.tracing:
+        with tempfile.TemporaryDirectory() as d:
+            result = part_a(args, Path(d), args.redis_url)
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        print(f"wrote {write_result('gateway_tracing', result, args.out)}")
+        return 0
     with tempfile.TemporaryDirectory() as d:
         result["fake_upstream"] = part_a(args, Path(d), args.redis_url)
         print(orjson.dumps(result["fake_upstream"], option=orjson.OPT_INDENT_2).decode())

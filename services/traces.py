@@ -1,6 +1,6 @@
-"""The native stack's trace sink: an OTLP/HTTP receiver (`POST /v1/traces`, protobuf or JSON, as
-the OpenTelemetry protocol package defines them) that keeps spans in SQLite under var/, and the
-reader behind `crucible trace <trace-id>`. Compose runs Jaeger instead (docker-compose.yml).
+"""The native stack's trace sink: an OTLP/HTTP receiver (`POST /v1/traces`, protobuf, gzip or
+not, decoded with the OpenTelemetry protocol package) that keeps spans in SQLite under var/,
+and the reader behind `crucible trace <trace-id>`. Compose runs Jaeger instead (docker-compose.yml).
 
     python -m services.traces        # listens on CRUCIBLE_TRACES_PORT (4318, OTLP's)
 
@@ -11,7 +11,6 @@ than `retention_s` are pruned as new ones arrive. This process records no spans 
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import sqlite3
 import threading
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -31,7 +29,7 @@ from pydantic_settings import SettingsConfigDict
 
 from services.common.app import build_app, serve
 from services.common.config import ServiceSettings
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 MAX_BODY = 16 << 20  # an exporter's batch (512 spans) is far smaller
 PROTOBUF = "application/x-protobuf"
@@ -164,6 +162,17 @@ def tree(spans: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _inflate(body: bytes, gzip: bool) -> bytes:
+    """A compressed body, refused past MAX_BODY once inflated (a small bomb stays small)."""
+    inflater = zlib.decompressobj(wbits=31 if gzip else 15)
+    out = inflater.decompress(body, MAX_BODY)
+    if inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"the export inflates past {MAX_BODY} bytes")
+    if not inflater.eof:
+        raise zlib.error("the compressed body ends early")
+    return out
+
+
 def create_app(settings: TraceSettings | None = None) -> FastAPI:
     s = settings or TraceSettings()
     # Its own requests are never traced: each export would make spans to export.
@@ -175,19 +184,16 @@ def create_app(settings: TraceSettings | None = None) -> FastAPI:
 
     @app.post("/v1/traces", include_in_schema=False)
     async def receive(request: Request) -> Response:
+        if not request.headers.get("content-type", "").startswith(PROTOBUF):
+            raise UnsupportedMediaType(f"send OTLP as protobuf ({PROTOBUF}), as the SDKs do")
         body = await request.body()
         encoding = request.headers.get("content-encoding", "")
         try:
-            if encoding == "gzip":
-                body = gzip.decompress(body)
-            elif encoding == "deflate":
-                body = zlib.decompress(body)
+            if encoding in ("gzip", "deflate"):
+                body = _inflate(body, gzip=encoding == "gzip")
             export = ExportTraceServiceRequest()
-            if request.headers.get("content-type", "").startswith("application/json"):
-                json_format.Parse(body, export)
-            else:
-                export.ParseFromString(body)
-        except (OSError, zlib.error, DecodeError, json_format.ParseError) as exc:
+            export.ParseFromString(body)
+        except (zlib.error, DecodeError) as exc:
             raise InvalidRequest(f"not an OTLP trace export: {type(exc).__name__}") from None
         await asyncio.to_thread(store.add, export)
         if time.monotonic() - pruned[0] > 60:

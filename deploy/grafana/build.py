@@ -10,8 +10,38 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 DATASOURCE = {"type": "prometheus", "uid": "crucible-prometheus"}
+TRACES = {"type": "jaeger", "uid": "crucible-jaeger"}
+# The service whose traces each dashboard's panels link to (Jaeger's search, in Explore).
+TRACED = {
+    "overview": "gateway",
+    "inference": "vllm",
+    "retrieval": "retrieval",
+    "finetune": "finetune-worker",
+    "lifecycle": "eval-worker",
+    "agent": "agent",
+    "cost": "gateway",
+    "gpu": "vllm",
+}
+
+
+def traces_link(service: str) -> dict[str, Any]:
+    """A panel link to the service's traces of the panel's time range, in Grafana's Explore."""
+    pane = {
+        "datasource": TRACES["uid"],
+        "queries": [
+            {"refId": "A", "datasource": TRACES, "queryType": "search", "service": service}
+        ],
+        "range": {"from": "${__from}", "to": "${__to}"},
+    }
+    panes = quote(json.dumps({"traces": pane}, separators=(",", ":")), safe="${}_")
+    return {
+        "title": f"Traces: {service}",
+        "url": f"/explore?schemaVersion=1&panes={panes}",
+        "targetBlank": True,
+    }
 OUT = Path(__file__).resolve().parent / "dashboards"
 
 # A panel: (title, unit, [(expr, legend), ...]).
@@ -494,6 +524,7 @@ def dashboard(uid: str, title: str, panels: list[Panel]) -> dict[str, Any]:
                 "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
                 "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
                 "options": {"legend": {"displayMode": "list", "placement": "bottom"}},
+                "links": [traces_link(TRACED[uid])],
                 "targets": [
                     {
                         "refId": chr(ord("A") + j),

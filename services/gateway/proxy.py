@@ -609,9 +609,9 @@ def ids(rid: str) -> list[tuple[bytes, bytes]]:
 
 def end_span(span: Span, status: int, key: ApiKey | None, **attributes: Any) -> None:
     """A recorded gateway span's outcome: status, key id and project (never the key itself)."""
-    span.set_attribute("http.response.status_code", status)
+    attributes["http.response.status_code"] = status
     if key is not None:
-        span.set_attributes({"crucible.key_id": key.id, "crucible.project_id": key.owner})
+        attributes["crucible.key_id"], attributes["crucible.project_id"] = key.id, key.owner
     span.set_attributes(attributes)
     if status >= 500:
         span.set_status(StatusCode.ERROR)

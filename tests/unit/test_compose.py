@@ -26,11 +26,14 @@ COMPOSE_ONLY = {
     "CRUCIBLE_GATEWAY_INFERENCE_API_KEY",
     "CRUCIBLE_FINETUNE_INFERENCE_API_KEY",
     "REDISCLI_AUTH",
+    "CRUCIBLE_TRACE_SAMPLE_RATIO",  # a lab under load may record fewer; natively every trace
 }
 
 
 def test_each_native_service_runs_the_same_module_with_the_same_variables_in_compose() -> None:
     for svc in StackConfig().services():
+        if svc.name == "traces":  # natively our OTLP sink, in compose Jaeger (test below)
+            continue
         spec = COMPOSE["services"][svc.name]
         if svc.argv[0] == "redis-server":
             assert spec["command"][0] == "redis-server"
@@ -168,3 +171,26 @@ def test_every_service_has_a_memory_limit() -> None:
         limit = str(svc["mem_limit"])
         # A fixed size, or one the deployment may override from .env with a default.
         assert re.fullmatch(r"\d+[mg]|\$\{CRUCIBLE_\w+_MEM_LIMIT:-\d+[mg]\}", limit), (name, limit)
+
+
+def test_every_service_sends_its_spans_to_jaeger_which_grafana_reads() -> None:
+    """Compose's trace backend is Jaeger, pinned; each of our services (and vLLM) exports to its
+    OTLP/HTTP port, as the native stack's services do to the sink; the Grafana data source that
+    every dashboard panel links to is that Jaeger."""
+    jaeger = COMPOSE["services"]["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/jaeger:2.")
+    assert "receivers.otlp.protocols.http.endpoint=0.0.0.0:4318" in jaeger["command"]
+    native = {s.name: s.env for s in StackConfig().services()}
+    traced = [name for name, env in native.items() if "CRUCIBLE_OTLP_ENDPOINT" in env]
+    assert {"gateway", "inference", "retrieval", "finetune", "agent", "eval-worker"} <= set(traced)
+    for name in traced:
+        env = COMPOSE["services"][name]["environment"]
+        assert env["CRUCIBLE_OTLP_ENDPOINT"] == "http://jaeger:4318", name
+    source = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/jaeger.yml").read_text()
+    )["datasources"][0]
+    assert (source["type"], source["url"]) == ("jaeger", "http://jaeger:16686")
+    for board in (ROOT / "deploy/grafana/dashboards").glob("*.json"):
+        for panel in yaml.safe_load(board.read_text())["panels"]:
+            (link,) = panel["links"]
+            assert link["url"].startswith("/explore?") and source["uid"] in link["url"], board
