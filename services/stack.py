@@ -226,7 +226,10 @@ class Stack:
     def up(self, only: list[str] | None = None, echo: Callable[[str], None] = print) -> None:
         """Start every service at once (each waits for its own dependencies), then wait for
         each to be ready in order: the slow engine start overlaps everything else."""
-        chosen = [s for s in self.config.services() if not only or s.name in only]
+        # The span sink goes with any part: every service sends its spans to it.
+        chosen = [
+            s for s in self.config.services() if not only or s.name in only or s.name == "traces"
+        ]
         missing = {s.name for s in chosen if s.optional and shutil.which(s.argv[0]) is None}
         for name in sorted(missing):
             echo(f"{name:<16} skipped: `{name}` is not installed (make setup installs it)")

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import httpx
 
@@ -99,17 +100,18 @@ def service(
     ready: str = "/health",
     timeout: float = 30,
     port: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Proc]:
     """`python -m services.<name>` on a free port (or `port`) with its own var dir; `settings`
-    are its settings fields (as CRUCIBLE_<NAME>_* env)."""
+    are its settings fields (as CRUCIBLE_<NAME>_* env), `env` shared ones (CRUCIBLE_OTLP_...)."""
     var_dir.mkdir(parents=True, exist_ok=True)
     port = port or _free_port()
     prefix = f"CRUCIBLE_{name.upper()}_"
-    env = {"CRUCIBLE_VAR_DIR": str(var_dir), f"{prefix}PORT": str(port)}
-    env |= {f"{prefix}{k.upper()}": str(v) for k, v in settings.items()}
+    own = {"CRUCIBLE_VAR_DIR": str(var_dir), f"{prefix}PORT": str(port), **(env or {})}
+    own |= {f"{prefix}{k.upper()}": str(v) for k, v in settings.items()}
     log = var_dir / f"{name}-{port}.log"
     argv = [sys.executable, "-m", f"services.{name}"]
-    proc = Proc(f"http://127.0.0.1:{port}", port, _spawn(argv, env, log), log)
+    proc = Proc(f"http://127.0.0.1:{port}", port, _spawn(argv, own, log), log)
     try:
         _wait(lambda: _http_ok(f"{proc.url}{ready}"), name, timeout=timeout)
         yield proc
@@ -140,11 +142,13 @@ def eval_worker(var_dir: Path, settings: dict[str, object]) -> Iterator[Proc]:
 def gateway(
     var_dir: Path, backends: list[str], redis_url: str, **settings: object
 ) -> contextlib.AbstractContextManager[Proc]:
-    """A gateway process; `settings` are GatewaySettings fields."""
+    """A gateway process; `settings` are GatewaySettings fields (and `env`, shared settings
+    such as CRUCIBLE_OTLP_ENDPOINT)."""
     import json
 
+    env = cast(dict[str, str] | None, settings.pop("env", None))
     wiring = {"inference_urls": json.dumps(backends), "redis_url": redis_url}
-    return service("gateway", var_dir, {**wiring, **settings})
+    return service("gateway", var_dir, {**wiring, **settings}, env=env)
 
 
 @contextmanager

@@ -39,6 +39,7 @@ class Env:
     other_key: str
     var: Path
     settings: dict[str, object]
+    spans: Path  # the trace sink's database (the gateway, agent and retrieval send to it)
 
     def script(self, *replies: dict[str, Any]) -> None:
         httpx.post(f"{self.fake.url}/script", json={"replies": list(replies)}).raise_for_status()
@@ -55,12 +56,15 @@ def env(stack: Stack, redis_url: str, tmp_path_factory: pytest.TempPathFactory) 
     tmp = tmp_path_factory.mktemp("agent")
     agent_port = _free_port()
     settings: dict[str, object] = {"retrieval_url": retrieval_url, "chem_timeout_s": 2.0}
+    # The stack's sink, where its retrieval sends its spans too.
+    traced = {"CRUCIBLE_OTLP_ENDPOINT": f"http://127.0.0.1:{stack.config.ports.traces}"}
     with (
         fake_upstream(tmp) as fake,
         gateway(
             tmp,
             [fake.url],
             redis_url,
+            env=traced,
             retrieval_url=retrieval_url,
             agent_url=f"http://127.0.0.1:{agent_port}",
             routing_refresh_s=0.5,
@@ -72,10 +76,11 @@ def env(stack: Stack, redis_url: str, tmp_path_factory: pytest.TempPathFactory) 
             ready="/ready",
             port=agent_port,
             timeout=60,
+            env=traced,
         ) as agent,
     ):
         alice, bob = make_key(tmp, "agent-alice"), make_key(tmp, "agent-bob")
-        yield Env(fake, gw, agent, alice, bob, tmp, settings)
+        yield Env(fake, gw, agent, alice, bob, tmp, settings, stack.config.var_dir / "traces.db")
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +145,48 @@ def final(answer: str, citations: list[str]) -> dict[str, Any]:
     }
 
 
+def _one_trace_with_both_tools(env: Env, run: dict[str, Any]) -> None:
+    """The run is one trace (the one its creating request started): under `agent.run`, each
+    model call reaches the gateway, the search reaches retrieval, and the chemistry tool's span
+    is there, each under the right parent."""
+    from services.traces import SpanStore
+
+    store = SpanStore(env.spans)
+    deadline = time.monotonic() + 20
+    while True:  # each process exports every half second
+        spans = store.trace(run["trace_id"])
+        named = [(s["service"], s["name"]) for s in spans]
+        if (
+            named.count(("gateway", "POST /v1/chat/completions")) == 3
+            and named.count(("agent", "agent.model_call")) == 3
+            and {("agent", "agent.run"), ("agent", "agent.tool molecule_info")} <= set(named)
+            and any(s == "retrieval" and n.endswith("/search") for s, n in named)
+        ):
+            break
+        assert time.monotonic() < deadline, named
+        time.sleep(0.3)
+    store.close()
+    by_id = {s["span_id"]: s for s in spans}
+
+    def above(span: dict[str, Any]) -> list[str]:
+        chain = []
+        while span["parent_span_id"] in by_id:
+            span = by_id[span["parent_span_id"]]
+            chain.append(span["name"])
+        return chain
+
+    (root,) = [s for s in spans if s["name"] == "agent.run"]
+    assert root["attributes"]["crucible.run_id"] == run["id"]
+    tools = {s["name"]: s for s in spans if s["name"].startswith("agent.tool ")}
+    assert set(tools) == {"agent.tool search_documents", "agent.tool molecule_info"}
+    for span in tools.values():
+        assert by_id[span["parent_span_id"]] is root
+    searched = [s for s in spans if s["service"] == "retrieval" and s["name"].endswith("/search")]
+    assert searched and all("agent.tool search_documents" in above(s) for s in searched)
+    for hop in [s for s in spans if s["name"] == "POST /v1/chat/completions"]:
+        assert above(hop)[:2] == ["agent.model_call", "agent.run"]
+
+
 def test_search_then_molecule_info_then_a_cited_answer(
     env: Env, client: openai.OpenAI, store: tuple[str, str]
 ) -> None:
@@ -175,6 +222,7 @@ def test_search_then_molecule_info_then_a_cited_answer(
     assert cited["id"] == "S1" and cited["file_id"] == aspirin_file and cited["text"]
     assert run["usage"]["model_calls"] == 3 and run["usage"]["tool_calls"] == 2
     assert run["usage"]["total_tokens"] > 0
+    _one_trace_with_both_tools(env, run)
 
     # What the model was sent: the action schema every time, and tool results back as data.
     seen = env.seen()
