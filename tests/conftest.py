@@ -33,6 +33,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "CRUCIBLE_FINETUNE_COST_HOSTED_PRICES": '{"*": {"input": 1e6, "output": 2e6}}',
             # Vector store storage recorded every 3 s, so its usage shows within the test.
             "CRUCIBLE_FINETUNE_USAGE_SNAPSHOT_EVERY_S": "3",
+            "CRUCIBLE_FINETUNE_USAGE_RUNS_EVERY_S": "2",
         },
     )
     s = Stack(config)

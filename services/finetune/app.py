@@ -206,16 +206,20 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
                 usage_store, http, s.agent_url, token, runs_since
             )
 
-        # Every `usage_snapshot_every_s`: the bytes each project's vector stores hold (from
-        # retrieval), and the agent runs that ended (from the agent). A round that cannot reach
-        # its service tries again next round; an outage is logged once, when it starts.
-        recorders = {"storage": storage, "agent runs": agent_runs}
+        # The bytes each project's vector stores hold (from retrieval), every
+        # `usage_snapshot_every_s`, and the agent runs that ended (from the agent), every
+        # `usage_runs_every_s`. A round that cannot reach its service tries again next round;
+        # an outage is logged once, when it starts.
+        recorders = {
+            "storage": (storage, s.usage_snapshot_every_s),
+            "agent runs": (agent_runs, s.usage_runs_every_s),
+        }
         last_done = dict.fromkeys(recorders, 0.0)
         failing: set[str] = set()
 
         async def record_usage() -> None:
-            for name, record in recorders.items():
-                if time.monotonic() - last_done[name] < s.usage_snapshot_every_s:
+            for name, (record, every_s) in recorders.items():
+                if time.monotonic() - last_done[name] < every_s:
                     continue
                 try:
                     await record()

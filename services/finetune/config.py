@@ -55,8 +55,9 @@ class FinetuneSettings(ServiceSettings):
     # 0.15, "output": 0.6}} ("*" for every model without its own entry; embeddings: "input").
     cost_hosted_prices: dict[str, dict[str, float]] = Field(default_factory=dict)
     # How often the bytes each project's vector stores hold are recorded (the storage usage),
-    # and the agent's ended runs read.
+    # and how often the agent's ended runs are read (their usage).
     usage_snapshot_every_s: float = Field(default=300.0, gt=0)
+    usage_runs_every_s: float = Field(default=15.0, gt=0)
 
     def engine_usd_per_second(self) -> float:
         """What one second of one engine's busy time costs the lab."""

@@ -266,7 +266,7 @@ def test_agent_and_eval_runs_are_each_recorded_once_whole(gateway_url: str, admi
         )
         return page["data"][0]["results"]
 
-    (agent,) = _until(agent_usage, bool, "the agent run's usage")  # read every 3 s in tests
+    (agent,) = _until(agent_usage, bool, "the agent run's usage")  # read every 2 s in tests
     assert agent["object"] == "organization.usage.agent_runs.result"
     assert (agent["num_runs"], agent["model"]) == (1, DENSE)
     assert agent["steps"] == run["usage"]["model_calls"]
