@@ -243,7 +243,9 @@ def test_a_killed_supervisord_leaves_nothing_that_down_or_up_cannot_handle(
     """supervisord SIGKILLed: its services run on unsupervised. `make up` must still start (not
     'port taken by a process make up did not start'), and `make down` must still stop them."""
     stack = Stack(StackConfig(var_dir=tmp_path, ports=Ports.free(), policy=POLICY))
-    names = ["milvus"]  # (a Redis left running is adopted by `up`, as any answering Redis)
+    # (A Redis left running is adopted by `up`, as any answering Redis; the trace sink goes
+    # with any part of the stack.)
+    names = ["milvus", "traces"]
 
     def kill_supervisord() -> dict[str, int]:
         pids = {n: stack.pid(n) or 0 for n in names}
