@@ -156,7 +156,7 @@ def span_cost(n: int) -> dict[str, Any]:
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
     from services.common import tracing
-    from services.gateway.proxy import end_span
+    from services.gateway.spans import RequestTrace
 
     class Discard(SpanExporter):
         def export(self, spans: Any) -> SpanExportResult:
@@ -179,15 +179,8 @@ def span_cost(n: int) -> dict[str, Any]:
         for mode, tracer in tracers.items():
             tracing._recording = mode == "on"  # what `setup` sets: an endpoint or none
             t0 = time.perf_counter_ns()
-            span = tracing.server_span(
-                tracer, "POST /v1/chat/completions", tracing.incoming(headers)
-            )
-            parent = tracing.header(span)
-            token = tracing.current_trace_id.set(parent[3:35].decode())
-            if span.is_recording():
-                end_span(span, 200, None, model="crucible-dev")
-            span.end()
-            tracing.current_trace_id.reset(token)
+            traced = RequestTrace(tracer, "POST /v1/chat/completions", headers)
+            traced.end(200, None, model="crucible-dev")
             took[mode].append(time.perf_counter_ns() - t0)
     recording.shutdown()
     return {

@@ -28,6 +28,7 @@ from services.finetune import (
     responses,
     schedules,
     usage,
+    usage_api,
 )
 from services.finetune.aliases import AliasStore
 from services.finetune.aliasgate import alias_feedback, guard_round
@@ -292,7 +293,7 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
     api.include_router(responses.router())
     api.include_router(aliases_api.router())
     api.include_router(schedules.router())
-    api.include_router(usage.router())
+    api.include_router(usage_api.router())
     return api
 
 

@@ -42,7 +42,9 @@ from services.gateway.bodies import ClientGone
 from services.gateway.config import GatewaySettings
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey
 from services.gateway.limits import BodyBytes
-from services.gateway.proxy import Proxy, end_span, ids, send_error
+from services.gateway.proxy import Proxy
+from services.gateway.replies import send_error
+from services.gateway.spans import RequestTrace, ids
 
 log = logging.getLogger("crucible.gateway")
 
@@ -116,12 +118,8 @@ class ServiceForwarder:
         rid = _incoming_request_id(scope) or uuid.uuid4().hex
         ctx = request_id.set(rid)
         start = time.perf_counter()
-        span = tracing.server_span(
-            self.proxy.tracer, f"{scope['method']} {route}", tracing.incoming(scope["headers"])
-        )
-        parent = tracing.header(span)
-        traced = tracing.current_trace_id.set(parent[3:35].decode())
-        out = _Outcome(traceparent=parent)
+        traced = RequestTrace(self.proxy.tracer, f"{scope['method']} {route}", scope["headers"])
+        out = _Outcome(traceparent=traced.traceparent)
         try:
             await self._handle(scope, receive, send, route, rid, out)
         except CrucibleError as exc:
@@ -142,10 +140,7 @@ class ServiceForwarder:
                     "duration_ms": round(elapsed * 1000, 2),
                 },
             )
-            if span.is_recording():
-                end_span(span, out.status, out.key, **{"url.path": scope["path"]})
-            span.end()
-            tracing.current_trace_id.reset(traced)
+            traced.end(out.status, out.key, **{"url.path": scope["path"]})
             request_id.reset(ctx)
 
     async def _handle(

@@ -16,7 +16,6 @@ from urllib.parse import quote
 
 import orjson
 from opentelemetry import trace
-from opentelemetry.trace import Span, StatusCode
 from starlette.types import Receive, Scope, Send
 
 from services.common import tracing
@@ -53,7 +52,9 @@ from services.gateway.limits import BodyBytes, Concurrency, RateLimiter, RedisUn
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.owners import ModelOwners
 from services.gateway.quotas import StoredQuotas
+from services.gateway.replies import JSON_HEADERS, send_error, upstream_error
 from services.gateway.routing import Backend, Router, choose
+from services.gateway.spans import RequestTrace, ids
 from services.gateway.usage import UsageRecorder, UsageSniffer, ask_for_usage, count
 from services.gateway.validation import bound_output, check_request, output_bound, sequences
 
@@ -65,7 +66,6 @@ RESPONSES = "/v1/responses"
 STORED = (CHAT, RESPONSES)  # the routes whose exchanges may be stored
 log = logging.getLogger("crucible.gateway")
 
-JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
@@ -137,12 +137,8 @@ class Proxy:
         token = request_id.set(rid)
         start = time.perf_counter()
         route: str = scope["path"]
-        span = tracing.server_span(
-            self.tracer, f"{scope['method']} {route}", tracing.incoming(scope["headers"])
-        )
-        parent = tracing.header(span)
-        traced = tracing.current_trace_id.set(parent[3:35].decode())
-        out = Outcome(route=route, traceparent=parent)
+        traced = RequestTrace(self.tracer, f"{scope['method']} {route}", scope["headers"])
+        out = Outcome(route=route, traceparent=traced.traceparent)
         try:
             await self._handle(scope, receive, send, rid, out, start)
         except CrucibleError as exc:
@@ -187,10 +183,7 @@ class Proxy:
                     **({"stream_failed": True} if out.failed_midstream else {}),
                 },
             )
-            if span.is_recording():
-                end_span(span, out.status, out.key, model=out.model)
-            span.end()
-            tracing.current_trace_id.reset(traced)
+            traced.end(out.status, out.key, model=out.model)
             request_id.reset(token)
 
     async def _handle(
@@ -493,7 +486,7 @@ class Proxy:
         if resp.status != 200:
             raw = await resp.read()
             self.metrics.upstream_errors.labels(f"status_{resp.status // 100}xx").inc()
-            raise _upstream_error(resp.status, raw)
+            raise upstream_error(resp.status, raw)
         ctype = next((v for k, v in resp.headers if k == b"content-type"), b"")
         if stream and ctype.startswith(b"text/event-stream"):
             await self._relay_stream(resp, send, rid, out, start)
@@ -580,53 +573,6 @@ class Proxy:
             "trace_id": out.traceparent[3:35].decode(),
         }
         self.outbox.put(meta, out.capture, response)
-
-
-def _upstream_error(status: int, raw: bytes) -> CrucibleError:
-    """The upstream's status and message, in our envelope (vLLM has sent two shapes)."""
-    message, param, code = f"inference backend answered {status}", None, None
-    try:
-        data = orjson.loads(raw)
-        err = data.get("error", data) if isinstance(data, dict) else {}
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            message = err["message"][:2000]
-            param = err.get("param") if isinstance(err.get("param"), str) else None
-            code = err.get("code") if isinstance(err.get("code"), str) else None
-    except orjson.JSONDecodeError:
-        pass
-    exc = error_for_status(status, message)
-    exc.param, exc.code = param, code or exc.code
-    return exc
-
-
-def ids(rid: str) -> list[tuple[bytes, bytes]]:
-    """The response headers that name the request: its id and its trace's."""
-    headers = [(b"x-request-id", rid.encode())]
-    if (trace_id := tracing.current_trace_id.get()) is not None:
-        headers.append((tracing.TRACE_ID_HEADER, trace_id.encode()))
-    return headers
-
-
-def end_span(span: Span, status: int, key: ApiKey | None, **attributes: Any) -> None:
-    """A recorded gateway span's outcome: status, key id and project (never the key itself)."""
-    attributes["http.response.status_code"] = status
-    if key is not None:
-        attributes["crucible.key_id"], attributes["crucible.project_id"] = key.id, key.owner
-    span.set_attributes(attributes)
-    if status >= 500:
-        span.set_status(StatusCode.ERROR)
-
-
-async def send_error(send: Send, exc: CrucibleError, rid: str) -> None:
-    body = orjson.dumps(exc.body())
-    headers = [*JSON_HEADERS, *ids(rid)]
-    headers += [(b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
-    try:
-        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-    except RuntimeError:
-        pass  # the response had already started; nothing honest left to send
 
 
 async def _stream_error(send: Send, exc: CrucibleError, out: Outcome) -> None:

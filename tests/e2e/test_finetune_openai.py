@@ -92,16 +92,16 @@ def test_the_job_is_in_the_trace_of_the_request_that_made_it(
     stack: Stack, finished_job: Any
 ) -> None:
     """Its worker's span (another process, started by Celery) continues the create's trace."""
-    from services.traces import SpanStore
+    from tests.spans import spans_when
 
     trace_id = finished_job.model_extra["crucible"]["trace_id"]
     assert trace_id and len(trace_id) == 32
-    store = SpanStore(stack.config.var_dir / "traces.db")
-    deadline = time.monotonic() + 20
-    while not (spans := [s for s in store.trace(trace_id) if s["name"] == "finetune.job"]):
-        assert time.monotonic() < deadline, "the job's span never arrived"
-        time.sleep(0.3)
-    store.close()
+
+    def job(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [s for s in spans if s["name"] == "finetune.job"]
+
+    db = stack.config.var_dir / "traces.db"
+    spans = job(spans_when(db, trace_id, lambda found: bool(job(found)), timeout=20))
     assert spans[0]["service"] == "finetune-worker"
     assert spans[0]["attributes"]["crucible.job_id"] == finished_job.id
 

@@ -18,21 +18,13 @@ import pytest
 
 from services.common import tracing
 from services.stack import Stack
-from services.traces import SpanStore
 from tests.conftest import DENSE, ROOT
+from tests.e2e.test_evals import CUSTOM, SAID_SOMETHING, items, sampled
+from tests.spans import ancestors, spans_when
 
 
 def _spans(stack: Stack, trace_id: str, ready: Any, timeout: float = 30) -> list[dict[str, Any]]:
-    """The trace's spans once `ready(spans)` holds (exporters send every half second)."""
-    store = SpanStore(stack.config.var_dir / "traces.db")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ready(spans := store.trace(trace_id)):
-            assert time.monotonic() < deadline, [(s["service"], s["name"]) for s in spans]
-            time.sleep(0.3)
-    finally:
-        store.close()
-    return spans
+    return spans_when(stack.config.var_dir / "traces.db", trace_id, ready, timeout)
 
 
 def _one(spans: list[dict[str, Any]], service: str, name: str) -> dict[str, Any]:
@@ -123,7 +115,7 @@ def test_an_agent_run_is_one_trace_from_the_gateway_to_vllm_and_retrieval(
     # The search: agent's tool span → its call to retrieval → retrieval's own request span.
     tool = _one(spans, "agent", "agent.tool search_documents")
     assert parent_of(tool) is run_span
-    below = [s for s in spans if parent_of_id(s, tool["span_id"], by_id)]
+    below = [s for s in spans if parent_of_id(s, tool["span_id"], spans)]
     assert any(s["service"] == "retrieval" and s["kind"] == 2 for s in below), below
 
     # `crucible trace` prints the same tree, indented by depth.
@@ -161,13 +153,9 @@ def test_an_agent_run_is_one_trace_from_the_gateway_to_vllm_and_retrieval(
     client.files.delete(made.id)
 
 
-def parent_of_id(span: dict[str, Any], ancestor: str, by_id: dict[str, Any]) -> bool:
+def parent_of_id(span: dict[str, Any], ancestor: str, spans: list[dict[str, Any]]) -> bool:
     """Whether `ancestor` is above `span`."""
-    while span["parent_span_id"] in by_id:
-        if span["parent_span_id"] == ancestor:
-            return True
-        span = by_id[span["parent_span_id"]]
-    return False
+    return any(s["span_id"] == ancestor for s in ancestors(span, spans))
 
 
 def test_every_response_names_its_trace_and_a_bad_traceparent_starts_a_new_one(
@@ -210,49 +198,24 @@ def test_stored_completions_and_eval_runs_keep_the_trace_that_made_them(
             time.sleep(0.2)
     assert (stored.model_extra or {}).get("trace_id") == chat.headers["x-trace-id"]
 
-    ev = client.evals.create(
-        data_source_config={
-            "type": "custom",
-            "item_schema": {"type": "object", "properties": {"a": {"type": "string"}}},
-            "include_sample_schema": True,
-        },
-        testing_criteria=[
-            {
-                "type": "string_check",
-                "name": "nonempty",
-                "input": "{{sample.output_text}}",
-                "reference": "",
-                "operation": "ne",
-            }
-        ],
-    )
+    ev = client.evals.create(data_source_config=CUSTOM, testing_criteria=[SAID_SOMETHING])
     created = client.evals.runs.with_raw_response.create(
-        ev.id,
-        data_source={
-            "type": "completions",
-            "model": DENSE,
-            "input_messages": {
-                "type": "template",
-                "template": [{"role": "user", "content": "{{item.a}}"}],
-            },
-            "sampling_params": {"temperature": 0, "max_completion_tokens": 2},
-            "source": {"type": "file_content", "content": [{"item": {"a": "Hello"}}]},
-        },
+        ev.id, data_source=sampled(DENSE, items(1), max_tokens=2)
     )
     run = created.parse()
     trace_id = created.headers["x-trace-id"]
     assert (run.model_extra or {}).get("trace_id") == trace_id
 
-    def sampled(spans: list[dict[str, Any]]) -> bool:
+    def engine_reached(spans: list[dict[str, Any]]) -> bool:
         return any(s["service"] == "vllm" for s in spans)
 
-    spans = _spans(stack, trace_id, sampled, timeout=120)  # the eval worker's, another process
-    by_id = {s["span_id"]: s for s in spans}
+    # The eval worker (another process) records its run; its sample reaches vLLM.
+    spans = _spans(stack, trace_id, engine_reached, timeout=120)
     (worker,) = [s for s in spans if s["name"] == "eval.run"]
     assert worker["service"] == "eval-worker"
     assert worker["attributes"]["crucible.eval_run_id"] == run.id
     engine = next(s for s in spans if s["service"] == "vllm")
-    assert parent_of_id(engine, worker["span_id"], by_id)  # its sample, under its run
+    assert parent_of_id(engine, worker["span_id"], spans)  # its sample, under its run
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from tests.conftest import DENSE
+from tests.e2e.test_evals import CUSTOM, SAID_SOMETHING, finished, items, sampled
 
 EMBEDDER = "all-MiniLM-L6-v2"
 
@@ -275,44 +276,9 @@ def test_agent_and_eval_runs_are_each_recorded_once_whole(gateway_url: str, admi
     assert agent["output_tokens"] == run["usage"]["completion_tokens"]
     assert agent["tool_seconds"] == pytest.approx(run["timings"]["tools_ms"] / 1000, abs=1e-5)
 
-    ev = c.evals.create(
-        data_source_config={
-            "type": "custom",
-            "item_schema": {"type": "object", "properties": {"q": {"type": "string"}}},
-            "include_sample_schema": True,
-        },
-        testing_criteria=[
-            {
-                "type": "string_check",
-                "name": "said something",
-                "input": "{{sample.output_text}}",
-                "reference": "",
-                "operation": "ne",
-            }
-        ],
-    )
-    eval_run = c.evals.runs.create(
-        ev.id,
-        data_source={
-            "type": "completions",
-            "model": DENSE,
-            "input_messages": {
-                "type": "template",
-                "template": [{"role": "user", "content": "{{item.q}}"}],
-            },
-            "sampling_params": {"temperature": 0, "max_completion_tokens": 4},
-            "source": {
-                "type": "file_content",
-                "content": [{"item": {"q": f"question {i}?"}} for i in range(3)],
-            },
-        },
-    )
-    done = _until(
-        lambda: c.evals.runs.retrieve(eval_run.id, eval_id=ev.id),
-        lambda r: r.status in ("completed", "failed", "canceled"),
-        "the eval run's end",
-        180,
-    )
+    ev = c.evals.create(data_source_config=CUSTOM, testing_criteria=[SAID_SOMETHING])
+    eval_run = c.evals.runs.create(ev.id, data_source=sampled(DENSE, items(3)))
+    done = finished(c, ev.id, eval_run.id)
     (per_model,) = done.per_model_usage
 
     def eval_usage() -> list[dict[str, Any]]:
@@ -338,8 +304,8 @@ def test_agent_and_eval_runs_are_each_recorded_once_whole(gateway_url: str, admi
     )
     assert completions[0]["num_model_requests"] == calls
     costs = c.admin.organization.usage.costs(start_time=start, group_by=["line_item"])
-    items = [r["line_item"] for r in costs.model_dump()["data"][0]["results"]]
-    assert items == [f"{DENSE}, completions"]
+    line_items = [r["line_item"] for r in costs.model_dump()["data"][0]["results"]]
+    assert line_items == [f"{DENSE}, completions"]
     c.close()
 
 

@@ -22,6 +22,7 @@ from services.stack import Stack
 from services.stackconfig import _free_port
 from tests.conftest import ROOT
 from tests.processes import Proc, fake_upstream, gateway, make_key, service
+from tests.spans import search_then_chemistry_is_one_trace
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 INJECTION = (
@@ -145,48 +146,6 @@ def final(answer: str, citations: list[str]) -> dict[str, Any]:
     }
 
 
-def _one_trace_with_both_tools(env: Env, run: dict[str, Any]) -> None:
-    """The run is one trace (the one its creating request started): under `agent.run`, each
-    model call reaches the gateway, the search reaches retrieval, and the chemistry tool's span
-    is there, each under the right parent."""
-    from services.traces import SpanStore
-
-    store = SpanStore(env.spans)
-    deadline = time.monotonic() + 20
-    while True:  # each process exports every half second
-        spans = store.trace(run["trace_id"])
-        named = [(s["service"], s["name"]) for s in spans]
-        if (
-            named.count(("gateway", "POST /v1/chat/completions")) == 3
-            and named.count(("agent", "agent.model_call")) == 3
-            and {("agent", "agent.run"), ("agent", "agent.tool molecule_info")} <= set(named)
-            and any(s == "retrieval" and n.endswith("/search") for s, n in named)
-        ):
-            break
-        assert time.monotonic() < deadline, named
-        time.sleep(0.3)
-    store.close()
-    by_id = {s["span_id"]: s for s in spans}
-
-    def above(span: dict[str, Any]) -> list[str]:
-        chain = []
-        while span["parent_span_id"] in by_id:
-            span = by_id[span["parent_span_id"]]
-            chain.append(span["name"])
-        return chain
-
-    (root,) = [s for s in spans if s["name"] == "agent.run"]
-    assert root["attributes"]["crucible.run_id"] == run["id"]
-    tools = {s["name"]: s for s in spans if s["name"].startswith("agent.tool ")}
-    assert set(tools) == {"agent.tool search_documents", "agent.tool molecule_info"}
-    for span in tools.values():
-        assert by_id[span["parent_span_id"]] is root
-    searched = [s for s in spans if s["service"] == "retrieval" and s["name"].endswith("/search")]
-    assert searched and all("agent.tool search_documents" in above(s) for s in searched)
-    for hop in [s for s in spans if s["name"] == "POST /v1/chat/completions"]:
-        assert above(hop)[:2] == ["agent.model_call", "agent.run"]
-
-
 def test_search_then_molecule_info_then_a_cited_answer(
     env: Env, client: openai.OpenAI, store: tuple[str, str]
 ) -> None:
@@ -222,7 +181,7 @@ def test_search_then_molecule_info_then_a_cited_answer(
     assert cited["id"] == "S1" and cited["file_id"] == aspirin_file and cited["text"]
     assert run["usage"]["model_calls"] == 3 and run["usage"]["tool_calls"] == 2
     assert run["usage"]["total_tokens"] > 0
-    _one_trace_with_both_tools(env, run)
+    search_then_chemistry_is_one_trace(env.spans, run)
 
     # What the model was sent: the action schema every time, and tool results back as data.
     seen = env.seen()
