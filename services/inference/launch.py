@@ -4,12 +4,15 @@
 
 Every option has an env var (CRUCIBLE_INFERENCE_*), so compose and `make up` run the same
 command. The launcher exits with vLLM's status when vLLM exits (vLLM stops itself when its
-engine dies), and forwards SIGTERM/SIGINT so a stop is a clean vLLM shutdown.
+engine dies), and forwards SIGTERM/SIGINT so a stop is a clean vLLM shutdown. Before it exits
+it ends what vLLM left behind in its process group: a worker whose engine was killed outlives
+it, holding the device's memory that the restarted engine needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -19,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+
+import psutil
 
 from services.common.logging import configure_logging
 from services.inference import profiles, readiness
@@ -123,7 +128,33 @@ def supervise(cmd: list[str], env: dict[str, str], model: str, args: argparse.Na
         time.sleep(1)
     code = proc.wait()
     log.info("vLLM exited", extra={"code": code})
+    _end_leftovers()
     return 1 if gave_up else code
+
+
+def _end_leftovers(grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`, every other process of the launcher's process
+    group (supervisord and compose start it as the group's leader; run from a shell it is not,
+    and the shell's group is not its to end)."""
+    me = os.getpid()
+    if os.getpgrp() != me:
+        return
+    left = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != me and os.getpgid(proc.pid) == me:
+                left.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(left, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    if left:
+        log.warning("ended what vLLM left running", extra={"pids": [p.pid for p in left]})
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 behind."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -64,6 +65,15 @@ def _engine_core(launcher_pid: int) -> psutil.Process:
     raise AssertionError("no EngineCore process under the launcher")
 
 
+def _alive(pids: set[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+    return alive
+
+
 def test_killing_the_engine_fails_readiness_restarts_it_and_down_leaves_nothing(
     moe_stack: Stack,
 ) -> None:
@@ -82,7 +92,10 @@ def test_killing_the_engine_fails_readiness_restarts_it_and_down_leaves_nothing(
         time.sleep(0.5)
     assert moe_stack.pid("inference") not in (None, launcher)
     assert moe_stack.restarts() == {"inference": 1}
+    # Nothing of the dead engine outlives its launcher: an orphaned worker would hold the
+    # device's memory that the new engine needs.
+    assert not _alive(group)
     group |= {moe_stack.pid("inference") or 0}
     moe_stack.down()  # mid-start: the new engine is loading
-    assert not [p for p in group if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not _alive(group)
     assert moe_stack.status()["inference"] == "stopped"
