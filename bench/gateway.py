@@ -116,14 +116,16 @@ async def added_latency(
 
 
 async def traced_latency(
-    direct: str, gateway: str, traced: str, key: str, rate: float, seconds: float
+    targets: dict[str, str], key: str, rate: float, seconds: float
 ) -> dict[str, Any]:
-    """Open loop at `rate` per target, taking turns: the upstream directly, a gateway with
-    sampling off (it mints and passes on trace ids, records nothing) and one that records every
-    request's span and exports it to the trace sink (sampling on). Same load on each gateway."""
+    """Open loop at `rate` per target, taking turns: the upstream directly (`direct`), a gateway
+    with sampling off (it mints and passes on trace ids, records nothing), a second one the
+    same (`sampling_off_again`: the A/A control, what two identical gateway processes differ by
+    on this host) and one that records every request's span and exports it to the trace sink
+    (`sampling_on`). Same load on each gateway."""
     body = orjson.dumps(CHAT)
     auth = [(b"content-type", b"application/json"), (b"authorization", f"Bearer {key}".encode())]
-    pools = {"direct": Pool(direct), "sampling_off": Pool(gateway), "sampling_on": Pool(traced)}
+    pools = {name: Pool(url) for name, url in targets.items()}
     lat: dict[str, list[float]] = {t: [] for t in pools}
     loop = asyncio.get_running_loop()
     start, n, tasks = loop.time(), int(rate * seconds), []
@@ -143,31 +145,20 @@ async def traced_latency(
         "p50_ms": {t: round(v, 3) for t, v in p50.items()},
         "off_added_p50_ms": round(p50["sampling_off"] - p50["direct"], 3),
         "on_over_off_p50_ms": round(p50["sampling_on"] - p50["sampling_off"], 3),
+        "aa_p50_ms": round(p50["sampling_off_again"] - p50["sampling_off"], 3),
     }
 
 
-def span_cost(n: int) -> dict[str, Any]:
+def span_cost(n: int, sink: str) -> dict[str, Any]:
     """The gateway's per-request tracing, alone and in-process: parse the caller's
     `traceparent`, start the server span, format the upstream's header, end the span, exactly
-    as proxy.py does, with sampling off and on (a batch processor whose exporter discards),
-    the two interleaved call by call. Reported: p50 and p99 in microseconds."""
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
-
-    from services.common import tracing
+    as proxy.py does, with sampling off and on (its span handed to a `SpanPipe` whose child
+    exports to the bench's trace sink), the two interleaved call by call. Reported: p50 and
+    p99 in microseconds."""
+    from services.common.spanexport import SpanPipe
     from services.gateway.spans import RequestTrace
 
-    class Discard(SpanExporter):
-        def export(self, spans: Any) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
-
-    recording = TracerProvider(sampler=ALWAYS_ON)
-    recording.add_span_processor(BatchSpanProcessor(Discard()))
-    tracers = {
-        "off": TracerProvider(sampler=ALWAYS_OFF).get_tracer("bench"),
-        "on": recording.get_tracer("bench"),
-    }
+    pipes = {"off": None, "on": SpanPipe("bench", sink)}
     headers = [
         (b"host", b"127.0.0.1:8080"),
         (b"content-type", b"application/json"),
@@ -176,13 +167,13 @@ def span_cost(n: int) -> dict[str, Any]:
     ]
     took: dict[str, list[float]] = {"off": [], "on": []}
     for _ in range(n):
-        for mode, tracer in tracers.items():
-            tracing._recording = mode == "on"  # what `setup` sets: an endpoint or none
+        for mode, pipe in pipes.items():
             t0 = time.perf_counter_ns()
-            traced = RequestTrace(tracer, "POST /v1/chat/completions", headers)
+            traced = RequestTrace(pipe, "POST /v1/chat/completions", headers)
             traced.end(200, None, model="crucible-dev")
             took[mode].append(time.perf_counter_ns() - t0)
-    recording.shutdown()
+    if (on := pipes["on"]) is not None:
+        on.close()
     return {
         mode: {"p50_us": round(pct(v, 0.5) / 1000, 2), "p99_us": round(pct(v, 0.99) / 1000, 2)}
         for mode, v in took.items()
@@ -270,7 +261,7 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
     # stack's lifecycle store (it reads database 0). Emptied afterwards.
     redis_url = redis_url.rsplit("/", 1)[0] + "/13"
     fake_port, gw_port, naive_port = _free_port(), _free_port(), _free_port()
-    traced_port, sink_port = _free_port(), _free_port()
+    traced_port, sink_port, again_port = _free_port(), _free_port(), _free_port()
     gateway_env = {
         "CRUCIBLE_VAR_DIR": str(tmp),
         "CRUCIBLE_GATEWAY_INFERENCE_URLS": f'["http://127.0.0.1:{fake_port}"]',
@@ -305,6 +296,11 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
             tmp / "gateway.log",
         ),
         _spawn(
+            [sys.executable, "-m", "services.gateway"],
+            {**gateway_env, "CRUCIBLE_GATEWAY_PORT": str(again_port)},
+            tmp / "gateway-again.log",
+        ),
+        _spawn(
             [
                 sys.executable,
                 "bench/naive_proxy.py",
@@ -320,13 +316,20 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
     try:
         _until(lambda: _http_ok(f"http://127.0.0.1:{gw_port}/ready"), "gateway")
         _until(lambda: _http_ok(f"http://127.0.0.1:{traced_port}/ready"), "traced gateway")
+        _until(lambda: _http_ok(f"http://127.0.0.1:{again_port}/ready"), "second gateway")
         key = _bench_key(tmp)
         direct, gw = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{gw_port}"
         naive, traced = f"http://127.0.0.1:{naive_port}", f"http://127.0.0.1:{traced_port}"
         _until(lambda: _port_busy(naive_port), "naive proxy")
-        asyncio.run(traced_latency(direct, gw, traced, key, args.rate, 1.0))  # warm up
+        targets = {
+            "direct": direct,
+            "sampling_off": gw,
+            "sampling_off_again": f"http://127.0.0.1:{again_port}",
+            "sampling_on": traced,
+        }
+        asyncio.run(traced_latency(targets, key, args.rate, 1.0))  # warm up
         traced_rounds = [
-            asyncio.run(traced_latency(direct, gw, traced, key, args.rate, args.seconds))
+            asyncio.run(traced_latency(targets, key, args.rate, args.seconds))
             for _ in range(args.rounds)
         ]
         tracing = {
@@ -334,7 +337,8 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
             "rounds": traced_rounds,
             "median_off_added_p50_ms": median([r["off_added_p50_ms"] for r in traced_rounds]),
             "median_on_over_off_p50_ms": median([r["on_over_off_p50_ms"] for r in traced_rounds]),
-            "span_cost": span_cost(200 if args.smoke else 50_000),
+            "median_aa_p50_ms": median([r["aa_p50_ms"] for r in traced_rounds]),
+            "span_cost": span_cost(200 if args.smoke else 50_000, f"http://127.0.0.1:{sink_port}"),
         }
         if args.tracing:
             return tracing

@@ -10,9 +10,10 @@ passed on, so the logs of one request share its trace id across services.
 - The FastAPI services: the framework's instrumentation (a server span per request, its
   `traceparent` continued), httpx's (a client span per outbound call, `traceparent` sent), and
   Celery's in the fine-tuning processes (a job's task continues the trace that queued it).
-- The gateway's hot path and the lean client (services/common/upstream.py): `server_span`
-  parses the incoming header by hand and `header` formats the outgoing one (the propagator's
-  regular expressions cost more than the gateway's whole budget allows; bench/gateway.py).
+- The gateway's hot path (services/gateway/spans.py) makes its spans by hand and exports them
+  from a child process (services/common/spanexport.py); `parse` reads the incoming header (the
+  propagator's regular expressions cost more than the gateway's whole budget allows;
+  bench/gateway.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
 
 log = logging.getLogger("crucible.tracing")
 
@@ -43,18 +44,16 @@ current_trace_id: ContextVar[str | None] = ContextVar("trace_id", default=None)
 EXCLUDED_URLS = "/health,/ready,/metrics"
 
 _provider: TracerProvider | None = None
-_recording = False  # spans are exported somewhere
-_ratio = 1.0
-_UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
-_bits = random.getrandbits  # the SDK's own id source (RandomIdGenerator)
+_bound = TraceIdRatioBased.get_bound_for_rate(1.0)
+random_bits = random.getrandbits  # the SDK's own id source (RandomIdGenerator)
 
 
 def setup(service: str, endpoint: str | None, ratio: float = 1.0) -> TracerProvider:
     """This process's tracer provider (the first call makes it; later ones return it)."""
-    global _provider, _recording, _ratio
+    global _provider, _bound
     if _provider is not None:
         return _provider
-    _recording, _ratio = bool(endpoint), ratio
+    _bound = TraceIdRatioBased.get_bound_for_rate(ratio)
     sampler = ParentBased(TraceIdRatioBased(ratio)) if endpoint else ALWAYS_OFF
     provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=sampler)
     if endpoint:
@@ -117,21 +116,10 @@ def incoming(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     return None
 
 
-def server_span(tracer: trace.Tracer, name: str, incoming: bytes | None) -> Span:
-    """A server span for a request, the child of its `traceparent` when it sent a valid one
-    (a new trace otherwise). Not made current: the caller passes it on with `header`.
-
-    A span that will not be recorded (no endpoint, an unsampled caller, a ratio of 0) is made
-    here without the SDK: fresh ids around the caller's trace id, as the SDK would mint them,
-    at a tenth of its cost (bench/gateway.py, `span_cost`)."""
-    parent = parse(incoming)
-    if not _recording or (parent is not None and not parent.trace_flags.sampled):
-        trace_id = parent.trace_id if parent is not None else (_bits(128) or 1)
-        return NonRecordingSpan(SpanContext(trace_id, _bits(64) or 1, False, _UNSAMPLED))
-    if parent is None and _ratio == 0.0:
-        return NonRecordingSpan(SpanContext(_bits(128) or 1, _bits(64) or 1, False, _UNSAMPLED))
-    context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent else None
-    return tracer.start_span(name, context=context, kind=SpanKind.SERVER)
+def sampled_new(trace_id: int) -> bool:
+    """Whether a trace that starts here is recorded: the SDK's ratio sampler's rule (the trace
+    id's lower 64 bits under the ratio's bound), for the gateway's hand-made spans."""
+    return trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < _bound
 
 
 def continued(traceparent: str | None) -> Context | None:

@@ -157,6 +157,8 @@ def create_app(settings: GatewaySettings | None = None) -> Gateway:
             await outbox_redis.aclose()
             await gateway.forwarder.aclose()
             await gateway.proxy.lifecycle.aclose()
+            if gateway.proxy.spans is not None:
+                await asyncio.to_thread(gateway.proxy.spans.close)
             await owners.aclose()
             gateway.proxy, gateway.forwarder = None, None
             await router.stop()

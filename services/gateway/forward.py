@@ -118,7 +118,7 @@ class ServiceForwarder:
         rid = _incoming_request_id(scope) or uuid.uuid4().hex
         ctx = request_id.set(rid)
         start = time.perf_counter()
-        traced = RequestTrace(self.proxy.tracer, f"{scope['method']} {route}", scope["headers"])
+        traced = RequestTrace(self.proxy.spans, f"{scope['method']} {route}", scope["headers"])
         out = _Outcome(traceparent=traced.traceparent)
         try:
             await self._handle(scope, receive, send, route, rid, out)

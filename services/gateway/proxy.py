@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
-from opentelemetry import trace
 from starlette.types import Receive, Scope, Send
 
 from services.common import tracing
@@ -33,6 +32,7 @@ from services.common.errors import (
 from services.common.logging import request_id
 from services.common.metrics import _incoming_request_id
 from services.common.outbox import Outbox
+from services.common.spanexport import SpanPipe
 from services.common.tenancy import OWNER_HEADER
 from services.common.upstream import (
     Pool,
@@ -130,14 +130,15 @@ class Proxy:
         self.concurrency = Concurrency(settings.max_concurrency, settings.max_key_bytes_in_flight)
         metrics.watch(self.concurrency)
         self.inference_headers = settings.inference_headers()
-        self.tracer = trace.get_tracer("crucible.gateway")
+        # This process's recorded spans, exported by a child process (none without an endpoint).
+        self.spans = SpanPipe("gateway", settings.otlp_endpoint) if settings.otlp_endpoint else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rid = _incoming_request_id(scope) or uuid.uuid4().hex
         token = request_id.set(rid)
         start = time.perf_counter()
         route: str = scope["path"]
-        traced = RequestTrace(self.tracer, f"{scope['method']} {route}", scope["headers"])
+        traced = RequestTrace(self.spans, f"{scope['method']} {route}", scope["headers"])
         out = Outcome(route=route, traceparent=traced.traceparent)
         try:
             await self._handle(scope, receive, send, rid, out, start)

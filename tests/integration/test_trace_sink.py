@@ -2,7 +2,8 @@
 OTLP/HTTP exporter sends to it, a batch sent twice is kept once, gzip bodies are read as the
 protocol allows, and what is not an export is refused without harming what was kept. Also the
 gateway's hand-made trace context (services/common/tracing.py) against the SDK's propagator:
-both must read and write every header alike."""
+both must read and write every header alike; and its hand-made spans (services/gateway/spans.py)
+exported by a child process (services/common/spanexport.py) that is restarted if it dies."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.common import tracing
+from services.common.spanexport import SpanPipe
+from services.gateway.spans import RequestTrace
 from services.traces import PROTOBUF, SpanStore, tree
 from tests.processes import Proc, service
+from tests.spans import spans_when
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +144,56 @@ def test_the_gateways_trace_context_agrees_with_the_sdks_propagator() -> None:
         assert tracing.parse(bad) is None
         extracted = trace.get_current_span(propagator.extract({"traceparent": bad.decode()}))
         assert not extracted.get_span_context().is_valid  # the SDK refuses them too
+
+
+def _request(pipe: SpanPipe, traceparent: bytes | None, status: int) -> RequestTrace:
+    headers = [(b"content-type", b"application/json")]
+    if traceparent is not None:
+        headers.append((b"traceparent", traceparent))
+    traced = RequestTrace(pipe, "POST /v1/chat/completions", headers)
+    traced.end(status, None, model="crucible-dev")
+    return traced
+
+
+def test_the_gateways_spans_are_exported_by_a_child_that_is_restarted_if_it_dies(
+    sink: tuple[Proc, Path],
+) -> None:
+    proc, db = sink
+    pipe = SpanPipe("gateway", proc.url, every_s=3600)  # sent when the test says
+    try:
+        caller = f"00-{random.getrandbits(128):032x}-{random.getrandbits(64):016x}"
+        continued = _request(pipe, f"{caller}-01".encode(), 200)
+        # The caller's span id is the parent; a new span id of the same trace goes upstream.
+        assert continued.traceparent.decode().startswith(caller[:36])
+        assert continued.traceparent.decode()[36:] == f"{continued.span_id:016x}-01"
+        assert continued.span_id != int(caller[36:], 16)
+        unsampled = _request(pipe, f"{caller}-00".encode(), 200)
+        assert unsampled.traceparent.endswith(b"-00")  # the caller decided: nothing recorded
+        failed = _request(pipe, None, 502)  # a new trace, recorded (ratio 1)
+        pipe.send()
+        ours = f"{continued.trace_id:032x}"
+        spans = spans_when(db, ours, bool)
+        assert [(s["service"], s["name"], s["kind"]) for s in spans] == [
+            ("gateway", "POST /v1/chat/completions", 2)  # SERVER
+        ]
+        assert spans[0]["parent_span_id"] == caller[36:]
+        assert spans[0]["span_id"] == f"{continued.span_id:016x}"
+        assert spans[0]["attributes"] == {
+            "model": "crucible-dev",
+            "http.response.status_code": 200,
+        }
+        assert spans[0]["start_ns"] <= spans[0]["end_ns"]
+        new = spans_when(db, f"{failed.trace_id:032x}", bool)
+        assert new[0]["parent_span_id"] in (None, "") and new[0]["status"] == 2  # ERROR
+        # The exporter dies: the next batch starts another, and nothing pending is lost.
+        child = pipe._proc
+        assert child is not None
+        child.kill()
+        child.wait(10)
+        after = _request(pipe, None, 200)
+        pipe.send()
+        assert spans_when(db, f"{after.trace_id:032x}", bool)
+        assert pipe._proc is not child and pipe.dropped == 0
+    finally:
+        pipe.close()
+    assert len(_spans(db, f"{unsampled.trace_id:032x}")) == 1  # only the sampled request's
