@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -122,15 +124,19 @@ async def traced_latency(
     with sampling off (it mints and passes on trace ids, records nothing), a second one the
     same (`sampling_off_again`: the A/A control, what two identical gateway processes differ by
     on this host) and one that records every request's span and exports it to the trace sink
-    (`sampling_on`). Same load on each gateway."""
+    (`sampling_on`). Same load on each gateway; each turn in a new random order, so that no
+    target always follows the same one."""
     body = orjson.dumps(CHAT)
     auth = [(b"content-type", b"application/json"), (b"authorization", f"Bearer {key}".encode())]
     pools = {name: Pool(url) for name, url in targets.items()}
     lat: dict[str, list[float]] = {t: [] for t in pools}
     loop = asyncio.get_running_loop()
     start, n, tasks = loop.time(), int(rate * seconds), []
+    shuffle, order = random.Random(7).shuffle, list(pools)
     for i in range(len(pools) * n):
-        target = list(pools)[i % len(pools)]
+        if i % len(pools) == 0:
+            shuffle(order)
+        target = order[i % len(pools)]
         await asyncio.sleep(max(0.0, start + i / (len(pools) * rate) - loop.time()))
 
         async def go(t: str = target) -> None:
@@ -246,6 +252,21 @@ def _until(ready: Callable[[], bool], what: str, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
+def _spans_kept(db: Path) -> int:
+    """The gateway's request spans the bench's trace sink received, once a batch (one leaves
+    every half second) adds none (its background calls have spans too: not counted)."""
+    query = "SELECT count(*) FROM spans WHERE service = 'gateway' AND name LIKE 'POST /v1/chat%'"
+    with sqlite3.connect(db) as conn:
+        count, last = -1, 0
+        for _ in range(20):
+            if count == last:
+                break
+            count = last
+            time.sleep(1.5)
+            last = conn.execute(query).fetchone()[0]
+    return int(last)
+
+
 def _bench_key(var_dir: Path) -> str:
     """A key whose limits are never reached, but still checked: every real key pays for the
     Redis reservation, so the measured path includes it."""
@@ -338,6 +359,9 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
             "median_off_added_p50_ms": median([r["off_added_p50_ms"] for r in traced_rounds]),
             "median_on_over_off_p50_ms": median([r["on_over_off_p50_ms"] for r in traced_rounds]),
             "median_aa_p50_ms": median([r["aa_p50_ms"] for r in traced_rounds]),
+            # What the traced gateway's exporter delivered (every request is sampled).
+            "gateway_spans_in_sink": _spans_kept(tmp / "traces.db"),
+            "requests_to_sampling_on": int(args.rate) + int(args.rate * args.seconds) * args.rounds,
             "span_cost": span_cost(200 if args.smoke else 50_000, f"http://127.0.0.1:{sink_port}"),
         }
         if args.tracing:
