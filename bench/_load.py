@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -76,6 +77,12 @@ async def closed_loop(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
     return LoadResult(concurrency, requests, seconds, tokens, errors, latencies, error_kinds)
+
+
+def stop_on_sigterm() -> None:
+    """A SIGTERM (`timeout`, a CI runner) ends the bench through its `finally` blocks, which stop
+    the processes it started; Python's default would leave them running."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def median(values: list[float]) -> float:

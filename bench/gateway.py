@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import orjson
 import redis
 
-from bench._load import LoadResult, closed_loop, median, write_result
+from bench._load import LoadResult, closed_loop, median, stop_on_sigterm, write_result
 from services.common.outbox import ALIAS_OUTCOMES, CAPTURES
 from services.common.upstream import Pool
 from services.gateway.keys import KeyStore
@@ -512,4 +512,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     sys.exit(main())

@@ -33,7 +33,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._load import median, write_result
+from bench._load import median, stop_on_sigterm, write_result
 from bench.retrieval_milvus import CORPUS, chunk_vectors, milvus_server
 from services.retrieval.vectors import VectorIndex
 from services.stackconfig import ROOT, _free_port, _port_busy
@@ -194,4 +194,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     sys.exit(main())
