@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from typing import Any
 
@@ -120,6 +121,14 @@ def sampled_new(trace_id: int) -> bool:
     """Whether a trace that starts here is recorded: the SDK's ratio sampler's rule (the trace
     id's lower 64 bits under the ratio's bound), for the gateway's hand-made spans."""
     return trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < _bound
+
+
+def untraced() -> AbstractContextManager[None]:
+    """Calls made inside record no span and send no `traceparent`: background work that belongs
+    to no request (the gateway's table refreshes: a trace of their own every second otherwise)."""
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    return suppress_instrumentation()
 
 
 def continued(traceparent: str | None) -> Context | None:

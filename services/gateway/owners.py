@@ -11,6 +11,7 @@ import time
 import httpx
 from pydantic import SecretStr
 
+from services.common import tracing
 from services.gateway.keys import ApiKey
 
 log = logging.getLogger("crucible.gateway.owners")
@@ -49,7 +50,8 @@ class ModelOwners:
             if time.monotonic() - self.fetched < min_age:
                 return
             try:
-                r = await self._client.get(self.url, headers=self.headers)
+                with tracing.untraced():  # a cache refresh, not the request's own work
+                    r = await self._client.get(self.url, headers=self.headers)
                 r.raise_for_status()
                 self.owners = {a["model"]: a["owner"] for a in r.json()["data"]}
             except (httpx.HTTPError, KeyError, ValueError) as exc:

@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
+from services.common import tracing
+
 log = logging.getLogger("crucible.gateway.polled")
 
 
@@ -35,7 +37,8 @@ class Polled:
         if self.etag:
             headers["if-none-match"] = self.etag
         try:
-            r = await self._client.get(self.url, headers=headers)
+            with tracing.untraced():
+                r = await self._client.get(self.url, headers=headers)
             if r.status_code == 304:
                 return
             r.raise_for_status()

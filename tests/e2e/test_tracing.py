@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -216,6 +217,27 @@ def test_stored_completions_and_eval_runs_keep_the_trace_that_made_them(
     assert worker["attributes"]["crucible.eval_run_id"] == run.id
     engine = next(s for s in spans if s["service"] == "vllm")
     assert parent_of_id(engine, worker["span_id"], spans)  # its sample, under its run
+
+
+def test_the_gateways_background_refreshes_are_not_traces(
+    stack: Stack, client: openai.OpenAI
+) -> None:
+    """Its alias and quota tables are fetched every second: each would be a trace of its own."""
+    db = stack.config.var_dir / "traces.db"
+    chat = client.chat.completions.with_raw_response.create(
+        model=DENSE, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    # The gateway's own spans do arrive (its batches leave every half second).
+    spans_when(db, chat.headers["x-trace-id"], lambda s: any(x["service"] == "gateway" for x in s))
+    with sqlite3.connect(db) as conn:
+        refreshes = conn.execute(
+            "SELECT count(*) FROM spans WHERE service = 'gateway' AND kind = 3"
+            " AND parent_span_id = '' AND attributes LIKE '%/internal/%'"
+        ).fetchone()[0]
+        served = conn.execute(
+            "SELECT count(*) FROM spans WHERE service = 'gateway' AND kind = 2"
+        ).fetchone()[0]
+    assert served >= 1 and refreshes == 0, (served, refreshes)
 
 
 @pytest.fixture(autouse=True)
