@@ -34,9 +34,9 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._load import median, stop_on_sigterm, write_result
-from bench.retrieval_milvus import CORPUS, chunk_vectors, milvus_server
+from bench.retrieval_milvus import CORPUS, chunk_vectors, milvus_server, serving
 from services.retrieval.vectors import VectorIndex
-from services.stackconfig import ROOT, _free_port, _port_busy
+from services.stackconfig import ROOT, _free_port
 
 VENV = ROOT / "var" / "venv-milvus25"
 OWNER, STORES = "bench", ["vs_bench_a", "vs_bench_b"]
@@ -66,16 +66,8 @@ def lite25_server(var: Path) -> Iterator[tuple[str, int]]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    try:
-        deadline = time.monotonic() + 60
-        while not _port_busy(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((var / "milvus25.log").read_text(errors="replace")[-3000:])
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}", proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with serving(proc, port, var / "milvus25.log") as uri:
+        yield uri, proc.pid
 
 
 @contextmanager

@@ -158,11 +158,19 @@ def milvus_server(var: Path, *options: str) -> Iterator[str]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    with serving(proc, port, var / "milvus.log") as uri:
+        yield uri
+
+
+@contextmanager
+def serving(proc: subprocess.Popen[bytes], port: int, log: Path) -> Iterator[str]:
+    """A Milvus server process's URL once its port answers (its log's tail if it never does);
+    the process stopped on the way out."""
     try:
         deadline = time.monotonic() + 60
         while not _port_busy(port):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((var / "milvus.log").read_text(errors="replace")[-3000:])
+                raise RuntimeError(log.read_text(errors="replace")[-3000:])
             time.sleep(0.2)
         yield f"http://127.0.0.1:{port}"
     finally:
