@@ -139,8 +139,8 @@ def recall_and_latency(
 
 @contextmanager
 def milvus_server(var: Path, *options: str) -> Iterator[str]:
-    """Milvus Lite's server on the bench's data, as `make up` runs it (services/milvuslite.py),
-    with `options` added to its command line."""
+    """Milvus Lite 3's server on the bench's data, as `make up` runs it where the C++ engine is
+    not installed (services/milvuslite.py), with `options` added to its command line."""
     port = _free_port()
     with open(var / "milvus.log", "ab") as log:
         proc = subprocess.Popen(
@@ -150,6 +150,8 @@ def milvus_server(var: Path, *options: str) -> Iterator[str]:
                 "services.milvuslite",
                 "--data-dir",
                 str(var / "milvus.db"),
+                "--engine",
+                "lite3",
                 "--port",
                 str(port),
                 *options,

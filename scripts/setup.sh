@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent setup: platform venv, engine venv, dev models, local Redis. Each step keeps a stamp of
+# Idempotent setup: platform venv, engine venv, Milvus engine, dev models, local Redis. Each step keeps a stamp of
 # its inputs and is skipped when they have not changed, so a second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,10 +64,25 @@ if ! stamp_ok .venv-vllm/.crucible-stamp "$engine"; then
   echo "$engine" > .venv-vllm/.crucible-stamp
 fi
 
-# 3. Dev models (random weights from fixed seeds; skipped when their inputs are unchanged).
+# 3. Milvus's C++ engine for the native stack: milvus-lite 2.5.1's server binary, unpacked into
+#    .milvus/ (not importable beside Milvus Lite 3 in .venv: the same package name). Where PyPI
+#    has no build for this platform, the stack runs Milvus Lite 3 (pure Python, slower) instead.
+MILVUS_ENGINE=milvus-lite==2.5.1
+if ! stamp_ok .milvus/.crucible-stamp "$MILVUS_ENGINE"; then
+  log "Milvus engine (.milvus): $MILVUS_ENGINE"
+  rm -rf .milvus
+  if .venv/bin/pip install -q --no-deps --target .milvus "$MILVUS_ENGINE"; then
+    echo "$MILVUS_ENGINE" > .milvus/.crucible-stamp
+  else
+    rm -rf .milvus
+    log "no $MILVUS_ENGINE build for this platform: the stack runs Milvus Lite 3 instead"
+  fi
+fi
+
+# 4. Dev models (random weights from fixed seeds; skipped when their inputs are unchanged).
 .venv/bin/python -m services.inference.devmodels var/models | sed 's/^/setup: /'
 
-# 4. Tools the stack runs as processes, from Debian's packages: Redis (job queue, rate limits)
+# 5. Tools the stack runs as processes, from Debian's packages: Redis (job queue, rate limits)
 #    and Prometheus (monitoring; its promtool checks the alert rules in the tests).
 apt_install() {  # package, what to say when it cannot be installed here
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

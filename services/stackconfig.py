@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from services import monitoring
+from services import milvuslite, monitoring
 from services.inference import profiles, readiness
 from services.supervise import Policy, probe
 
@@ -195,7 +195,7 @@ class StackConfig:
                     "-m",
                     "services.milvuslite",
                     "--data-dir",
-                    str(self.var_dir / "milvus.db"),
+                    str(milvuslite.database(self.var_dir)),
                     "--port",
                     str(self.ports.milvus),
                 ],

@@ -17,6 +17,7 @@ from typing import cast
 
 import httpx
 
+from services import milvuslite
 from services.gateway.keys import KeyStore
 from services.stackconfig import ROOT, _free_port, _http_ok, _port_busy
 
@@ -170,10 +171,11 @@ def retrieval(var_dir: Path, **settings: object) -> contextlib.AbstractContextMa
 
 @contextmanager
 def milvus_lite(var_dir: Path, port: int | None = None) -> Iterator[Proc]:
-    """Milvus Lite's server process on `var_dir/milvus.db`, as `make up` runs it."""
+    """Milvus's server process on `var_dir`'s database, as `make up` runs it (its engine)."""
     var_dir.mkdir(parents=True, exist_ok=True)
     port = port or _free_port()
-    argv = [sys.executable, "-m", "services.milvuslite", "--data-dir", str(var_dir / "milvus.db")]
+    data = str(milvuslite.database(var_dir))
+    argv = [sys.executable, "-m", "services.milvuslite", "--data-dir", data]
     log = var_dir / f"milvus-{port}.log"
     proc = Proc(
         f"http://127.0.0.1:{port}", port, _spawn([*argv, "--port", str(port)], {}, log), log

@@ -54,7 +54,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
             else None,
         )
         queue = EmbedQueue(embedder, s.max_pending_embeddings)
-        index = await open_index(s, embedder.dim)
+        index = await open_index(s, embedder.dim, catalog)
         metrics = RetrievalMetrics(app.state.registry)
         ingestor = Ingestor(
             catalog,
@@ -103,7 +103,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
     return api
 
 
-async def open_index(s: RetrievalSettings, dim: int) -> VectorIndex:
+async def open_index(s: RetrievalSettings, dim: int, catalog: Catalog) -> VectorIndex:
     """Connect to Milvus and load the collection, waiting for a server still starting (the
     native stack starts everything at once; compose restarts Milvus on its own)."""
     token = s.milvus_token.get_secret_value() if s.milvus_token else None
@@ -125,7 +125,14 @@ async def open_index(s: RetrievalSettings, dim: int) -> VectorIndex:
             log.warning("waiting for Milvus", extra={"error": str(exc)[:200]})
             await asyncio.sleep(1)
             continue
-        await asyncio.to_thread(index.ensure)
+        if await asyncio.to_thread(index.ensure):
+            # A Milvus without the collection (a first start, another engine, a lost volume):
+            # the catalog is the ledger, so every file it holds as ingested is ingested again.
+            again = await asyncio.to_thread(catalog.ingest_again)
+            if again:
+                log.warning(
+                    "the collection was missing: files ingested again", extra={"files": again}
+                )
         return index
 
 

@@ -24,6 +24,7 @@ from sqlalchemy import (
     cast,
     func,
     select,
+    update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -365,6 +366,17 @@ class Catalog:
     def file_row(self, file_id: str) -> FileRow | None:
         with self.session() as s:
             return s.get(FileRow, file_id)
+
+    def ingest_again(self) -> int:
+        """Every completed file of every store back to `in_progress`, for ingestion to fill a
+        Milvus that lost its rows; how many."""
+        with self.session.begin() as s:
+            done = s.execute(
+                update(StoreFileRow)
+                .where(StoreFileRow.status == "completed")
+                .values(status="in_progress", tries=0)
+            )
+            return int(done.rowcount)
 
     def pending(self) -> list[tuple[str, str]]:
         """Every (store, file) whose ingestion had not finished: resumed at startup."""

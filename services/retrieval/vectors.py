@@ -90,14 +90,17 @@ class VectorIndex:
         # One caller at a time: Milvus Lite (in this process or its own) is not safe otherwise.
         self._lock = threading.Lock()
 
-    def ensure(self) -> None:
-        """Create (if needed) and load the collection; learn whether BM25 is available."""
+    def ensure(self) -> bool:
+        """Create (if needed) and load the collection; learn whether BM25 is available. True
+        when the collection was created here (a new or emptied Milvus)."""
         with self._lock:
-            if not self.client.has_collection(self.collection):
+            created = not self.client.has_collection(self.collection)
+            if created:
                 self._create()
             fields = self.client.describe_collection(self.collection)["fields"]
             self.hybrid = any(f["name"] == "sparse" for f in fields)
             self.client.load_collection(self.collection)
+        return created
 
     def _create(self) -> None:
         try:

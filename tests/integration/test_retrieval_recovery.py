@@ -7,12 +7,16 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from pymilvus import MilvusClient
 
+from services import milvuslite
 from services.retrieval.vectors import VectorIndex
 from services.stackconfig import _free_port
 from tests.integration.retrieval_support import (
@@ -197,3 +201,58 @@ def test_ingestion_waits_out_a_milvus_outage_and_completes_exactly(tmp_path: Pat
             assert hits and hits[0]["file_id"] == file_id
             rows = milvus_rows(var, f"http://127.0.0.1:{port}")
     assert len(rows) == len({r["id"] for r in rows}) == expected_chunks(text)
+
+
+def test_a_milvus_without_the_collection_is_filled_again_from_the_files(tmp_path: Path) -> None:
+    """Another engine (Milvus Lite 3's data does not carry over to the C++ engine's), a lost
+    volume, a new Milvus standalone: the catalog is the ledger, and every file it holds as
+    ingested is ingested again when the service starts."""
+    var = tmp_path / "var"
+    names = ["caffeine.md", "benzene.md"]
+    with milvus_lite(var / "first") as milvus, retrieval(var, milvus_uri=milvus.url) as p:
+        c = Client(p.url, "grace")
+        ids = {n: c.file_id(n, (CORPUS / n).read_bytes()) for n in names}
+        store = c.store(file_ids=list(ids.values()))
+        assert c.wait(store)["file_counts"]["completed"] == 2
+    with milvus_lite(var / "second") as milvus:
+        empty = MilvusClient(milvus.url, timeout=10)
+        assert empty.list_collections() == []
+        empty.close()
+        with retrieval(var, milvus_uri=milvus.url) as p:
+            c = Client(p.url, "grace")
+            body = c.wait(store, timeout=90)
+            assert body["file_counts"]["completed"] == 2, body
+            hits = c.search(store, query="caffeine half-life").json()["data"]
+            assert hits and hits[0]["file_id"] == ids["caffeine.md"]
+            rows = milvus_rows(var, milvus.url)
+    for name, file_id in ids.items():
+        held = [r for r in rows if r["file_id"] == file_id]
+        assert len(held) == expected_chunks((CORPUS / name).read_text()), name
+    assert len(rows) == len({r["id"] for r in rows})
+
+
+def test_a_second_milvus_server_on_the_same_database_is_refused(tmp_path: Path) -> None:
+    """Two C++ engine servers writing one SQLite file would corrupt it: the second one exits
+    at once, saying why, and the first goes on answering."""
+    assert milvuslite.engine_binary(), "make setup installs the C++ engine in .milvus/"
+    var = tmp_path / "var"
+    with milvus_lite(var) as first:
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "services.milvuslite",
+                "--data-dir",
+                str(milvuslite.database(var)),
+                "--port",
+                str(_free_port()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode != 0
+        assert "in use by another Milvus server" in second.stderr
+        client = MilvusClient(first.url, timeout=10)
+        assert client.list_collections() == []
+        client.close()

@@ -50,7 +50,7 @@ def report():
     print("milvus_lite" in sys.modules)
     raise SystemExit(0)
 server.keep_freed_memory = report
-server.main(["--data-dir", "unused"])
+server.main(["--data-dir", "unused", "--engine", "lite3"])
 """
 
 
