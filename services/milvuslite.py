@@ -81,10 +81,16 @@ def database(var_dir: Path, engine: str | None = None) -> Path:
     return var_dir / ("milvus-2.5.db" if (engine or default_engine()) == "cpp" else "milvus.db")
 
 
+def server_argv(data: Path, host: str, port: int) -> list[str] | None:
+    """The C++ engine's command line (what this process becomes), None if not installed."""
+    binary = engine_binary()
+    return [str(binary), str(data), f"{host}:{port}", "ERROR"] if binary else None
+
+
 def exec_cpp(data: Path, host: str, port: int) -> NoReturn:
     """Become the C++ engine's server, holding a lock on its database while it runs."""
-    binary = engine_binary()
-    if binary is None:
+    argv = server_argv(data, host, port)
+    if argv is None:
         sys.exit("the C++ engine is not installed (make setup puts it in .milvus/)")
     data.parent.mkdir(parents=True, exist_ok=True)
     lock = os.open(f"{data}.lock", os.O_WRONLY | os.O_CREAT, 0o644)
@@ -93,9 +99,9 @@ def exec_cpp(data: Path, host: str, port: int) -> NoReturn:
     except OSError:
         sys.exit(f"{data} is in use by another Milvus server")
     os.set_inheritable(lock, True)
-    libs = str(binary.parent)
+    libs = str(ENGINE_LIB)
     env = {**os.environ, "LD_LIBRARY_PATH": libs, "DYLD_LIBRARY_PATH": libs}
-    os.execve(binary, [str(binary), str(data), f"{host}:{port}", "ERROR"], env)  # noqa: S606
+    os.execve(argv[0], argv, env)  # noqa: S606
 
 
 def _interrupt(*_: object) -> NoReturn:

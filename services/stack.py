@@ -325,7 +325,7 @@ class Stack:
         for proc in psutil.process_iter(["cmdline"]):
             cmdline = proc.info["cmdline"] or []
             for svc in services:
-                if svc.name in found or cmdline != svc.argv:
+                if svc.name in found or cmdline not in (svc.argv, svc.runs_as):
                     continue
                 with contextlib.suppress(psutil.Error, ProcessLookupError):
                     if proc.environ().get("CRUCIBLE_VAR_DIR") == mine:

@@ -66,6 +66,8 @@ class Service:
     prepare: Callable[[], object] | None = field(default=None, compare=False)
     # Monitoring: the stack runs without it where its program is not installed.
     optional: bool = False
+    # The command line it has once running, where it execs another program (Milvus's server).
+    runs_as: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,9 @@ class StackConfig:
                 ],
                 env={},
                 url=milvus_url,
+                runs_as=milvuslite.server_argv(
+                    milvuslite.database(self.var_dir), "127.0.0.1", self.ports.milvus
+                ),
                 ready=lambda: _port_busy(self.ports.milvus),
                 health=f"tcp://127.0.0.1:{self.ports.milvus}",
                 ready_timeout=60,
