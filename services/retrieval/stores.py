@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -12,18 +15,22 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_
 from services.common.errors import InvalidRequest
 from services.common.pagination import PageParams, listing
 from services.common.tenancy import Owner, internal_only
-from services.retrieval.catalog import Catalog, StoreRow, store_file_object
+from services.retrieval.catalog import Catalog, Member, StoreRow, store_file_object
 from services.retrieval.chunking import ChunkingError, Strategy, resolve
 from services.retrieval.embedder import USER
 from services.retrieval.filters import (
     Comparison,
+    Compiled,
     Compound,
     Filter,
+    NotInEngine,
     check_attributes,
     check_size,
+    compile_filter,
+    encode_attributes,
     matches,
 )
-from services.retrieval.vectors import Hit
+from services.retrieval.vectors import Hit, VectorIndex
 
 Metadata = Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)]
 
@@ -220,11 +227,18 @@ def router() -> APIRouter:
         return store_file_object(request.app.state.catalog.store_file(owner, store_id, file_id))
 
     @r.post("/v1/vector_stores/{store_id}/files/{file_id}")
-    def update_file(
+    async def update_file(
         store_id: str, file_id: str, body: StoreFileUpdate, request: Request, owner: Owner
     ) -> dict[str, Any]:
-        row = request.app.state.catalog.set_attributes(
-            owner, store_id, file_id, body.attributes or {}
+        """The catalog first, then the file's rows in Milvus (a file still being ingested
+        checks the catalog again once its rows are written). Milvus unreachable is a 503: the
+        same update again finishes the job."""
+        state, attributes = request.app.state, body.attributes or {}
+        row = await asyncio.to_thread(
+            state.catalog.set_attributes, owner, store_id, file_id, attributes
+        )
+        await asyncio.to_thread(
+            state.index.set_attributes, owner, store_id, file_id, encode_attributes(attributes)
         )
         return store_file_object(row)
 
@@ -261,43 +275,36 @@ async def _search(
     # The query embedding (the larger part of a search's own time) overlaps the catalog lookup.
     embedding = state.embed_queue.start(queries, priority=USER, queries=True)
 
-    def admitted() -> tuple[list[Any], dict[str, Any], list[str]]:
-        """The store's files and those the filter admits, off the event loop (a filter is
-        evaluated for every file)."""
-        members = state.catalog.members(owner, store_id)
-        files = {m.file_id: m for m in members if m.status == "completed"}
-        allowed = [
-            fid
-            for fid, m in files.items()
-            if body.filters is None or matches(body.filters, m.attributes())
-        ]
-        return members, files, allowed
+    def scoped() -> tuple[dict[str, Any], Scope | None]:
+        """The store's completed files, and where its search looks (None: nowhere)."""
+        return _scope_of(state.catalog.members(owner, store_id), body.filters, state.index)
 
     try:
-        members, files, allowed = await asyncio.to_thread(admitted)
+        files, scope = await asyncio.to_thread(scoped)
     except BaseException:
         _drop(embedding)
         raise
     hybrid = state.settings.search_mode == "hybrid" and body.ranking_options.ranker != "none"
     mode = "hybrid" if hybrid and state.index.hybrid else "dense"
     hits: dict[str, Hit] = {}
-    if allowed:
-        # Every file completed and no filter: the store itself is the scope (otherwise only
-        # completed files' chunks count, never a half-ingested file's).
-        scope = None if body.filters is None and len(files) == len(members) else allowed
+    if scope is not None:
         vectors = await embedding
         ready = time.perf_counter() - start
         for text, vector in zip(queries, vectors, strict=True):
             found, seconds = await asyncio.to_thread(
                 _timed,
-                state.index.search,
-                vector,
-                text,
-                owner,
-                [store_id],
-                scope,
-                body.max_num_results,
-                hybrid,
+                partial(
+                    state.index.search,
+                    vector,
+                    text,
+                    owner,
+                    [store_id],
+                    scope.files,
+                    body.max_num_results,
+                    hybrid,
+                    exclude=scope.exclude,
+                    where=scope.where,
+                ),
             )
             in_milvus += seconds
             for hit in found:  # several queries: each chunk once, at its best score
@@ -306,7 +313,15 @@ async def _search(
     else:
         _drop(embedding)
     threshold = body.ranking_options.score_threshold
-    ranked = [h for h in hits.values() if h.file_id in files and max(h.score, 0.0) >= threshold]
+    # Each result checked against its file's attributes in the catalog as well: a row whose
+    # attributes an interrupted update left behind is never a result the filter excludes.
+    ranked = [
+        h
+        for h in hits.values()
+        if h.file_id in files
+        and max(h.score, 0.0) >= threshold
+        and (body.filters is None or matches(body.filters, files[h.file_id].attributes()))
+    ]
     if len(queries) > 1:
         ranked.sort(key=lambda h: -h.score)
     data = [
@@ -335,6 +350,42 @@ async def _search(
         "has_more": False,
         "next_page": None,
     }
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Where a search looks within a store: only `files` (if given), none of `exclude`, rows
+    whose attributes satisfy `where` (if given)."""
+
+    files: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    where: str | None = None
+
+
+def _scope_of(
+    members: list[Member], filters: Comparison | Compound | None, index: VectorIndex
+) -> tuple[dict[str, Member], Scope | None]:
+    """The completed files of a store by id, and the scope of a search over them (None when
+    nothing can match). A filter runs in Milvus where it can (the expression grows with the
+    filter, not with the store); otherwise the service evaluates it over every file's
+    attributes and the scope lists the files admitted."""
+    files = {m.file_id: m for m in members if m.status == "completed"}
+    unfinished = [m.file_id for m in members if m.status != "completed"]
+    where: Compiled | None = None
+    if filters is not None and index.engine_filters:
+        with contextlib.suppress(NotInEngine):
+            where = compile_filter(filters)
+    if filters is not None and where is None:
+        admitted = [fid for fid, m in files.items() if matches(filters, m.attributes())]
+        return files, Scope(files=admitted) if admitted else None
+    if where is False or not files:
+        return files, None
+    expr = where if isinstance(where, str) else None
+    # Only completed files' chunks count, never a half-ingested file's: named by the shorter
+    # list (usually none are ingesting, and the store itself is the scope).
+    if len(unfinished) <= len(files):
+        return files, Scope(exclude=unfinished, where=expr)
+    return files, Scope(files=list(files), where=expr)
 
 
 def _timed(fn: Any, *args: Any) -> tuple[Any, float]:

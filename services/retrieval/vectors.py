@@ -1,8 +1,9 @@
 """Chunks and their vectors in Milvus (Milvus Lite for a file path, a server for a URL).
 
 Filter expressions are built only from ids this service generated or validated (`_literal`
-refuses anything else), with the owner always in the expression: no user string is ever pasted
-into Milvus's query language. Reads that follow a write use Strong consistency.
+refuses anything else) and attribute filters compiled from digests and numbers
+(filters.compile_filter), with the owner always in the expression. Reads that follow a write
+use Strong consistency.
 """
 
 from __future__ import annotations
@@ -50,10 +51,23 @@ def _literal(value: str) -> str:
     return f'"{value}"'
 
 
-def _scope(owner: str, stores: Sequence[str], files: Sequence[str] | None = None) -> str:
+def _scope(
+    owner: str,
+    stores: Sequence[str],
+    files: Sequence[str] | None = None,
+    *,
+    exclude: Sequence[str] = (),
+    where: str | None = None,
+) -> str:
+    """The owner's rows of `stores`; of `files` only, if given, and none of `exclude`'s;
+    `where`: an attribute filter from filters.compile_filter (built from digests and numbers)."""
     expr = f"owner == {_literal(owner)} and vector_store_id in [{', '.join(map(_literal, stores))}]"
     if files is not None:
         expr += f" and file_id in [{', '.join(map(_literal, files))}]"
+    if exclude:
+        expr += f" and file_id not in [{', '.join(map(_literal, exclude))}]"
+    if where:
+        expr += f" and {where}"
     return expr
 
 
@@ -86,6 +100,9 @@ class VectorIndex:
         self.dense_index = dense_index
         self.metric = metric
         self.hybrid = False
+        # Whether attribute filters run in Milvus (the C++ engine: the native default and Milvus
+        # standalone); Milvus Lite 3 evaluates JSON expressions by other rules.
+        self.engine_filters = False
         self.unflushed = 0
         # One caller at a time: Milvus Lite (in this process or its own) is not safe otherwise.
         self._lock = threading.Lock()
@@ -95,12 +112,27 @@ class VectorIndex:
         when the collection was created here (a new or emptied Milvus)."""
         with self._lock:
             created = not self.client.has_collection(self.collection)
+            if not created and not self._has_field("attributes"):
+                # Made before chunks carried their file's attributes: rebuilt from the files.
+                log.warning("the collection predates attribute filters in Milvus; rebuilding it")
+                self.client.drop_collection(self.collection)
+                created = True
             if created:
                 self._create()
-            fields = self.client.describe_collection(self.collection)["fields"]
-            self.hybrid = any(f["name"] == "sparse" for f in fields)
+            self.hybrid = self._has_field("sparse")
             self.client.load_collection(self.collection)
+            self.engine_filters = self._server_version() != "milvus_lite"
         return created
+
+    def _has_field(self, name: str) -> bool:
+        fields = self.client.describe_collection(self.collection)["fields"]
+        return any(f["name"] == name for f in fields)
+
+    def _server_version(self) -> str:
+        """What the server said when the client connected: `milvus_lite` for Milvus Lite 3
+        (in process or as a server), `v2.x` for standalone, nothing from milvus-lite 2.5.1."""
+        info = self.client.get_server_version(detail=True, timeout=self.timeout)
+        return str(info.get("version", "")) if isinstance(info, dict) else str(info)
 
     def _create(self) -> None:
         try:
@@ -119,6 +151,7 @@ class VectorIndex:
         schema.add_field("file_id", DataType.VARCHAR, max_length=40)
         schema.add_field("position", DataType.INT64)
         schema.add_field("text", DataType.VARCHAR, max_length=65535, enable_analyzer=bm25)
+        schema.add_field("attributes", DataType.JSON)  # filters.encode_attributes
         schema.add_field("dense", DataType.FLOAT_VECTOR, dim=self.dim)
         index = self.client.prepare_index_params()
         params = {"M": 16, "efConstruction": 200} if self.dense_index == "HNSW" else {}
@@ -206,6 +239,25 @@ class VectorIndex:
                 it.close()
         return ids
 
+    def set_attributes(self, owner: str, store: str, file: str, attributes: dict[str, Any]) -> int:
+        """Give every chunk row of a file these (encoded) attributes; how many rows. Rows are
+        read and written back in batches (an upsert replaces a whole row)."""
+        ids = sorted(self.chunk_ids(owner, store, file))
+        fields = ["id", "owner", "vector_store_id", "file_id", "position", "text", "dense"]
+        for i in range(0, len(ids), 500):
+            with self._lock:
+                rows = self._call(
+                    self.client.get,
+                    self.collection,
+                    ids=ids[i : i + 500],
+                    output_fields=fields,
+                    timeout=self.timeout,
+                )
+                new = [{f: r[f] for f in fields} | {"attributes": attributes} for r in rows]
+                self._call(self.client.upsert, self.collection, new, timeout=self.timeout)
+                self.unflushed += len(new)
+        return len(ids)
+
     def delete_ids(self, ids: Iterable[str]) -> None:
         batch = [i for i in ids if _SAFE.fullmatch(i)]
         if batch:
@@ -242,8 +294,11 @@ class VectorIndex:
         files: Sequence[str] | None,
         limit: int,
         hybrid: bool,
+        *,
+        exclude: Sequence[str] = (),
+        where: str | None = None,
     ) -> list[Hit]:
-        expr = _scope(owner, stores, files)
+        expr = _scope(owner, stores, files, exclude=exclude, where=where)
         fields = ["vector_store_id", "file_id", "position", "text", "dense"]
         with self._lock:
             if hybrid and self.hybrid and text.strip():

@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from openai.types.shared_params import CompoundFilter
 
 from services.gateway.keys import KeyStore
 from tests.conftest import ROOT
@@ -124,6 +125,49 @@ def test_search_with_a_filter_returns_citable_results(
         store_id, query="aspirin synthesis", ranking_options={"score_threshold": 0.99}
     )
     assert all(r.score >= 0.99 for r in high.data)
+
+
+def test_a_files_new_attributes_are_what_the_next_filtered_search_sees(
+    client: openai.OpenAI, tmp_path: Path
+) -> None:
+    """Filters run inside Milvus over the attributes each chunk carries: an update rewrites
+    the file's chunks before it answers."""
+    store = client.vector_stores.create(name="reports")
+    ids = {}
+    for name, text in (("old.txt", "benzene is an aromatic ring"), ("new.txt", "benzene rings")):
+        path = tmp_path / name
+        path.write_text(text)
+        with path.open("rb") as fh:
+            done = client.vector_stores.files.upload_and_poll(
+                vector_store_id=store.id,
+                file=fh,
+                attributes={"year": 2023, "lab": 'Smith "B"'},
+                poll_interval_ms=200,
+            )
+        assert done.status == "completed"
+        ids[name] = done.id
+    recent: CompoundFilter = {
+        "type": "and",
+        "filters": [
+            {"type": "gte", "key": "year", "value": 2024},
+            {"type": "eq", "key": "lab", "value": 'Smith "B"'},
+        ],
+    }
+    assert client.vector_stores.search(store.id, query="benzene", filters=recent).data == []
+    updated = client.vector_stores.files.update(
+        ids["new.txt"], vector_store_id=store.id, attributes={"year": 2025, "lab": 'Smith "B"'}
+    )
+    assert updated.attributes == {"year": 2025, "lab": 'Smith "B"'}
+    found = client.vector_stores.search(store.id, query="benzene", filters=recent).data
+    assert [r.file_id for r in found] == [ids["new.txt"]]
+    assert found[0].attributes == {"year": 2025, "lab": 'Smith "B"'}
+    older = client.vector_stores.search(
+        store.id, query="benzene", filters={"type": "lt", "key": "year", "value": 2024}
+    ).data
+    assert [r.file_id for r in older] == [ids["old.txt"]]
+    client.vector_stores.delete(store.id)
+    for file_id in ids.values():
+        client.files.delete(file_id)
 
 
 def test_a_search_says_where_its_time_went(

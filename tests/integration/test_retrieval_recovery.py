@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pymilvus import MilvusClient
+from pymilvus import DataType, MilvusClient
 
 from services import milvuslite
 from services.retrieval.vectors import VectorIndex
@@ -203,10 +203,30 @@ def test_ingestion_waits_out_a_milvus_outage_and_completes_exactly(tmp_path: Pat
     assert len(rows) == len({r["id"] for r in rows}) == expected_chunks(text)
 
 
-def test_a_milvus_without_the_collection_is_filled_again_from_the_files(tmp_path: Path) -> None:
+def _old_collection(uri: str) -> None:
+    """The collection as the service made it before chunks carried their file's attributes."""
+    client = MilvusClient(uri, timeout=10)
+    client.drop_collection("crucible_chunks")
+    schema = client.create_schema(auto_id=False)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=32)
+    for name in ("owner", "vector_store_id", "file_id"):
+        schema.add_field(name, DataType.VARCHAR, max_length=128)
+    schema.add_field("position", DataType.INT64)
+    schema.add_field("text", DataType.VARCHAR, max_length=65535)
+    schema.add_field("dense", DataType.FLOAT_VECTOR, dim=384)
+    index = client.prepare_index_params()
+    index.add_index("dense", index_type="FLAT", metric_type="IP")
+    client.create_collection("crucible_chunks", schema=schema, index_params=index)
+    client.close()
+
+
+@pytest.mark.parametrize("milvus_now", ["empty", "older schema"])
+def test_a_milvus_without_the_collection_is_filled_again_from_the_files(
+    tmp_path: Path, milvus_now: str
+) -> None:
     """Another engine (Milvus Lite 3's data does not carry over to the C++ engine's), a lost
-    volume, a new Milvus standalone: the catalog is the ledger, and every file it holds as
-    ingested is ingested again when the service starts."""
+    volume, a new Milvus standalone, or a collection of an older schema: the catalog is the
+    ledger, and every file it holds as ingested is ingested again when the service starts."""
     var = tmp_path / "var"
     names = ["caffeine.md", "benzene.md"]
     with milvus_lite(var / "first") as milvus, retrieval(var, milvus_uri=milvus.url) as p:
@@ -214,10 +234,13 @@ def test_a_milvus_without_the_collection_is_filled_again_from_the_files(tmp_path
         ids = {n: c.file_id(n, (CORPUS / n).read_bytes()) for n in names}
         store = c.store(file_ids=list(ids.values()))
         assert c.wait(store)["file_counts"]["completed"] == 2
-    with milvus_lite(var / "second") as milvus:
-        empty = MilvusClient(milvus.url, timeout=10)
-        assert empty.list_collections() == []
-        empty.close()
+    with milvus_lite(var / ("second" if milvus_now == "empty" else "first")) as milvus:
+        if milvus_now == "older schema":
+            _old_collection(milvus.url)
+        else:
+            empty = MilvusClient(milvus.url, timeout=10)
+            assert empty.list_collections() == []
+            empty.close()
         with retrieval(var, milvus_uri=milvus.url) as p:
             c = Client(p.url, "grace")
             body = c.wait(store, timeout=90)
