@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from services.retrieval.filters import encode_attributes
 from services.retrieval.vectors import VectorIndex
 from services.stackconfig import ROOT, _free_port, _port_busy
 
@@ -51,20 +52,39 @@ def build_collection(var: Path, n: int, kind: str, store_id: str) -> None:
     )
     index.ensure()
     for start in range(0, n, 2000):
-        rows = [
-            {
-                "id": f"{i:032x}",
-                "owner": OWNER,
-                "vector_store_id": store_id,
-                "file_id": f"file-{i % 100:024x}",
-                "position": i,
-                "text": " ".join(rng.choice(words, 40)),
-                "dense": vectors[i].tolist(),
-            }
-            for i in range(start, min(n, start + 2000))
-        ]
-        index.upsert(rows)
+        index.upsert(chunk_rows(vectors, start, min(n, start + 2000), [store_id], rng, words))
     index.close()
+
+
+def file_attributes(f: int) -> dict[str, Any]:
+    """File `f`'s attributes: half the files in each group, 25 years."""
+    return {"group": "ab"[f % 2], "year": 2000 + f % 25}
+
+
+def chunk_rows(
+    vectors: np.ndarray,
+    start: int,
+    stop: int,
+    stores: list[str],
+    rng: np.random.Generator,
+    words: list[str],
+    files: int = 100,
+) -> list[dict[str, Any]]:
+    """Rows `start`..`stop` as ingestion writes them: 40 corpus words of text each, spread
+    over `stores` and `files` files, each with its file's attributes."""
+    return [
+        {
+            "id": f"{i:032x}",
+            "owner": OWNER,
+            "vector_store_id": stores[i % len(stores)],
+            "file_id": f"file-{i % files:024x}",
+            "position": i,
+            "text": " ".join(rng.choice(words, 40)),
+            "dense": vectors[i].tolist(),
+            "attributes": encode_attributes(file_attributes(i % files)),
+        }
+        for i in range(start, stop)
+    ]
 
 
 def raw_search(
