@@ -18,7 +18,7 @@ from services.retrieval.config import RetrievalSettings
 from services.retrieval.embedder import Embedder, EmbedQueue
 from services.retrieval.ingest import Ingestor
 from services.retrieval.metrics import RetrievalMetrics
-from services.retrieval.vectors import VectorIndex
+from services.retrieval.vectors import Hnsw, VectorIndex
 
 log = logging.getLogger("crucible.retrieval")
 # Milvus Lite, where it runs in-process (MILVUS_URI a file path): its gRPC server logs calls it
@@ -118,6 +118,7 @@ async def open_index(s: RetrievalSettings, dim: int, catalog: Catalog) -> Vector
                 dim,
                 s.dense_index,
                 s.milvus_timeout_seconds,
+                hnsw=Hnsw(s.hnsw_m, s.hnsw_ef_construction, s.hnsw_ef),
             )
         except MilvusException as exc:
             if time.monotonic() > deadline:

@@ -32,6 +32,11 @@ class RetrievalSettings(ServiceSettings):
     # The dense index, chosen when the collection is created. FLAT (exact) measured fastest on
     # Milvus Lite at 100k chunks (BENCHMARKS.md); HNSW suits a Milvus server at larger scale.
     dense_index: Literal["FLAT", "HNSW"] = "FLAT"
+    # HNSW's graph degree and build width (at creation) and its search width (each search; at
+    # least the candidates a search asks for): docs/deploy.md, "Milvus at 500k-5M chunks".
+    hnsw_m: int = Field(default=16, ge=4, le=64)
+    hnsw_ef_construction: int = Field(default=200, ge=8, le=1024)
+    hnsw_ef: int = Field(default=128, ge=1, le=4096)
     # "hybrid" fuses dense vectors and BM25 by reciprocal rank; "dense" uses vectors alone.
     search_mode: Literal["hybrid", "dense"] = "hybrid"
 

@@ -72,6 +72,15 @@ def _scope(
 
 
 @dataclass(frozen=True)
+class Hnsw:
+    """HNSW's parameters: graph degree and build width at creation, search width per search."""
+
+    m: int = 16
+    ef_construction: int = 200
+    ef: int = 128
+
+
+@dataclass(frozen=True)
 class Hit:
     chunk_id: str
     vector_store_id: str
@@ -91,6 +100,7 @@ class VectorIndex:
         dense_index: Literal["FLAT", "HNSW"] = "FLAT",
         timeout: float = 30.0,
         metric: Literal["IP", "COSINE"] = "IP",
+        hnsw: Hnsw = Hnsw(),
     ) -> None:
         # Every call is bounded: pymilvus otherwise retries a dead server for minutes.
         self.client = MilvusClient(uri, token=token or "", timeout=timeout)
@@ -98,6 +108,7 @@ class VectorIndex:
         self.collection = collection
         self.dim = dim
         self.dense_index = dense_index
+        self.hnsw = hnsw
         self.metric = metric
         self.hybrid = False
         # Whether attribute filters run in Milvus (the C++ engine: the native default and Milvus
@@ -154,7 +165,9 @@ class VectorIndex:
         schema.add_field("attributes", DataType.JSON)  # filters.encode_attributes
         schema.add_field("dense", DataType.FLOAT_VECTOR, dim=self.dim)
         index = self.client.prepare_index_params()
-        params = {"M": 16, "efConstruction": 200} if self.dense_index == "HNSW" else {}
+        params: dict[str, Any] = {}
+        if self.dense_index == "HNSW":
+            params = {"M": self.hnsw.m, "efConstruction": self.hnsw.ef_construction}
         # Inner product by default: every vector stored is unit length (the embedder normalizes),
         # so it is the cosine, without Milvus Lite's FLAT search normalizing every stored vector
         # again on each query (BENCHMARKS.md). Collections made earlier keep COSINE.
@@ -305,7 +318,11 @@ class VectorIndex:
                 depth = limit * HYBRID_DEPTH
                 requests = [
                     AnnSearchRequest(
-                        data=[vector.tolist()], anns_field="dense", param={}, limit=depth, expr=expr
+                        data=[vector.tolist()],
+                        anns_field="dense",
+                        param=self._dense_params(depth),
+                        limit=depth,
+                        expr=expr,
                     ),
                     AnnSearchRequest(
                         data=[text], anns_field="sparse", param={}, limit=depth, expr=expr
@@ -326,6 +343,7 @@ class VectorIndex:
                     self.collection,
                     data=[vector.tolist()],
                     anns_field="dense",
+                    search_params={"params": self._dense_params(limit)},
                     limit=limit,
                     filter=expr,
                     output_fields=fields,
@@ -348,6 +366,10 @@ class VectorIndex:
                 )
             )
         return hits
+
+    def _dense_params(self, candidates: int) -> dict[str, Any]:
+        """HNSW searches `ef` wide, and never narrower than the candidates asked for."""
+        return {"ef": max(self.hnsw.ef, candidates)} if self.dense_index == "HNSW" else {}
 
     def close(self) -> None:
         with self._lock:

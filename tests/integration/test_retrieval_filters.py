@@ -6,6 +6,7 @@ random filters over files with random attributes, on a real server."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from services.retrieval.filters import (
     encode_attributes,
     matches,
 )
-from services.retrieval.vectors import VectorIndex, _scope
+from services.retrieval.vectors import Hnsw, VectorIndex, _scope
 from tests.processes import milvus_lite
 
 OWNER, STORE = "olga", "vs_filters"
@@ -168,3 +169,39 @@ def test_milvus_lite_3_leaves_filters_to_the_service(tmp_path: Path) -> None:
         assert not lite3.engine_filters
     finally:
         lite3.close()
+
+
+def test_hnsw_takes_the_configured_graph_and_search_width(tmp_path: Path) -> None:
+    """CRUCIBLE_RETRIEVAL_HNSW_*: an HNSW index built with the M and efConstruction set, and a
+    search width below the results asked for (ef 1 for 10) widened to them: the top 10 come
+    back. On Milvus Lite 3 (milvus-lite 2.5.1 has FLAT and IVF_FLAT only; standalone has
+    HNSW)."""
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(2000, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with contextlib.ExitStack() as stack:
+        uri = str(tmp_path / "milvus.db")
+        index = VectorIndex(uri, None, "hnsw", 8, "HNSW", hnsw=Hnsw(m=8, ef_construction=64, ef=1))
+        stack.callback(index.close)
+        index.ensure()
+        assert index.client.describe_index("hnsw", "dense")["index_type"] == "HNSW"
+        index.upsert(
+            [
+                {
+                    "id": f"h{i}",
+                    "owner": OWNER,
+                    "vector_store_id": STORE,
+                    "file_id": "f",
+                    "position": i,
+                    "text": "x",
+                    "dense": v.tolist(),
+                    "attributes": {},
+                }
+                for i, v in enumerate(vectors)
+            ]
+        )
+        index.flush()
+        q = vectors[7]
+        hits = index.search(q, "", OWNER, [STORE], None, 10, False)
+        exact = {f"h{i}" for i in np.argsort(-(vectors @ q))[:10]}
+        assert len({h.chunk_id for h in hits} & exact) >= 9

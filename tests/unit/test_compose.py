@@ -27,6 +27,11 @@ COMPOSE_ONLY = {
     "CRUCIBLE_FINETUNE_INFERENCE_API_KEY",
     "REDISCLI_AUTH",
     "CRUCIBLE_TRACE_SAMPLE_RATIO",  # a lab under load may record fewer; natively every trace
+    # Milvus standalone's graph index (the native engine has FLAT and IVF_FLAT only).
+    "CRUCIBLE_RETRIEVAL_DENSE_INDEX",
+    "CRUCIBLE_RETRIEVAL_HNSW_M",
+    "CRUCIBLE_RETRIEVAL_HNSW_EF_CONSTRUCTION",
+    "CRUCIBLE_RETRIEVAL_HNSW_EF",
 }
 
 
@@ -39,7 +44,7 @@ def test_each_native_service_runs_the_same_module_with_the_same_variables_in_com
             assert spec["command"][0] == "redis-server"
             assert "--appendonly" in spec["command"] and "--appendonly" in svc.argv
             continue
-        if svc.name == "milvus":  # natively Milvus Lite's server, in compose Milvus standalone
+        if svc.name == "milvus":  # natively milvus-lite's server, in compose Milvus standalone
             assert spec["image"].startswith("milvusdb/milvus:")
             assert svc.argv[1:3] == ["-m", "services.milvuslite"]
             continue
