@@ -23,7 +23,6 @@ rows' attributes inside Milvus (filters.compile_filter). Writes bench/results/mi
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,31 +42,14 @@ from bench.retrieval_milvus import (
     CORPUS,
     chunk_rows,
     chunk_vectors,
+    cpp_server,
     file_attributes,
     milvus_server,
-    serving,
 )
-from services import milvuslite
 from services.retrieval.filters import Filter, compile_filter, matches
 from services.retrieval.vectors import VectorIndex
-from services.stackconfig import ROOT, _free_port
 
 OWNER, STORES = "bench", ["vs_bench_a", "vs_bench_b"]
-
-
-@contextmanager
-def lite25_server(var: Path) -> Iterator[tuple[str, int]]:
-    """milvus-lite 2.5.1's server on a TCP port, as `make up` runs it (the process becomes the
-    binary, so its pid is the server's)."""
-    if milvuslite.engine_binary() is None:
-        raise SystemExit("the C++ engine is not installed: run make setup")
-    port = _free_port()
-    argv = [sys.executable, "-m", "services.milvuslite", "--engine", "cpp"]
-    argv += ["--data-dir", str(var / "milvus25.db"), "--port", str(port)]
-    with open(var / "milvus25.log", "ab") as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    with serving(proc, port, var / "milvus25.log") as uri:
-        yield uri, proc.pid
 
 
 @contextmanager
@@ -156,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     qtexts = [" ".join(rng.choice(words, 4)) for _ in range(args.queries)]
     vectors = chunk_vectors(args.chunks)
     exact = [set(np.argsort(-(vectors @ q))[:10].tolist()) for q in qvecs]
-    servers_of = {"lite3": lite3_server, "lite25": lite25_server}
+    servers_of = {"lite3": lite3_server, "lite25": cpp_server}
     engines = {e: servers_of[e] for e in args.engines.split(",")}
     result: dict[str, Any] = {"chunks": args.chunks, "rounds": args.rounds, "files": args.files}
     with tempfile.TemporaryDirectory(prefix="crucible-engines-") as tmp, ExitStack() as stack:

@@ -11,7 +11,9 @@
 2. ingestion: end to end (parse, chunk, embed, upsert, reconcile) tokens/s against raw embedding
    of the same chunks with the same model, alternating; where the service's time goes.
 3. backends: onnx-int8 against torch fp32 tokens/s, alternating; cosine to fp32; hit@5.
-4. quality: hit@5 and MRR on the labelled chemistry queries, dense against hybrid.
+4. quality: hit@5 and MRR on the labelled chemistry queries, dense against hybrid
+   (`--quality-by-engine`: only this part, on Milvus Lite 3 and on the C++ engine, writing
+   bench/results/retrieval_quality.json).
 
 Chunks for the search part carry random unit vectors and random corpus words (embedding 100k
 real chunks would take many minutes on CPU); queries are real embeddings.
@@ -46,6 +48,7 @@ from bench.retrieval_milvus import (
     OWNER,
     build_collection,
     collection_name,
+    cpp_server,
     milvus_server,
     raw_search,
     recall_and_latency,
@@ -230,6 +233,20 @@ def relevant(q: dict[str, str], filename: str, text: str) -> bool:
     return filename == q["file"] and q["passage"] in text
 
 
+def corpus_store(client: httpx.Client) -> str:
+    """The labelled corpus uploaded into a new store, once ingested: its id."""
+    files = [
+        client.post(
+            "/v1/files", files={"file": (p_.name, p_.read_bytes())}, data={"purpose": "assistants"}
+        ).json()["id"]
+        for p_ in CORPUS
+    ]
+    store = client.post("/v1/vector_stores", json={"file_ids": files}).json()["id"]
+    while client.get(f"/v1/vector_stores/{store}").json()["file_counts"]["in_progress"]:
+        time.sleep(0.05)
+    return str(store)
+
+
 def service_quality(client: httpx.Client, store_id: str) -> dict[str, dict[str, float]]:
     out = {}
     for mode, ranker in (("dense", "none"), ("hybrid", "auto")):
@@ -283,6 +300,24 @@ def alternate(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, lis
     return out
 
 
+def quality_by_engine(out: Path | None) -> int:
+    """Hit@5 and MRR on the labelled chemistry set with the service on each native engine:
+    the same corpus ingested into each, the same queries."""
+    result: dict[str, Any] = {}
+    for engine in ("lite3", "cpp"):
+        with tempfile.TemporaryDirectory(prefix="crucible-bench-") as tmp, ExitStack() as stack:
+            var = Path(tmp)
+            if engine == "cpp":
+                uri, _ = stack.enter_context(cpp_server(var))
+            else:
+                uri = stack.enter_context(milvus_server(var))
+            with service(var, milvus_uri=uri) as client:
+                result[engine] = service_quality(client, corpus_store(client))
+    print(result)
+    print(f"wrote {write_result('retrieval_quality', result, out)}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chunks", type=int, default=100_000)
@@ -292,8 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--copies", type=int, default=6, help="corpus copies for ingestion")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
+    p.add_argument(
+        "--quality-by-engine", action="store_true", help="only part 4, on each native engine"
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    if args.quality_by_engine:
+        return quality_by_engine(args.out)
     if args.smoke:
         args.chunks, args.rounds, args.search_rounds, args.copies = 2000, 1, 1, 1
     result: dict[str, Any] = {
@@ -377,24 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.rounds,
             )
             after = phase_seconds(client)
-            quality_store = client.post(
-                "/v1/vector_stores",
-                json={
-                    "file_ids": [
-                        client.post(
-                            "/v1/files",
-                            files={"file": (p_.name, p_.read_bytes())},
-                            data={"purpose": "assistants"},
-                        ).json()["id"]
-                        for p_ in CORPUS
-                    ]
-                },
-            ).json()["id"]
-            while client.get(f"/v1/vector_stores/{quality_store}").json()["file_counts"][
-                "in_progress"
-            ]:
-                time.sleep(0.05)
-            result["quality"] = service_quality(client, quality_store)
+            result["quality"] = service_quality(client, corpus_store(client))
         for mode in ("dense", "hybrid"):
             raw, svc = both["raw"][mode], both["service"][mode]
             result.setdefault("search", {})[mode] = {

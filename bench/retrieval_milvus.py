@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from services import milvuslite
 from services.retrieval.filters import encode_attributes
 from services.retrieval.vectors import VectorIndex
 from services.stackconfig import ROOT, _free_port, _port_busy
@@ -182,6 +183,22 @@ def milvus_server(var: Path, *options: str) -> Iterator[str]:
         )
     with serving(proc, port, var / "milvus.log") as uri:
         yield uri
+
+
+@contextmanager
+def cpp_server(var: Path) -> Iterator[tuple[str, int]]:
+    """milvus-lite 2.5.1's server (the C++ engine `make setup` unpacks into `.milvus/`) on the
+    bench's directory, as `make up` runs it: its URL, and its pid (the process becomes the
+    binary)."""
+    if milvuslite.engine_binary() is None:
+        raise SystemExit("the C++ engine is not installed: run make setup")
+    port = _free_port()
+    argv = [sys.executable, "-m", "services.milvuslite", "--engine", "cpp"]
+    argv += ["--data-dir", str(var / "milvus25.db"), "--port", str(port)]
+    with open(var / "milvus25.log", "ab") as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    with serving(proc, port, var / "milvus25.log") as uri:
+        yield uri, proc.pid
 
 
 @contextmanager
