@@ -82,6 +82,24 @@ def test_milvus_allocator_bench_smoke_measures_both_servers(tmp_path: Path) -> N
     assert data["ratio_default_to_kept"]["dense"]["p95_ms"] > 0
 
 
+def test_milvus_engines_bench_smoke_measures_both_engines_and_a_filter_both_ways(
+    tmp_path: Path,
+) -> None:
+    from bench import milvus_engines
+
+    out = tmp_path / "milvus_engines.json"
+    argv = ["--chunks", "2000", "--rounds", "1", "--queries", "4", "--files", "40"]
+    assert milvus_engines.main([*argv, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    for engine in ("lite3", "lite25"):
+        assert data[engine]["dense"]["n"] == data[engine]["hybrid"]["n"] == 4
+        assert data[engine]["dense_recall_at_10"] == 1.0  # FLAT: exact
+        assert data[engine]["insert_rows_per_s"] > 0 and data[engine]["server_rss_mib"] > 0
+    f = data["filter"]
+    assert f["admitted_files"] == 20 and f["same_top10"] == 1.0
+    assert f["file_list"]["n"] == f["in_engine"]["n"] == 4
+
+
 def test_finetune_bench_smoke_compares_the_worker_with_a_direct_call(
     gateway_url: str, admin_key: str, tmp_path: Path
 ) -> None:
