@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 from bench._load import write_result
 from services.common.outbox import USAGE, Outbox
 from services.common.upstream import Pool
-from services.gateway.budgets import Budget, Budgets
+from services.gateway.budgets import Budget, Budgets, Prices
 from services.gateway.keys import KeyStore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.redisio import Redis
@@ -58,6 +58,7 @@ async def measure(store: KeyStore, secret: str, redis_url: str) -> dict[str, lis
         "budget_lookup": [],
         "engine_clock": [],
         "reserve_settle": [],
+        "reserve_settle_tokens_and_usd": [],
         "redis_ping": [],
     }
     key = await store.aresolve(secret, None)
@@ -65,8 +66,10 @@ async def measure(store: KeyStore, secret: str, redis_url: str) -> dict[str, lis
     outbox = Outbox(None, USAGE, CollectorRegistry(), buffer=10 * CALLS)
     recorder = UsageRecorder(outbox, GatewayMetrics(CollectorRegistry()))
     redis = Redis(redis_url, timeout=2.0)
-    budgets = Budgets(redis)
-    budget = [Budget("key", f"bench-{uuid.uuid4().hex[:8]}", 10**15, "day")]
+    budgets = Budgets(redis, prices=Prices({"*": {"input": 0.15, "output": 0.6}}))
+    owner = f"bench-{uuid.uuid4().hex[:8]}"
+    budget = [Budget("key", owner, 10**15, "day")]
+    both = [*budget, Budget("key", owner, 10**15, "day", "usd")]
 
     async def record() -> None:
         recorder.record(key, "completions", "crucible-dev", 120, 30, 0)
@@ -82,9 +85,14 @@ async def measure(store: KeyStore, secret: str, redis_url: str) -> dict[str, lis
         assert engine.shared_s >= mark
 
     async def reserve_settle() -> None:
-        held = await budgets.reserve(budget, 600)
+        held = await budgets.reserve(budget, 500, 100, "crucible-dev")
         assert held is not None
-        await budgets.settle(held, 150)
+        await budgets.settle(held, (120, 30))
+
+    async def reserve_settle_both() -> None:
+        held = await budgets.reserve(both, 500, 100, "crucible-dev")
+        assert held is not None
+        await budgets.settle(held, (120, 30))
 
     async def ping() -> None:
         await redis.execute("PING")
@@ -97,9 +105,12 @@ async def measure(store: KeyStore, secret: str, redis_url: str) -> dict[str, lis
             runs["budget_lookup"].append(await per_call_us(lookup, CALLS))
             runs["engine_clock"].append(await per_call_us(clock, CALLS))
             runs["reserve_settle"].append(await per_call_us(reserve_settle, REDIS_CALLS))
+            runs["reserve_settle_tokens_and_usd"].append(
+                await per_call_us(reserve_settle_both, REDIS_CALLS)
+            )
             runs["redis_ping"].append(await per_call_us(ping, REDIS_CALLS))
     finally:
-        await redis.execute("DEL", budget[0].counter()[0])
+        await redis.execute("DEL", *(b.counter()[0] for b in both))
         await redis.aclose()
     return runs
 

@@ -1,19 +1,22 @@
 """`crucible`: the operator's command line.
 
-    crucible projects create "Synthesis group" [--budget-tokens 50000000 --budget-period month]
+    crucible projects create "Synthesis group" [--budget-tokens 50000000] [--budget-usd 200]
+                                               [--budget-period month]
     crucible projects list [--all]                      --all: archived ones too
     crucible projects update PROJECT_ID [--name "New name"] [--budget-tokens N|none]
+                                        [--budget-usd X|none]
     crucible projects archive PROJECT_ID                revokes its keys; its data stays
     crucible keys create --project proj_... [--role member|reviewer|reader|admin]
                          [--service-account] [--name laptop] [--models m1,m2] [--rpm 600]
                          [--max-concurrency 32] [--expires 2027-06-30]
-                         [--budget-tokens 1000000 --budget-period day|month]
+                         [--budget-tokens 1000000] [--budget-usd 20] [--budget-period day|month]
     crucible keys create --owner alice ...              the project `alice`, made if missing
     crucible keys list [--project proj_...]
     crucible keys update KEY_ID [--role R] [--name N] [--models m1,m2|all] [--rpm 60|default]
                          [--max-concurrency 4|default] [--store|--no-store]
                          [--retention-days 30|none] [--expires 2027-06-30|never]
-                         [--budget-tokens N|none] [--budget-period day|month]
+                         [--budget-tokens N|none] [--budget-usd X|none]
+                         [--budget-period day|month]
     crucible keys revoke KEY_ID
     crucible audit [--limit 50] [--action key.update]   who changed what, newest first
     crucible usage [--month 2026-12] [--csv]            tokens per project and model
@@ -78,6 +81,7 @@ def _update(store: KeyStore, args: argparse.Namespace) -> int:
         "retention_days",
         "expires",
         "budget_tokens",
+        "budget_usd",
         "budget_period",
     )
     changes = {f: getattr(args, f) for f in fields if getattr(args, f) is not _UNSET}
@@ -90,6 +94,8 @@ def _update(store: KeyStore, args: argparse.Namespace) -> int:
         checked = KeyUpdateRequest.model_validate(changes).model_dump(exclude_unset=True)
     except ValidationError as exc:
         print(exc, file=sys.stderr)
+        return 2
+    if _unpriced(checked.get("budget_usd")):
         return 2
     try:
         updated = store.update(args.key_id, checked)
@@ -104,6 +110,18 @@ def _update(store: KeyStore, args: argparse.Namespace) -> int:
 
 
 _UNSET: Any = object()
+
+
+def _unpriced(budget_usd: float | None) -> bool:
+    """A dollar budget without the gateway's price list to count it by (said on stderr)."""
+    if budget_usd is None or GatewaySettings().budget_prices:
+        return False
+    print(
+        "a budget in dollars prices tokens by CRUCIBLE_GATEWAY_BUDGET_PRICES (USD per million "
+        "tokens), which is not set: set it in the gateway's environment first",
+        file=sys.stderr,
+    )
+    return True
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -124,10 +142,13 @@ def _keys(args: argparse.Namespace) -> int:
                     admin=args.admin,
                     expires_at=args.expires,
                     budget_tokens=args.budget_tokens,
+                    budget_usd=args.budget_usd,
                     budget_period=args.budget_period,
                 )
             except ValidationError as exc:
                 print(exc, file=sys.stderr)
+                return 2
+            if _unpriced(asked.budget_usd):
                 return 2
             secret, info = store.create(**asked.arguments())
             print(json.dumps({**info, "key": secret}, indent=2))
@@ -166,12 +187,20 @@ def _projects(args: argparse.Namespace) -> int:
             for p in projects.list(include_archived=args.all):
                 print(f"{p['id']}  {p['status']}  created={_when(p['created_at'])}  {p['name']}")
         elif args.action == "create":
-            budget = {"budget_tokens": args.budget_tokens, "budget_period": args.budget_period}
+            budget = {
+                "budget_tokens": args.budget_tokens,
+                "budget_usd": args.budget_usd,
+                "budget_period": args.budget_period,
+            }
+            if _unpriced(args.budget_usd):
+                return 2
             made = projects.create(ProjectCreate(name=args.name, **budget))
             print(json.dumps(made, indent=2))
         elif args.action == "update":
-            fields = ("name", "budget_tokens", "budget_period")
+            fields = ("name", "budget_tokens", "budget_usd", "budget_period")
             changes = {f: getattr(args, f) for f in fields if getattr(args, f) is not _UNSET}
+            if _unpriced(changes.get("budget_usd")):
+                return 2
             updated = projects.update(args.project_id, ProjectUpdate(**changes))
             print(json.dumps(updated, indent=2))
         else:
@@ -407,12 +436,15 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--admin", action="store_true")
     create.add_argument("--expires", type=_expiry, help="a UTC date or date and time")
     create.add_argument("--budget-tokens", type=int, help="tokens per period (default: none)")
+    create.add_argument(
+        "--budget-usd", type=float, help="dollars per period, at the gateway's prices"
+    )
     create.add_argument("--budget-period", choices=PERIODS, default="month")
     upd = ksub.add_parser("update", help="change a key without reissuing it")
     upd.add_argument("key_id")
     upd.set_defaults(**dict.fromkeys(("name", "models", "rpm", "max_concurrency"), _UNSET))
     upd.set_defaults(store=_UNSET, retention_days=_UNSET, expires=_UNSET)
-    upd.set_defaults(budget_tokens=_UNSET, budget_period=_UNSET)
+    upd.set_defaults(budget_tokens=_UNSET, budget_usd=_UNSET, budget_period=_UNSET)
     upd.add_argument("--name")
     upd.add_argument("--role", choices=ROLES, default=_UNSET)
     all_models = _or_none(lambda v: [m for m in v.split(",") if m], "all")
@@ -423,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     upd.add_argument("--retention-days", type=_or_none(int, "none"))
     upd.add_argument("--expires", type=_expiry, help="a UTC date or date and time, or never")
     upd.add_argument("--budget-tokens", type=_or_none(int, "none"), help="per period, or none")
+    upd.add_argument("--budget-usd", type=_or_none(float, "none"), help="per period, or none")
     upd.add_argument("--budget-period", choices=PERIODS)
     lst = ksub.add_parser("list")
     lst.add_argument("--project", "--owner", help="only this project's keys")
@@ -433,13 +466,15 @@ def main(argv: list[str] | None = None) -> int:
     pcreate = psub.add_parser("create")
     pcreate.add_argument("name")
     pcreate.add_argument("--budget-tokens", type=int, help="tokens per period, all its keys")
+    pcreate.add_argument("--budget-usd", type=float, help="dollars per period, all its keys")
     pcreate.add_argument("--budget-period", choices=PERIODS, default="month")
     psub.add_parser("list").add_argument("--all", action="store_true", help="archived too")
     pupd = psub.add_parser("update", help="rename it, or change its budget")
     pupd.add_argument("project_id")
-    pupd.set_defaults(name=_UNSET, budget_tokens=_UNSET, budget_period=_UNSET)
+    pupd.set_defaults(name=_UNSET, budget_tokens=_UNSET, budget_usd=_UNSET, budget_period=_UNSET)
     pupd.add_argument("--name")
     pupd.add_argument("--budget-tokens", type=_or_none(int, "none"), help="per period, or none")
+    pupd.add_argument("--budget-usd", type=_or_none(float, "none"), help="per period, or none")
     pupd.add_argument("--budget-period", choices=PERIODS)
     psub.add_parser("archive", help="revoke its keys; its data stays").add_argument("project_id")
     use = sub.add_parser("usage", help="a month's tokens and cost per project and model")

@@ -42,6 +42,8 @@ def traces_link(service: str) -> dict[str, Any]:
         "url": f"/explore?schemaVersion=1&panes={panes}",
         "targetBlank": True,
     }
+
+
 OUT = Path(__file__).resolve().parent / "dashboards"
 
 # A panel: (title, unit, [(expr, legend), ...]).
@@ -360,12 +362,12 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
                 ],
             ),
             (
-                "Budgets used (fraction of the period's tokens)",
+                "Budgets used (fraction of the period's tokens or dollars)",
                 "percentunit",
                 [
                     (
-                        "max by (scope, id) (crucible_gateway_budget_used_ratio) or vector(0)",
-                        "{{scope}} {{id}}",
+                        "max by (scope, id, unit) (crucible_gateway_budget_used_ratio) or vector(0)",
+                        "{{scope}} {{id}} ({{unit}})",
                     )
                 ],
             ),

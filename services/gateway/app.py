@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from services.common.app import build_app
-from services.common.errors import NotFound, Unavailable
+from services.common.errors import InvalidRequest, NotFound, Unavailable
 from services.common.logging import configure_logging
 from services.common.outbox import ALIAS_OUTCOMES, CAPTURES, USAGE, Outbox
 from services.common.pagination import PageParams
@@ -32,7 +32,7 @@ from services.common.tenancy import OWNER_HEADER, OWNER_RE
 from services.gateway import roles
 from services.gateway.aliases import AliasRouter, AliasTable
 from services.gateway.audit import Actor, AuditLog
-from services.gateway.budgets import Budget
+from services.gateway.budgets import budgets_of
 from services.gateway.config import GatewaySettings
 from services.gateway.forward import ServiceForwarder, route_of
 from services.gateway.keys import (
@@ -41,6 +41,8 @@ from services.gateway.keys import (
     KeyCreateRequest,
     KeyStore,
     KeyUpdateRequest,
+    usd,
+    usd_micros,
 )
 from services.gateway.limits import RateLimiter
 from services.gateway.metrics import GatewayMetrics
@@ -270,6 +272,7 @@ def _routes() -> Any:
         body: KeyCreateRequest, request: Request, admin: AdminDep
     ) -> dict[str, Any]:
         """A key in a project (`project_id`), with a role; the secret is in this answer only."""
+        _priced(request, body)
         keys: KeyStore = request.app.state.keys
         made = functools.partial(keys.create, **body.arguments(), actor=_actor(admin))
         secret, info = await asyncio.to_thread(made)
@@ -287,7 +290,7 @@ def _routes() -> Any:
 
     @r.get("/admin/keys/{key_id}")
     async def get_key(key_id: str, request: Request, _: AdminDep) -> dict[str, Any]:
-        """A key, with the tokens its budget has used or reserved this period."""
+        """A key, with what its budgets have used or reserved this period."""
         found = await asyncio.to_thread(request.app.state.keys.get, key_id)
         if found is None:
             raise NotFound(f"no key {key_id[:64]!r}", param="key_id")
@@ -299,6 +302,7 @@ def _routes() -> Any:
     ) -> dict[str, Any]:
         """Change a key's limits, models, storing, retention or expiry without reissuing it:
         this gateway process applies it at once, the others within `key_cache_ttl_s`."""
+        _priced(request, body)
         keys: KeyStore = request.app.state.keys
         changes = body.model_dump(exclude_unset=True)
         updated = await asyncio.to_thread(keys.update, key_id, changes, _actor(admin))
@@ -310,6 +314,7 @@ def _routes() -> Any:
     async def create_project(
         body: ProjectCreate, request: Request, admin: AdminDep
     ) -> dict[str, Any]:
+        _priced(request, body)
         projects: Projects = request.app.state.projects
         return await asyncio.to_thread(projects.create, body, _actor(admin))
 
@@ -323,7 +328,7 @@ def _routes() -> Any:
 
     @r.get("/admin/projects/{project_id}")
     async def get_project(project_id: str, request: Request, _: AdminDep) -> dict[str, Any]:
-        """A project, with the tokens its budget has used or reserved this period."""
+        """A project, with what its budgets have used or reserved this period."""
         projects: Projects = request.app.state.projects
         return await _spent(request, "project", await asyncio.to_thread(projects.get, project_id))
 
@@ -331,7 +336,8 @@ def _routes() -> Any:
     async def update_project(
         project_id: str, body: ProjectUpdate, request: Request, admin: AdminDep
     ) -> dict[str, Any]:
-        """Rename a project or change its token budget (null: none)."""
+        """Rename a project or change its budgets (null: none)."""
+        _priced(request, body)
         projects: Projects = request.app.state.projects
         return await asyncio.to_thread(projects.update, project_id, body, _actor(admin))
 
@@ -375,13 +381,34 @@ def _routes() -> Any:
 
 
 async def _spent(request: Request, scope: str, found: dict[str, Any]) -> dict[str, Any]:
-    """`found` with `budget_used`: null without a budget, or while Redis cannot say."""
-    used = None
-    if found["budget_tokens"] is not None:
-        budget = Budget(scope, found["id"], found["budget_tokens"], found["budget_period"])
+    """`found` with `budget_used` (tokens) and `budget_used_usd`: null without that budget, or
+    while Redis cannot say."""
+    out = {**found, "budget_used": None, "budget_used_usd": None}
+    budgets = budgets_of(
+        scope,
+        found["id"],
+        found["budget_tokens"],
+        usd_micros(found["budget_usd"]),
+        found["budget_period"],
+    )
+    for budget in budgets:
         with contextlib.suppress(OSError, TimeoutError, RedisReplyError):
             used = await request.app.state.gateway.proxy.budgets.used(budget)
-    return {**found, "budget_used": used}
+            if budget.unit == "usd":
+                out["budget_used_usd"] = usd(used)
+            else:
+                out["budget_used"] = used
+    return out
+
+
+def _priced(request: Request, body: KeyUpdateRequest | ProjectUpdate) -> None:
+    """A dollar budget needs the gateway's price list (400 naming the setting without one)."""
+    if body.budget_usd is not None and not request.app.state.gateway.proxy.budgets.prices:
+        raise InvalidRequest(
+            "a budget in dollars prices tokens by the gateway's price list, and it has none: "
+            "set CRUCIBLE_GATEWAY_BUDGET_PRICES (USD per million tokens), or budget tokens",
+            param="budget_usd",
+        )
 
 
 def _actor(key: ApiKey) -> Actor:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import ServiceSettings
@@ -82,6 +83,23 @@ class GatewaySettings(ServiceSettings):
     # either, new ones are dropped and counted (crucible_outbox_dropped_total).
     capture_stream_max: int = 100_000
     capture_buffer: int = 10_000
+
+    # Dollar budgets price a request's tokens by this list, USD per million tokens, in the form
+    # of the finetune service's hosted list: {"model or *": {"input": 0.15, "output": 0.6}} ("*"
+    # for every model without its own entry; a fine-tuned model is priced as its base; a price
+    # not given is 0). Empty: budgets can be set in tokens only.
+    budget_prices: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+    @field_validator("budget_prices")
+    @classmethod
+    def _prices(cls, table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for model, price in table.items():
+            unknown = set(price) - {"input", "output", "training"}
+            if unknown:
+                raise ValueError(f"{model}: unknown price {sorted(unknown)} (input, output)")
+            if not all(math.isfinite(v) and v >= 0 for v in price.values()):
+                raise ValueError(f"{model}: a price is a finite number >= 0")
+        return table
 
     def db_url(self) -> str:
         return self.database_url or self.sqlite_url("gateway")

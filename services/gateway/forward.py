@@ -159,15 +159,21 @@ class ServiceForwarder:
             if route == "/v1/embeddings" and key.models is not None:
                 _check_model(body, key.models)
             await self.proxy.reserve(key)
-            # Embeddings count against token budgets: at most a token per byte sent.
+            # Embeddings count against budgets: at most a token per byte sent.
             budgets = await self.proxy.keys.budgets(key) if route == "/v1/embeddings" else ()
-            reserved = await self.proxy.budgets.reserve(budgets, len(body))
+            reserved = (
+                await self.proxy.budgets.reserve(budgets, len(body), 0, _model(body))
+                if budgets
+                else None
+            )
             try:
                 await self._forward(scope, send, body, SERVICE_ROUTES[route], key, rid, out)
             finally:
                 if reserved is not None:
-                    spent = out.tokens if out.tokens is not None else len(body)
-                    await self.proxy.budgets.settle(reserved, spent if out.status == 200 else 0)
+                    spent = (out.tokens, 0) if out.tokens is not None else None
+                    await self.proxy.budgets.settle(
+                        reserved, spent if out.status == 200 else (0, 0)
+                    )
             if out.status < 300 and (change := forwarded_action(scope["method"], scope["path"])):
                 await self._audit(key, *change, body)
         finally:
@@ -267,13 +273,19 @@ class ServiceForwarder:
             await pool.aclose()
 
 
-def _check_model(body: bytes, allowed: frozenset[str]) -> None:
-    """A key limited to some models may embed only with those (unparseable: the service says)."""
+def _model(body: bytes) -> str:
+    """The model an embeddings body names ("" when it names none: the service says why)."""
     try:
         model = orjson.loads(body).get("model")
     except (orjson.JSONDecodeError, AttributeError):
-        return
-    if isinstance(model, str) and model not in allowed:
+        return ""
+    return model if isinstance(model, str) else ""
+
+
+def _check_model(body: bytes, allowed: frozenset[str]) -> None:
+    """A key limited to some models may embed only with those (unparseable: the service says)."""
+    model = _model(body)
+    if model and model not in allowed:
         raise NotFound(
             f"The model `{model}` does not exist or you do not have access to it.",
             param="model",

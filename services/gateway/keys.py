@@ -46,7 +46,7 @@ from services.common.errors import (
 )
 from services.common.tenancy import OWNER_RE
 from services.gateway import audit
-from services.gateway.budgets import Budget
+from services.gateway.budgets import MICRO, Budget, budgets_of
 from services.gateway.roles import GRANTS, SERVICE_ACCOUNT_ROLES, Role
 from services.gateway.tables import Base, ProjectRow
 
@@ -78,8 +78,9 @@ class ApiKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    # Tokens per UTC day or month (budgets.py); None: no budget of its own.
+    # Tokens, and micro-dollars, per UTC day or month (budgets.py); None: no budget of its own.
     budget_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    budget_usd_micros: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     budget_period: Mapped[str] = mapped_column(String(8), default="month", server_default="month")
     # Written in batches (`KeyStore.aflush_used`), so at most that interval behind.
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -98,7 +99,7 @@ class ApiKey:
     store: bool = False
     retention_days: int | None = None
     expires_at: float | None = None  # epoch seconds
-    budget: Budget | None = None  # its own token budget
+    budgets: tuple[Budget, ...] = ()  # its own (tokens, dollars)
 
     @property
     def is_admin(self) -> bool:
@@ -111,8 +112,12 @@ class ApiKey:
         return self.models is None or model in self.models
 
 
-def _budget(scope: str, id_: str, tokens: int | None, period: str) -> Budget | None:
-    return Budget(scope, id_, tokens, period) if tokens is not None else None
+def usd(micros: int | None) -> float | None:
+    return micros / MICRO if micros is not None else None
+
+
+def usd_micros(dollars: float | None) -> int | None:
+    return round(dollars * MICRO) if dollars is not None else None
 
 
 def _datetime(epoch: int | None) -> datetime | None:
@@ -156,6 +161,7 @@ def describe(row: ApiKeyRow) -> dict[str, Any]:
         "expires_at": _epoch(row.expires_at),
         "last_used_at": _epoch(row.last_used_at),
         "budget_tokens": row.budget_tokens,
+        "budget_usd": usd(row.budget_usd_micros),
         "budget_period": row.budget_period,
     }
 
@@ -192,6 +198,10 @@ Expiry = Annotated[  # up to the year 9999
 ]
 Retention = Annotated[int, Field(ge=1, le=36500), BeforeValidator(_not_bool)]
 BudgetTokens = Annotated[int, Field(ge=1, le=10**15), BeforeValidator(_not_bool)]
+# Dollars, kept to the micro-dollar (a budget of $0.000001 is the least).
+BudgetUsd = Annotated[
+    float, Field(ge=1e-6, le=1e9, allow_inf_nan=False), BeforeValidator(_not_bool)
+]
 Period = Literal["day", "month"]
 
 
@@ -210,7 +220,8 @@ class KeyUpdateRequest(BaseModel):
     retention_days: Retention | None = None
     expires_at: Expiry | None = None  # seconds since the epoch; refused from then on
     budget_tokens: BudgetTokens | None = None  # per period (null: none of its own)
-    budget_period: Period = "month"  # a UTC day or month
+    budget_usd: BudgetUsd | None = None  # per period, at the gateway's price list (null: none)
+    budget_period: Period = "month"  # a UTC day or month (both budgets)
 
 
 ProjectId = Annotated[str, Field(min_length=1, max_length=128, pattern=OWNER_RE.pattern)]
@@ -268,7 +279,7 @@ class KeyStore:
         self.cache_ttl = cache_ttl
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._used: dict[str, float] = {}
-        self._projects: tuple[float, dict[str, Budget | None]] = (-1e9, {})
+        self._projects: tuple[float, dict[str, tuple[Budget, ...]]] = (-1e9, {})
 
     def create(
         self,
@@ -285,6 +296,7 @@ class KeyStore:
         retention_days: int | None = None,
         expires_at: int | None = None,
         budget_tokens: int | None = None,
+        budget_usd: float | None = None,
         budget_period: str = "month",
         make_project: bool = True,
         actor: audit.Actor = audit.OPERATOR,
@@ -311,6 +323,7 @@ class KeyStore:
             created_at=datetime.now(UTC),
             expires_at=_datetime(expires_at),
             budget_tokens=budget_tokens,
+            budget_usd_micros=usd_micros(budget_usd),
             budget_period=budget_period,
         )
         with self.sessions.begin() as s:
@@ -361,6 +374,8 @@ class KeyStore:
             if row.service_account and changes.get("role", row.role) not in SERVICE_ACCOUNT_ROLES:
                 raise InvalidRequest("a service account is a member or a reader", param="role")
             for field, value in changes.items():
+                if field == "budget_usd":
+                    field, value = "budget_usd_micros", usd_micros(value)
                 setattr(row, field, _datetime(value) if field == "expires_at" else value)
             s.flush()
             out = describe(row)
@@ -458,17 +473,19 @@ class KeyStore:
             key = replace(key, owner=project)
         return key
 
-    async def _live_projects(self, max_age: float | None = None) -> dict[str, Budget | None]:
+    async def _live_projects(self, max_age: float | None = None) -> dict[str, tuple[Budget, ...]]:
         """The projects not archived, with their budgets; cached like the keys (or younger
         than `max_age`)."""
         at, projects = self._projects
         if time.monotonic() - at >= (self.cache_ttl if max_age is None else max_age):
             stmt = select(ProjectRow).where(ProjectRow.archived_at.is_(None))
 
-            def load() -> dict[str, Budget | None]:
+            def load() -> dict[str, tuple[Budget, ...]]:
                 with self.sessions() as s:
                     return {
-                        p.id: _budget("project", p.id, p.budget_tokens, p.budget_period)
+                        p.id: budgets_of(
+                            "project", p.id, p.budget_tokens, p.budget_usd_micros, p.budget_period
+                        )
                         for p in s.scalars(stmt)
                     }
 
@@ -481,8 +498,7 @@ class KeyStore:
         projects = await self._live_projects()
         if key.owner not in projects:  # a project made since the cache was filled
             projects = await self._live_projects(max_age=0.0)
-        project = projects.get(key.owner)
-        return tuple(b for b in (key.budget, project) if b is not None)
+        return key.budgets + projects.get(key.owner, ())
 
     async def alookup_id(self, key_id: str) -> ApiKey | None:
         """The live key with this id (for services acting on a key's behalf), cached like
@@ -514,5 +530,7 @@ class KeyStore:
             store=row.store,
             retention_days=row.retention_days,
             expires_at=_epoch(row.expires_at),
-            budget=_budget("key", row.id, row.budget_tokens, row.budget_period),
+            budgets=budgets_of(
+                "key", row.id, row.budget_tokens, row.budget_usd_micros, row.budget_period
+            ),
         )

@@ -77,9 +77,9 @@ class GatewayMetrics:
         self._usage: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self.budget_used = Gauge(
             "crucible_gateway_budget_used_ratio",
-            "Tokens used or reserved of a budget this period, as a fraction of it, at its last "
-            "request (scope: key or project).",
-            ["scope", "id"],
+            "What a budget has used or reserved this period, as a fraction of it, at its last "
+            "request (scope: key or project; unit: tokens or usd).",
+            ["scope", "id", "unit"],
             registry=registry,
         )
         self.backend_up = Gauge(

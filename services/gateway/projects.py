@@ -14,7 +14,16 @@ from sqlalchemy import select, update
 
 from services.common.errors import Conflict, NotFound
 from services.gateway import audit
-from services.gateway.keys import ApiKeyRow, BudgetTokens, KeyStore, Period, _epoch
+from services.gateway.keys import (
+    ApiKeyRow,
+    BudgetTokens,
+    BudgetUsd,
+    KeyStore,
+    Period,
+    _epoch,
+    usd,
+    usd_micros,
+)
 from services.gateway.tables import ProjectRow
 
 Name = Annotated[str, Field(min_length=1, max_length=256)]
@@ -26,7 +35,15 @@ class ProjectUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Name | None = None
     budget_tokens: BudgetTokens | None = None  # per period, all its keys together (null: none)
+    budget_usd: BudgetUsd | None = None  # per period, at the gateway's price list (null: none)
     budget_period: Period = "month"
+
+    def columns(self, exclude_unset: bool = False) -> dict[str, Any]:
+        """The row's columns this sets (dollars kept as micro-dollars)."""
+        fields = self.model_dump(exclude_unset=exclude_unset)
+        if "budget_usd" in fields:
+            fields["budget_usd_micros"] = usd_micros(fields.pop("budget_usd"))
+        return fields
 
     @field_validator("name")
     @classmethod
@@ -51,6 +68,7 @@ def describe(row: ProjectRow) -> dict[str, Any]:
         "archived_at": _epoch(row.archived_at),
         "status": "archived" if row.archived_at is not None else "active",
         "budget_tokens": row.budget_tokens,
+        "budget_usd": usd(row.budget_usd_micros),
         "budget_period": row.budget_period,
     }
 
@@ -65,7 +83,7 @@ class Projects:
 
     def create(self, body: ProjectCreate, actor: audit.Actor = audit.OPERATOR) -> dict[str, Any]:
         row = ProjectRow(
-            id="proj_" + secrets.token_hex(12), created_at=datetime.now(UTC), **body.model_dump()
+            id="proj_" + secrets.token_hex(12), created_at=datetime.now(UTC), **body.columns()
         )
         with self.sessions.begin() as s:
             s.add(row)
@@ -94,7 +112,7 @@ class Projects:
         changes = body.model_dump(exclude_unset=True)
         with self.sessions.begin() as s:
             row = self._row(s, project_id)
-            for field, value in changes.items():
+            for field, value in body.columns(exclude_unset=True).items():
                 setattr(row, field, value)
             audit.add(s, actor, "project.update", project_id, changes)
             out = describe(row)

@@ -44,7 +44,7 @@ from services.common.upstream import (
 from services.gateway import roles
 from services.gateway.aliases import Alias, AliasRouter
 from services.gateway.bodies import ClientGone, parse_object, read_body
-from services.gateway.budgets import Budgets
+from services.gateway.budgets import Budgets, Prices
 from services.gateway.config import GatewaySettings
 from services.gateway.direct import direct_client
 from services.gateway.keys import ON_BEHALF_HEADER, ApiKey, KeyStore
@@ -91,12 +91,13 @@ class Outcome:
     traceparent: bytes = b""  # what the engine gets: the gateway's span as its parent
 
 
-def _charged(out: Outcome, worst: int) -> int:
-    """What a budget is charged for a request: the tokens the engine reported; nothing when no
-    answer came from an engine; its worst case when one came without usage (a stream cut)."""
+def _charged(out: Outcome) -> tuple[int, int] | None:
+    """What a budget is charged for a request: the tokens the engine reported (input, output);
+    nothing when no answer came from an engine; its worst case (None) when one came without
+    usage (a stream cut)."""
     if out.prompt_tokens or out.completion_tokens:
-        return out.prompt_tokens + out.completion_tokens
-    return worst if out.forwarded and out.status == 200 else 0
+        return out.prompt_tokens, out.completion_tokens
+    return None if out.forwarded and out.status == 200 else (0, 0)
 
 
 class Proxy:
@@ -125,7 +126,7 @@ class Proxy:
         self.router = router
         self.keys = keys
         self.limiter = limiter
-        self.budgets = Budgets(limiter.redis, metrics)
+        self.budgets = Budgets(limiter.redis, metrics, Prices(settings.budget_prices))
         self.metrics = metrics
         self.concurrency = Concurrency(settings.max_concurrency, settings.max_key_bytes_in_flight)
         metrics.watch(self.concurrency)
@@ -286,13 +287,13 @@ class Proxy:
         if not budgets:
             await self._forward(scope, receive, send, body, backends, stream, rid, out, start)
             return
-        worst = len(body) + output_bound(path, payload, bound) * n
-        held_tokens = await self.budgets.reserve(budgets, worst)
+        worst_out = output_bound(path, payload, bound) * n
+        reserved = await self.budgets.reserve(budgets, len(body), worst_out, model)
         try:
             await self._forward(scope, receive, send, body, backends, stream, rid, out, start)
         finally:
-            if held_tokens is not None:
-                await self.budgets.settle(held_tokens, _charged(out, worst))
+            if reserved is not None:
+                await self.budgets.settle(reserved, _charged(out))
 
     async def authenticate(self, headers: dict[bytes, bytes], permission: str) -> ApiKey:
         """The request's key, in the project it acts in, holding `permission` (else 401/403)."""

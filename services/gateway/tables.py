@@ -22,6 +22,8 @@ class ProjectRow(Base):
     name: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     archived_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    # Tokens per UTC day or month for all its keys together (budgets.py); None: no budget.
+    # Tokens, and micro-dollars, per UTC day or month for all its keys together (budgets.py);
+    # None: no budget of that unit.
     budget_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    budget_usd_micros: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     budget_period: Mapped[str] = mapped_column(String(8), default="month", server_default="month")

@@ -1,7 +1,8 @@
-"""Token budgets that cannot be overrun: two gateway processes share one key database and one
-Redis, a scripted model reports the usage of each answer (tests/fakes), and requests are fired
-at both at once. A request reserves its worst case (its body's bytes plus `max_tokens` times its
-sequences, README "Budgets") and is settled to what the engine reported."""
+"""Budgets that cannot be overrun, in tokens and in dollars: two gateway processes share one key
+database and one Redis, a scripted model reports the usage of each answer (tests/fakes), and
+requests are fired at both at once. A request reserves its worst case (its body's bytes plus
+`max_tokens` times its sequences, README "Budgets"; in dollars, priced by the gateways' list)
+and is settled to what the engine reported."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import orjson
 import pytest
 
 from services.gateway.keys import KeyStore
-from tests.processes import Proc, replicas
+from tests.processes import Proc, gateway, replicas
 
 MAX_TOKENS = 8
+# The gateways' price list for dollar budgets: USD per million tokens, i.e. micro-dollars a token.
+PRICE_IN, PRICE_OUT = 2.0, 10.0
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,8 @@ def var(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def gateways(var: Path, fake: Proc, redis_url: str) -> Iterator[tuple[Proc, Proc]]:
-    with replicas(var, [fake.url], redis_url) as both:
+    prices = {"scripted": {"input": PRICE_IN, "output": PRICE_OUT}}
+    with replicas(var, [fake.url], redis_url, budget_prices=orjson.dumps(prices).decode()) as both:
         yield both
 
 
@@ -161,3 +165,90 @@ def test_unbudgeted_keys_are_not_counted(
     secret, _ = keys.create("no-budget", rpm=0)
     body = _body("free")
     assert _statuses(asyncio.run(_fire([gateways[0].url], secret, body, 3))) == {200: 3}
+
+
+def _micro_usd(tokens_in: int, tokens_out: int) -> int:
+    return int(tokens_in * PRICE_IN + tokens_out * PRICE_OUT)
+
+
+def test_64_concurrent_requests_against_a_dollar_budget_for_10_admit_exactly_10(
+    gateways: tuple[Proc, Proc], keys: KeyStore, fake: Proc
+) -> None:
+    body = _body("dollars")
+    worst = _micro_usd(len(body), MAX_TOKENS)  # what the gateway reserves for each, in µ$
+    _script(fake, len(body), MAX_TOKENS, delay_s=0.3)  # each uses its worst case
+    secret, info = keys.create(
+        "budget-usd", rpm=0, max_concurrency=128, budget_usd=10 * worst / 1e6, budget_period="day"
+    )
+    urls = [g.url for g in gateways]
+    responses = asyncio.run(_fire(urls, secret, body, 64))
+    assert _statuses(responses) == {200: 10, 429: 54}
+    refused = next(r for r in responses if r.status_code == 429).json()["error"]
+    assert refused["code"] == "insufficient_quota"
+    assert f"key's budget of ${10 * worst / 1e6:,.6f}" in refused["message"]
+    assert _statuses(asyncio.run(_fire(urls, secret, body, 2))) == {429: 2}
+    admin, _ = keys.create("budget-usd-ops", admin=True)
+    shown = httpx.get(
+        f"{urls[0]}/admin/keys/{info['id']}",
+        headers={"authorization": f"Bearer {admin}"},
+        timeout=10,
+    ).json()
+    assert (shown["budget_usd"], shown["budget_used_usd"]) == (10 * worst / 1e6, 10 * worst / 1e6)
+    assert (shown["budget_tokens"], shown["budget_used"]) == (None, None)
+
+
+def test_a_dollar_budget_is_settled_at_the_price_of_what_the_engine_used(
+    gateways: tuple[Proc, Proc], keys: KeyStore, fake: Proc
+) -> None:
+    body = _body("settle-usd")
+    worst = _micro_usd(len(body), MAX_TOKENS)
+    used = _micro_usd(3, 2)  # 26 µ$ of each reservation kept
+    _script(fake, 3, 2)
+    # A project's dollar budget and a key's token budget, both counted on each request.
+    from services.gateway.projects import ProjectCreate, Projects
+
+    project = Projects(keys).create(
+        ProjectCreate(name="priced", budget_usd=(worst + 4 * used) / 1e6)
+    )
+    secret, _ = keys.create(project["id"], rpm=0, make_project=False, budget_tokens=10**6)
+    urls = [gateways[1].url]
+    for _ in range(5):
+        assert _statuses(asyncio.run(_fire(urls, secret, body, 1))) == {200: 1}
+    refused = asyncio.run(_fire(urls, secret, body, 1))[0]
+    assert (
+        refused.status_code == 429 and "project's budget of $" in refused.json()["error"]["message"]
+    )
+    admin, _ = keys.create("budget-usd-ops2", admin=True)
+    headers = {"authorization": f"Bearer {admin}"}
+    shown = httpx.get(f"{urls[0]}/admin/projects/{project['id']}", headers=headers, timeout=10)
+    assert shown.json()["budget_used_usd"] == 5 * used / 1e6
+    mine = httpx.get(f"{urls[0]}/admin/keys", headers=headers, timeout=10).json()["data"]
+    key_id = next(k["id"] for k in mine if k["project_id"] == project["id"])
+    shown = httpx.get(f"{urls[0]}/admin/keys/{key_id}", headers=headers, timeout=10).json()
+    assert shown["budget_used"] == 5 * (3 + 2)  # the refused one held and gave back nothing
+
+
+def test_a_dollar_budget_cannot_be_set_where_the_gateway_has_no_prices(
+    var: Path, fake: Proc, redis_url: str, keys: KeyStore
+) -> None:
+    admin, _ = keys.create("budget-noprice-ops", admin=True)
+    headers = {"authorization": f"Bearer {admin}"}
+    with gateway(var, [fake.url], redis_url) as plain:
+        r = httpx.post(
+            f"{plain.url}/admin/keys",
+            json={"project_id": "budget-noprice", "budget_usd": 5},
+            headers=headers,
+            timeout=10,
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert (
+            error["param"] == "budget_usd" and "CRUCIBLE_GATEWAY_BUDGET_PRICES" in error["message"]
+        )
+        made = httpx.post(
+            f"{plain.url}/admin/keys",
+            json={"owner": "budget-noprice", "budget_tokens": 5},
+            headers=headers,
+            timeout=10,
+        )
+        assert made.status_code == 201 and made.json()["budget_usd"] is None

@@ -191,3 +191,26 @@ def test_budgets_are_set_from_the_cli_and_a_months_usage_is_reported(
     table = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert ["lab", "m1", "completions", "2", "150", "25", "2.0", "2.00", "1.50"] in table
     assert table[-1] == ["total", "2026-01", "157", "25", "2.2", "2.25", "1.57"]
+
+
+def test_dollar_budgets_need_the_gateways_price_list(
+    store: KeyStore, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CRUCIBLE_GATEWAY_BUDGET_PRICES", raising=False)
+    assert cli.main(["projects", "create", "Spectra", "--budget-usd", "250"]) == 2
+    assert "CRUCIBLE_GATEWAY_BUDGET_PRICES" in capsys.readouterr().err
+    monkeypatch.setenv("CRUCIBLE_GATEWAY_BUDGET_PRICES", '{"*": {"input": 0.5, "output": 1.5}}')
+    assert cli.main(["projects", "create", "Spectra", "--budget-usd", "250"]) == 0
+    project = json.loads(capsys.readouterr().out)
+    assert (project["budget_usd"], project["budget_tokens"]) == (250.0, None)
+    argv = ["keys", "create", "--project", project["id"], "--budget-usd", "12.345678"]
+    assert cli.main([*argv, "--budget-tokens", "1000"]) == 0
+    key = json.loads(capsys.readouterr().out)
+    assert (key["budget_usd"], key["budget_tokens"]) == (12.345678, 1000)
+    for bad in ("0", "nan", "-1"):
+        assert cli.main(["keys", "update", key["id"], "--budget-usd", bad]) == 2
+    assert cli.main(["keys", "update", key["id"], "--budget-usd", "none"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["budget_usd"], shown["budget_tokens"]) == (None, 1000)
+    assert cli.main(["projects", "update", project["id"], "--budget-usd", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["budget_usd"] is None
