@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from services.stack import StackConfig
@@ -32,6 +33,15 @@ COMPOSE_ONLY = {
     "CRUCIBLE_RETRIEVAL_HNSW_M",
     "CRUCIBLE_RETRIEVAL_HNSW_EF_CONSTRUCTION",
     "CRUCIBLE_RETRIEVAL_HNSW_EF",
+    # The lab's prices, from compose's .env (natively, the caller's environment passes them).
+    "CRUCIBLE_GATEWAY_BUDGET_PRICES",
+    "CRUCIBLE_FINETUNE_COST_HARDWARE_USD",
+    "CRUCIBLE_FINETUNE_COST_AMORTIZATION_YEARS",
+    "CRUCIBLE_FINETUNE_COST_POWER_WATTS",
+    "CRUCIBLE_FINETUNE_COST_KWH_USD",
+    "CRUCIBLE_FINETUNE_COST_HOSTING_USD_MONTH",
+    "CRUCIBLE_FINETUNE_COST_ENGINES",
+    "CRUCIBLE_FINETUNE_COST_HOSTED_PRICES",
 }
 
 
@@ -199,3 +209,28 @@ def test_every_service_sends_its_spans_to_jaeger_which_grafana_reads() -> None:
         for panel in yaml.safe_load(board.read_text())["panels"]:
             (link,) = panel["links"]
             assert link["url"].startswith("/explore?") and source["uid"] in link["url"], board
+
+
+def test_the_lab_prices_compose_passes_parse_with_their_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unset price variable in compose's .env gives each service its default, not an error."""
+    from services.finetune.config import FinetuneSettings
+    from services.gateway.config import GatewaySettings
+
+    default = re.compile(r"^\$\{(\w+):-(.*)\}$")  # `${NAME:-default}`, as compose reads it unset
+    for service, settings in (("gateway", GatewaySettings), ("finetune", FinetuneSettings)):
+        env = COMPOSE["services"][service]["environment"]
+        prices = {k: v for k, v in env.items() if "_COST_" in k or k.endswith("BUDGET_PRICES")}
+        assert prices, service
+        for name, value in prices.items():
+            found = default.match(value)
+            assert found and found[1] == name, value
+            monkeypatch.setenv(name, found[2])
+        built = settings()
+        assert built.model_dump(include={k.split("_", 2)[2].lower() for k in prices}) == {
+            k.split("_", 2)[2].lower(): settings.model_fields[
+                k.split("_", 2)[2].lower()
+            ].get_default(call_default_factory=True)
+            for k in prices
+        }
