@@ -34,7 +34,7 @@ SECRET_KEYS = {
     "postgres-password",
     "redis-password",
     "vllm-api-key",
-    "milvus-token",
+    "milvus-root-password",
 }
 # The engines' custom resources, each checked against the schema the repo keeps for it.
 CUSTOM = {"Milvus": "milvus.schema.json", "Cluster": "postgres.schema.json"}
@@ -265,6 +265,12 @@ def test_variable_references_and_secrets_resolve(overlay: str) -> None:
             elif "configMapKeyRef" in source:
                 assert source["configMapKeyRef"]["optional"] is True
             defined.add(e["name"])
+    for milvus in _kinds(overlay, "Milvus"):  # its root password: the one retrieval signs in with
+        (env,) = milvus["spec"]["components"]["env"]
+        assert env["valueFrom"]["secretKeyRef"] == {
+            "name": "crucible-secrets",
+            "key": "milvus-root-password",
+        }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
