@@ -55,24 +55,28 @@ class Dispatcher:
         self.celery = make_celery(s)
         self.redis = redis.Redis.from_url(s.redis_url, socket_timeout=2)
 
-    def send(self, job_id: str) -> None:
-        self.celery.send_task(TASK, args=[job_id], queue=self.s.queue)
+    def send(self, job_id: str, model: str) -> None:
+        """To the queue of the GPU class the job's model trains on."""
+        self.celery.send_task(TASK, args=[job_id], queue=self.s.queue_for(model))
 
     def depth(self) -> int:
         try:
-            return int(self.redis.llen(self.s.queue))
+            return sum(int(self.redis.llen(q)) for q in self.s.queues())
         except redis.RedisError:
             return 0
 
-    def live_worker(self) -> bool:
-        """Whether a worker on the queue has beaten within `worker_alive_s` (its key lives)."""
-        pattern = worker_key(self.s.queue, "*")
-        return next(iter(self.redis.scan_iter(match=pattern, count=1000)), None) is not None
+    def without_worker(self) -> list[str]:
+        """The queues no worker has beaten on within `worker_alive_s` (its key lapsed)."""
+        return [
+            q
+            for q in self.s.queues()
+            if next(iter(self.redis.scan_iter(match=worker_key(q, "*"), count=1000)), None) is None
+        ]
 
     def holds(self, job_id: str) -> bool:
         """Whether the broker still has a message for the job (waiting or being worked on)."""
         needle = job_id.encode()
-        waiting = self.redis.lrange(self.s.queue, 0, -1)
+        waiting = [m for q in self.s.queues() for m in self.redis.lrange(q, 0, -1)]
         unacked = self.redis.hvals("unacked")
         return any(needle in m for m in [*waiting, *unacked])
 
@@ -107,12 +111,12 @@ def reconcile(jobs: JobStore, d: Dispatcher, s: FinetuneSettings, metrics: ApiMe
                 only_from=("running",),
                 message="Worker lost; resuming from the last checkpoint",
             ):
-                d.send(job.id)
+                d.send(job.id, job.model)
                 metrics.requeued.labels("worker_lost").inc()
     for job in jobs.with_status("queued"):
         if job.queued_at and job.queued_at < now - LOST_MESSAGE_AFTER_S and not d.holds(job.id):
             jobs.event(job.id, "Queue message lost (broker restarted); queued again")
-            d.send(job.id)
+            d.send(job.id, job.model)
             metrics.requeued.labels("message_lost").inc()
     restored = adapters.restore(jobs, s.inference_urls, s.inference_headers())
     if restored:
@@ -136,7 +140,8 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
 
         async def validate_and_queue(job_id: str) -> None:
             if await asyncio.to_thread(validate_job, jobs, s, job_id):
-                await asyncio.to_thread(dispatcher.send, job_id)
+                model = (await asyncio.to_thread(jobs.get, job_id)).model
+                await asyncio.to_thread(dispatcher.send, job_id, model)
 
         loop = asyncio.get_running_loop()
 
@@ -273,10 +278,10 @@ def create_app(settings: FinetuneSettings | None = None) -> FastAPI:
         await asyncio.to_thread(api.state.dispatcher.redis.ping)
 
     async def worker_alive() -> None:
-        if not await asyncio.to_thread(api.state.dispatcher.live_worker):
+        if missing := await asyncio.to_thread(api.state.dispatcher.without_worker):
             raise ConnectionError(
-                f"no fine-tuning worker on queue {s.queue!r} has sent a heartbeat in the last "
-                f"{s.worker_alive_s:g}s: jobs would wait in the queue"
+                f"no fine-tuning worker on queue {', '.join(map(repr, missing))} has sent a "
+                f"heartbeat in the last {s.worker_alive_s:g}s: jobs would wait in the queue"
             )
 
     api = build_app(

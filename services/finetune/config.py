@@ -18,7 +18,11 @@ class FinetuneSettings(ServiceSettings):
     database_url: str | None = None  # default: SQLite under var/
     # Celery's broker; Redis with AOF on, so queued jobs survive a Redis restart.
     redis_url: str = "redis://127.0.0.1:6379/1"
-    queue: str = "finetune"
+    queue: str = "finetune"  # a worker's: the queue it takes jobs from (its GPU class's)
+    # GPU classes: the queue each base model's jobs go to, one per class of worker (each class's
+    # workers set `queue` to theirs), e.g. {"qwen3-32b": "finetune-96gb", "*": "finetune-32gb"};
+    # a fine-tuned model's jobs go where its base's do; a model not listed, to "*" or `queue`.
+    queue_by_model: dict[str, str] = Field(default_factory=dict)
     # Training files are read from the retrieval service, as their owner.
     retrieval_url: str = "http://127.0.0.1:8001"
     # Where agent runs are (their usage is read from it when they end).
@@ -58,6 +62,17 @@ class FinetuneSettings(ServiceSettings):
     # and how often the agent's ended runs are read (their usage).
     usage_snapshot_every_s: float = Field(default=300.0, gt=0)
     usage_runs_every_s: float = Field(default=15.0, gt=0)
+
+    def queue_for(self, model: str) -> str:
+        """The queue a job on `model` goes to (its GPU class's)."""
+        if model.startswith("ft:") and model not in self.queue_by_model:
+            model = model.split(":")[1]
+        return self.queue_by_model.get(model) or self.queue_by_model.get("*") or self.queue
+
+    def queues(self) -> list[str]:
+        """Every queue a job can go to: each needs a live worker."""
+        routed = set(self.queue_by_model.values())
+        return sorted(routed if "*" in self.queue_by_model else routed | {self.queue})
 
     def engine_usd_per_second(self) -> float:
         """What one second of one engine's busy time costs the lab."""

@@ -79,10 +79,12 @@ def _kinds(overlay: str, *kinds: str) -> list[dict[str, Any]]:
 
 
 def _containers(overlay: str) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(the service it runs, as compose names it; its pod; the container) of every workload."""
     return [
-        (d["metadata"]["name"], d["spec"]["template"]["spec"], c)
+        (d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"], pod, c)
         for d in _kinds(overlay, "Deployment", "StatefulSet")
-        for c in d["spec"]["template"]["spec"]["containers"]
+        for pod in [d["spec"]["template"]["spec"]]
+        for c in pod["containers"]
     ]
 
 
@@ -168,16 +170,36 @@ def test_every_container_is_bounded_probed_pinned_and_unprivileged(overlay: str)
 
 
 def test_gpus_are_asked_for_only_where_training_runs() -> None:
-    wants = {
-        (overlay, name): "nvidia.com/gpu" in c["resources"]["limits"]
+    wants = [
+        (overlay, name, pod.get("nodeSelector"))
         for overlay in OVERLAYS
-        for name, _, c in _containers(overlay)
-    }
-    assert {k for k, v in wants.items() if v} == {("gpu-lab", "finetune-worker")}
-    (worker,) = [
-        d for d in _kinds("gpu-lab", "Deployment") if d["metadata"]["name"] == "finetune-worker"
+        for name, pod, c in _containers(overlay)
+        if "nvidia.com/gpu" in c["resources"]["limits"]
     ]
-    assert worker["spec"]["template"]["spec"]["nodeSelector"]
+    assert [(o, n) for o, n, _ in wants] == [("gpu-lab", "finetune-worker")] * 2
+    assert len({json.dumps(selector) for _, _, selector in wants if selector}) == 2
+
+
+def test_each_gpu_class_has_its_workers_on_the_queue_the_api_sends_its_models_to() -> None:
+    from services.finetune.config import FinetuneSettings
+
+    deployments = _kinds("gpu-lab", "Deployment")
+    workers = [d for d in deployments if d["metadata"]["name"].startswith("finetune-worker")]
+    selectors = {json.dumps(w["spec"]["selector"], sort_keys=True) for w in workers}
+    assert len(workers) == len(selectors) == 2  # no class's Deployment takes another's pods
+    queues = {
+        e["value"]
+        for w in workers
+        for e in w["spec"]["template"]["spec"]["containers"][0]["env"]
+        if e["name"] == "CRUCIBLE_FINETUNE_QUEUE"
+    }
+    (api,) = [d for d in deployments if d["metadata"]["name"] == "finetune"]
+    env = {
+        e["name"]: e.get("value") for e in api["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    routed = FinetuneSettings(queue_by_model=json.loads(env["CRUCIBLE_FINETUNE_QUEUE_BY_MODEL"]))
+    assert set(routed.queues()) == queues and len(queues) == 2
+    assert routed.queue_for("qwen3-32b") != routed.queue_for("crucible-dev")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -240,7 +262,12 @@ def test_each_service_runs_what_compose_runs_with_the_same_variables(overlay: st
         if name == "finetune-worker":  # compose's worker shares the API's variables, its port too
             theirs -= {"CRUCIBLE_FINETUNE_HOST", "CRUCIBLE_FINETUNE_PORT"}
         assert theirs - ours == set(), name
-        assert {k for k in ours - theirs if k.startswith("CRUCIBLE_")} <= {"CRUCIBLE_VAR_DIR"}, name
+        k8s_only = {
+            "CRUCIBLE_VAR_DIR",
+            "CRUCIBLE_FINETUNE_QUEUE",
+            "CRUCIBLE_FINETUNE_QUEUE_BY_MODEL",
+        }
+        assert {k for k in ours - theirs if k.startswith("CRUCIBLE_")} <= k8s_only, name
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
