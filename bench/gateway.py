@@ -7,6 +7,7 @@ B. Against the real dev vLLM: output tokens/s at concurrency 32 and streaming ti
    token, direct versus through the gateway, runs interleaved.
 
     python bench/gateway.py [--rate 200] [--seconds 10] [--rounds 3] [--smoke]
+    python bench/gateway.py --balancer     HAProxy's hop in front of two gateways (replicas)
 
 It starts what it needs (fake upstream, gateways, the dev stack) on free ports and stops them.
 """
@@ -37,7 +38,7 @@ from services.common.outbox import ALIAS_OUTCOMES, CAPTURES
 from services.common.upstream import Pool
 from services.gateway.keys import KeyStore
 from services.stack import Ports, Stack, StackConfig
-from services.stackconfig import _free_port, _http_ok, _port_busy
+from services.stackconfig import _free_port, _http_ok, _port_busy, balancer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
@@ -117,15 +118,12 @@ async def added_latency(
     return out
 
 
-async def traced_latency(
+async def in_turns(
     targets: dict[str, str], key: str, rate: float, seconds: float
-) -> dict[str, Any]:
-    """Open loop at `rate` per target, taking turns: the upstream directly (`direct`), a gateway
-    with sampling off (it mints and passes on trace ids, records nothing), a second one the
-    same (`sampling_off_again`: the A/A control, what two identical gateway processes differ by
-    on this host) and one that records every request's span and exports it to the trace sink
-    (`sampling_on`). Same load on each gateway; each turn in a new random order, so that no
-    target always follows the same one."""
+) -> dict[str, float]:
+    """Open loop at `rate` per target, the targets taking turns, each turn in a new random
+    order (so that no target always follows the same one): each one's p50 in ms. `direct` is
+    sent without a key."""
     body = orjson.dumps(CHAT)
     auth = [(b"content-type", b"application/json"), (b"authorization", f"Bearer {key}".encode())]
     pools = {name: Pool(url) for name, url in targets.items()}
@@ -146,12 +144,39 @@ async def traced_latency(
     await asyncio.gather(*tasks)
     for p in pools.values():
         await p.aclose()
-    p50 = {t: pct(v, 0.5) * 1000 for t, v in lat.items()}
+    return {t: pct(v, 0.5) * 1000 for t, v in lat.items()}
+
+
+async def traced_latency(
+    targets: dict[str, str], key: str, rate: float, seconds: float
+) -> dict[str, Any]:
+    """In turns: the upstream directly (`direct`), a gateway with sampling off (it mints and
+    passes on trace ids, records nothing), a second one the same (`sampling_off_again`: the A/A
+    control, what two identical gateway processes differ by on this host) and one that records
+    every request's span and exports it to the trace sink (`sampling_on`)."""
+    p50 = await in_turns(targets, key, rate, seconds)
     return {
         "p50_ms": {t: round(v, 3) for t, v in p50.items()},
         "off_added_p50_ms": round(p50["sampling_off"] - p50["direct"], 3),
         "on_over_off_p50_ms": round(p50["sampling_on"] - p50["sampling_off"], 3),
         "aa_p50_ms": round(p50["sampling_off_again"] - p50["sampling_off"], 3),
+    }
+
+
+async def balanced_latency(
+    targets: dict[str, str], key: str, rate: float, seconds: float
+) -> dict[str, Any]:
+    """In turns: the upstream directly, each of two gateway processes, and HAProxy in front of
+    both (CRUCIBLE_REPLICAS=2's balancer, its configuration the stack's): the balancer's hop is
+    what it adds over the mean of the two gateways it spreads requests over; the two gateways'
+    difference is the A/A control."""
+    p50 = await in_turns(targets, key, rate, seconds)
+    both = (p50["gateway"] + p50["gateway_again"]) / 2
+    return {
+        "p50_ms": {t: round(v, 3) for t, v in p50.items()},
+        "gateway_added_p50_ms": round(both - p50["direct"], 3),
+        "balancer_hop_p50_ms": round(p50["balancer"] - both, 3),
+        "aa_p50_ms": round(p50["gateway_again"] - p50["gateway"], 3),
     }
 
 
@@ -341,6 +366,8 @@ def part_a(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any
         key = _bench_key(tmp)
         direct, gw = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{gw_port}"
         naive, traced = f"http://127.0.0.1:{naive_port}", f"http://127.0.0.1:{traced_port}"
+        if args.balancer:
+            return balancer(args, tmp, key, direct, [gw_port, again_port])
         _until(lambda: _port_busy(naive_port), "naive proxy")
         targets = {
             "direct": direct,
@@ -452,6 +479,43 @@ def part_b(args: argparse.Namespace, direct: str, gw: str, var_dir: Path) -> dic
     }
 
 
+def balancer(
+    args: argparse.Namespace, tmp: Path, key: str, direct: str, gateways: list[int]
+) -> dict[str, Any]:
+    """HAProxy, configured as the stack configures it, in front of two gateway processes."""
+    lb_port = _free_port()
+    cfg = tmp / "haproxy.cfg"
+    cfg.write_text(balancer_config(lb_port, gateways))
+    proc = _spawn(["haproxy", "-db", "-f", str(cfg)], {}, tmp / "haproxy.log")
+    try:
+        _until(lambda: _http_ok(f"http://127.0.0.1:{lb_port}/health"), "balancer")
+        targets = {
+            "direct": direct,
+            "gateway": f"http://127.0.0.1:{gateways[0]}",
+            "gateway_again": f"http://127.0.0.1:{gateways[1]}",
+            "balancer": f"http://127.0.0.1:{lb_port}",
+        }
+        asyncio.run(balanced_latency(targets, key, args.rate, 1.0))  # warm up
+        rounds = [
+            asyncio.run(balanced_latency(targets, key, args.rate, args.seconds))
+            for _ in range(args.rounds)
+        ]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return {
+        "rate_per_target": args.rate,
+        "seconds_per_round": args.seconds,
+        "haproxy": subprocess.run(
+            ["haproxy", "-v"], capture_output=True, text=True
+        ).stdout.splitlines()[0],
+        "rounds": rounds,
+        "median_balancer_hop_p50_ms": median([r["balancer_hop_p50_ms"] for r in rounds]),
+        "median_gateway_added_p50_ms": median([r["gateway_added_p50_ms"] for r in rounds]),
+        "median_aa_p50_ms": median([r["aa_p50_ms"] for r in rounds]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rate", type=float, default=200)
@@ -466,6 +530,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tracing", action="store_true", help="only the tracing comparison (gateway_tracing.json)"
     )
+    p.add_argument(
+        "--balancer",
+        action="store_true",
+        help="only HAProxy's hop in front of two gateways (gateway_balancer.json)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--out", type=Path)
@@ -477,11 +546,12 @@ def main(argv: list[str] | None = None) -> int:
         args.max_tokens, args.ttft_samples, args.vllm_rounds = 4, 2, 1
         args.requests_per_worker = 1
     result: dict[str, Any] = {}
-    if args.tracing:
+    if args.tracing or args.balancer:
         with tempfile.TemporaryDirectory() as d:
             result = part_a(args, Path(d), args.redis_url)
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-        print(f"wrote {write_result('gateway_tracing', result, args.out)}")
+        name = "gateway_tracing" if args.tracing else "gateway_balancer"
+        print(f"wrote {write_result(name, result, args.out)}")
         return 0
     with tempfile.TemporaryDirectory() as d:
         result["fake_upstream"] = part_a(args, Path(d), args.redis_url)

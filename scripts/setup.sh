@@ -104,3 +104,5 @@ command -v redis-server >/dev/null 2>&1 || \
   apt_install redis-server "install it (apt-get install redis-server) or set CRUCIBLE_REDIS_URL"
 command -v prometheus >/dev/null 2>&1 || \
   apt_install prometheus "install it (apt-get install prometheus); the stack runs without monitoring"
+command -v haproxy >/dev/null 2>&1 || \
+  apt_install haproxy "install it (apt-get install haproxy) for CRUCIBLE_REPLICAS=2"

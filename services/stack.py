@@ -432,8 +432,18 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         k: v for k, v in os.environ.items() if k.startswith("CRUCIBLE_") and k != "CRUCIBLE_VAR_DIR"
     }
-    stack = Stack(StackConfig(profile=args.profile, env=settings))
+    # What `up` was asked for last, so that status, logs and down see the same services.
+    recorded = StackConfig().var_dir / "run" / "replicas"
+    replicas = os.environ.get("CRUCIBLE_REPLICAS") or (
+        recorded.read_text().strip() if recorded.is_file() else "1"
+    )
+    if replicas not in ("1", "2"):
+        print(f"CRUCIBLE_REPLICAS is 1 or 2, not {replicas!r}", file=sys.stderr)
+        return 2
+    stack = Stack(StackConfig(profile=args.profile, env=settings, replicas=int(replicas)))
     if args.command == "up":
+        recorded.parent.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(replicas + "\n")
         try:
             stack.up(args.services or None)
         except StackError as exc:
@@ -450,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"logs: {stack.log_dir}/ (make logs); stop with `make down`")
     elif args.command == "down":
         stopped = stack.down()
+        recorded.unlink(missing_ok=True)
         print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     elif args.command == "status":
         restarts = stack.restarts()

@@ -115,7 +115,10 @@ def main() -> None:
 
     configure_logging("finetune-worker", settings.log_level)
     # Children write their metrics to files; this process serves the sum on /metrics.
-    metrics_dir = settings.var_dir / "run" / "finetune-worker-metrics"
+    # One directory per worker (its metrics port): two workers on one host must not share it.
+    metrics_dir = (
+        settings.var_dir / "run" / f"finetune-worker-metrics-{settings.worker_metrics_port}"
+    )
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
@@ -133,7 +136,7 @@ def main() -> None:
         "--without-gossip",
         "--without-mingle",
         "-n",
-        f"finetune@{socket.gethostname()}",
+        f"finetune-{settings.worker_metrics_port}@{socket.gethostname()}",
     ]
     app.worker_main(argv)
 
