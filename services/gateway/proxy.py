@@ -443,8 +443,19 @@ class Proxy:
             *self.inference_headers,
         ]
         tried: list[Backend] = []
-        busy = False
-        while (backend := choose(backends, tried)) is not None:
+        busy = probed = False
+        while (backend := choose(backends, tried)) is not None or not probed:
+            if backend is None:
+                # Every backend not tried is marked down. One a request marked down since the
+                # last probe may have come back before the next (every 5 s): probe now, once,
+                # and send to any found up. One already tried is not tried again: it may have
+                # taken the request. (Marks only come from requests to a backend thought up,
+                # so a fleet that is down does not probe on every request.)
+                probed = True
+                since = self.router.last_refresh
+                if any(b.down_since > since for b in backends if b not in tried):
+                    await self.router.refresh()
+                continue
             mark = backend.request_started()
             try:
                 resp = await backend.pool.request(

@@ -121,6 +121,11 @@ class Router:
             except Exception:  # the loop must survive anything one refresh does
                 log.exception("routing refresh failed")
 
+    @property
+    def last_refresh(self) -> float:
+        """When the last probe round ended (monotonic)."""
+        return self._last_refresh
+
     async def refresh_soon(self, min_age: float = 1.0) -> None:
         """Refresh now unless one ran within `min_age` s (an unknown model may be brand new)."""
         await self.refresh(min_age)

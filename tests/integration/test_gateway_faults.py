@@ -521,3 +521,28 @@ def test_an_engine_behind_an_api_key_is_probed_and_called_with_it(
         assert not readiness.is_ready(engine.url, "fake")
         monkeypatch.setenv("VLLM_API_KEY", "engine-key")
         assert readiness.is_ready(engine.url, "fake")
+
+
+def test_a_backend_back_before_its_next_probe_takes_the_request_when_the_other_dies(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Two backends; A dies and is marked down; A comes back, and B dies before the router's
+    next probe (a minute here): the request is not refused with every backend marked down, the
+    gateway probes at once and sends it to A."""
+    port_a = _free_port()
+    with (
+        fake_upstream(tmp_path, port_a) as a,
+        fake_upstream(tmp_path) as b,
+        gateway(tmp_path / "gw", [a.url, b.url], redis_url, routing_refresh_s=60) as g,
+    ):
+        k = make_key(tmp_path / "gw", rpm=0)
+        h = {"authorization": f"Bearer {k}"}
+        body = {"model": "fake", "messages": HI}
+        up_a = f'crucible_gateway_backend_up{{backend="{a.url}"}}'
+        a.stop()  # the next request finds A refusing, marks it down and goes to B
+        assert httpx.post(f"{g.url}/v1/chat/completions", headers=h, json=body).status_code == 200
+        with fake_upstream(tmp_path, port_a):  # A is back, still marked down
+            b.stop()
+            r = httpx.post(f"{g.url}/v1/chat/completions", headers=h, json=body)
+            assert r.status_code == 200, r.text
+            assert f"{up_a} 1.0" in httpx.get(f"{g.url}/metrics").text

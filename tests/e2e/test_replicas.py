@@ -1,0 +1,257 @@
+"""CRUCIBLE_REPLICAS=2 as `make up` runs it, on a stack of its own (these tests kill its parts):
+two gateways behind HAProxy, two vLLM servers, two training workers, one Redis, database and
+Milvus, reached through the balancer with the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from services.finetune.config import FinetuneSettings
+from services.finetune.jobs import JobStore
+from services.stack import Ports, Stack, StackConfig, dev_key
+from tests.conftest import DENSE, MODELS, ROOT
+
+DATA = ROOT / "tests" / "data" / "codewords.jsonl"
+PARTS = [
+    "redis",
+    "inference",
+    "inference-2",
+    "milvus",
+    "retrieval",
+    "finetune-worker",
+    "finetune-worker-2",
+    "finetune",
+    "gateway",
+    "gateway-2",
+    "balancer",
+]
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    config = StackConfig(
+        var_dir=tmp_path_factory.mktemp("replicas-var"),
+        ports=Ports.free(),
+        models_dir=MODELS,
+        replicas=2,
+    )
+    stack = Stack(config)
+    try:
+        stack.up(PARTS, echo=lambda _: None)
+        # Each gateway learns an engine is up at its next probe (every 5 s): wait for both.
+        ports = config.ports
+        gateways = (ports.gateway_1, ports.gateway_2)
+        deadline = time.monotonic() + 30
+        while not all(_engines_up(g) == 2 for g in gateways):
+            assert time.monotonic() < deadline, "the gateways never saw both engines up"
+            time.sleep(0.5)
+        yield stack
+    finally:
+        stack.down()
+
+
+def _engines_up(gateway_port: int) -> int:
+    text = httpx.get(f"http://127.0.0.1:{gateway_port}/metrics", timeout=10).text
+    return sum(
+        line.startswith("crucible_gateway_backend_up{") and line.endswith(" 1.0")
+        for line in text.splitlines()
+    )
+
+
+@pytest.fixture(scope="module")
+def client(replicated: Stack) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{replicated.config.ports.gateway}/v1",
+        api_key=dev_key(replicated.config.var_dir),
+        max_retries=0,
+    )
+
+
+def _served(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:request_success_total")
+    )
+
+
+async def _streams(
+    url: str, key: str, seconds: float, kill: Any, errors: list[str]
+) -> list[tuple[bool, bool]]:
+    """Eight clients streaming one after another for `seconds`; `kill` runs after 2 s. Each
+    result: (it succeeded, its response had begun: the engine had taken it)."""
+    aclient = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
+    results: list[tuple[bool, bool]] = []
+    end = time.monotonic() + seconds
+
+    async def one(i: int) -> None:
+        while time.monotonic() < end:
+            started = False
+            try:
+                stream = await aclient.chat.completions.create(
+                    model=DENSE,
+                    max_tokens=24,
+                    stream=True,
+                    messages=[{"role": "user", "content": f"Name a solvent ({i})."}],
+                    extra_body={"ignore_eos": True},
+                )
+                started = True  # its response began: past this, a break reaches the client
+                async for _ in stream:
+                    pass
+                results.append((True, started))
+            except openai.APIError as exc:
+                results.append((False, started))
+                errors.append(f"{type(exc).__name__}: {exc}"[:300])
+
+    async def killer() -> None:
+        await asyncio.sleep(2)
+        await asyncio.to_thread(kill)
+
+    await asyncio.gather(*(one(i) for i in range(8)), killer())
+    await aclient.close()
+    return results
+
+
+def test_killing_one_engine_under_load_fails_no_request_that_had_not_started(
+    replicated: Stack, client: openai.OpenAI
+) -> None:
+    ports = replicated.config.ports
+    before = [_served(ports.inference), _served(ports.inference_2)]
+
+    at_kill: list[float] = []
+
+    def kill() -> None:
+        at_kill.append(_served(ports.inference_2))
+        pgid = replicated.pid("inference-2")
+        assert pgid is not None
+        os.killpg(pgid, signal.SIGKILL)
+
+    errors: list[str] = []
+    results = asyncio.run(_streams(str(client.base_url), client.api_key, 8, kill, errors))
+    assert len(results) > 30
+    # A stream the dead engine had begun breaks (the SDK raises); none that had not begun: the
+    # gateway sends those to the other engine.
+    assert [r for r in results if not r[0] and not r[1]] == [], errors[:3]
+    assert sum(ok for ok, _ in results) >= len(results) - 8
+    # Both engines had taken requests: the load was spread, not one engine's alone.
+    assert _served(ports.inference) > before[0] and at_kill[0] > before[1]
+    # The stack restarts the engine; it serves again.
+    deadline = time.monotonic() + 180
+    while DENSE not in _engine_models(ports.inference_2):
+        if time.monotonic() > deadline:
+            raise AssertionError("the killed engine did not come back")
+        time.sleep(1)
+
+
+def _create(client: openai.OpenAI, epochs: int, checkpoint_every: int) -> Any:
+    upload = client.files.create(file=DATA.open("rb"), purpose="fine-tune")
+    return client.fine_tuning.jobs.create(
+        model=DENSE,
+        training_file=upload.id,
+        seed=1,
+        method={
+            "type": "supervised",
+            "supervised": {
+                "hyperparameters": {
+                    "n_epochs": epochs,
+                    "batch_size": 8,
+                    "learning_rate_multiplier": 5,
+                }
+            },
+        },
+        extra_body={"crucible": {"checkpoint_every": checkpoint_every}},
+    )
+
+
+def _wait(client: openai.OpenAI, job_id: str, until: Any, timeout: float = 400) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if until(job):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id}: not reached in {timeout}s (status {job.status})")
+
+
+def _worker_of(jobs: JobStore, stack: Stack, job_id: str) -> str | None:
+    """Which worker service's process group runs the job now (its row names the process)."""
+    worker = jobs.get(job_id).worker or ""
+    try:
+        pgid = os.getpgid(int(worker.rsplit(":", 1)[1]))
+    except (ValueError, IndexError, ProcessLookupError):
+        return None
+    for name in ("finetune-worker", "finetune-worker-2"):
+        if stack.pid(name) == pgid:
+            return name
+    return None
+
+
+def _engine_models(port: int) -> set[str]:
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+        return {m["id"] for m in r.json()["data"]} if r.is_success else set()
+    except httpx.HTTPError:
+        return set()
+
+
+def test_two_jobs_train_at_once_and_what_a_lost_worker_or_engine_had_is_taken_up(
+    replicated: Stack, client: openai.OpenAI
+) -> None:
+    """Two jobs run at once, one on each worker; the second worker dies mid-job and its job
+    resumes on the first from its last checkpoint; an engine that was down while a model was
+    registered has the adapter loaded when it returns."""
+    ports = replicated.config.ports
+    jobs = JobStore(FinetuneSettings(var_dir=replicated.config.var_dir).db_url())
+    a, b = _create(client, 24, 12), _create(client, 24, 12)
+    both: dict[str, str | None] = {}
+
+    def running_apart(_: Any) -> bool:
+        both.update({j: _worker_of(jobs, replicated, j) for j in (a.id, b.id)})
+        return sorted(filter(None, both.values())) == ["finetune-worker", "finetune-worker-2"]
+
+    _wait(client, a.id, running_apart)
+    lost = next(j for j, w in both.items() if w == "finetune-worker-2")
+    _wait(client, lost, lambda j: bool(list(client.fine_tuning.jobs.checkpoints.list(j.id))))
+    # The second engine goes away before any model is registered; the second worker dies.
+    replicated.down_one("inference-2")
+    pgid = replicated.pid("finetune-worker-2")
+    assert pgid is not None
+    os.killpg(pgid, signal.SIGKILL)
+    replicated.down_one("finetune-worker-2")  # and stays down: only the first can resume it
+    resumed = _wait(
+        client,
+        lost,
+        lambda j: any(
+            "Resumed from the checkpoint" in e.message
+            for e in client.fine_tuning.jobs.list_events(j.id, limit=1000)
+        ),
+    )
+    assert _worker_of(jobs, replicated, resumed.id) in (None, "finetune-worker")
+    done = [_wait(client, j, lambda x: x.status in ("succeeded", "failed")) for j in (a.id, b.id)]
+    assert [d.status for d in done] == ["succeeded", "succeeded"], [d.error for d in done]
+    models = {d.fine_tuned_model for d in done}
+    assert models <= _engine_models(ports.inference)
+    # The engine comes back: the reconciler loads both adapters into it.
+    replicated.up(["inference-2"], echo=lambda _: None)
+    deadline = time.monotonic() + 60
+    while not models <= _engine_models(ports.inference_2) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert models <= _engine_models(ports.inference_2)
+    answer = client.chat.completions.create(
+        model=done[0].fine_tuned_model or "",
+        max_tokens=4,
+        messages=[{"role": "user", "content": "hi"}],
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens == 4
+    replicated.up(["finetune-worker-2"], echo=lambda _: None)
+    jobs.engine.dispose()
