@@ -31,6 +31,7 @@ class Lifecycle:
     key: str
     other_key: str
     admin_key: str
+    gateway_redis: str  # the Redis database the gateway counts in (a second one shares it)
 
     def script(self, *replies: dict[str, Any]) -> None:
         httpx.post(f"{self.fake.url}/script", json={"replies": list(replies)}).raise_for_status()
@@ -95,4 +96,5 @@ def lifecycle(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 make_key(tmp, "lab-alice", rpm=10_000),
                 make_key(tmp, "lab-bob"),
                 make_key(tmp, "lab-alice", admin=True, rpm=10_000),  # alice's own admin key
+                f"{redis}/12",
             )

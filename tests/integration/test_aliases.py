@@ -240,6 +240,31 @@ def eval_on(client: openai.OpenAI, eval_id: str, model: str) -> str:
     return run.id
 
 
+def test_two_gateway_processes_route_an_alias_alike_through_its_revisions(
+    client: openai.OpenAI, lifecycle: Lifecycle
+) -> None:
+    """A second gateway process on the same key database and finetune service (as
+    CRUCIBLE_REPLICAS=2 runs them): each revision reaches both within their alias refresh."""
+    from tests.processes import gateway
+
+    var = lifecycle.gw.log.parent  # the first gateway's var dir: the same key database
+    settings = {"finetune_url": lifecycle.finetune.url, "alias_refresh_s": 1.0}
+    with gateway(var, [lifecycle.fake.url], lifecycle.gateway_redis, **settings) as second:
+        other = openai.OpenAI(base_url=f"{second.url}/v1", api_key=lifecycle.key, max_retries=0)
+        name = new_alias(client, {"fake": 100}, sticky="none")
+        for target, change in (
+            ("fake-b", {"model": "fake-b"}),
+            ("fake", None),
+        ):
+            if change:
+                api(client, "post", f"/model_aliases/{name}/promote", change)
+            else:
+                api(client, "post", f"/model_aliases/{name}/rollback")
+            for c in (client, other):
+                until(lambda c=c, t=target: all(served(c, name) == t for _ in range(5)), 5, target)
+        other.close()
+
+
 def test_the_gate_needs_a_passing_run_unless_an_admin_forces(
     client: openai.OpenAI, lifecycle: Lifecycle
 ) -> None:

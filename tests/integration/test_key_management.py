@@ -91,6 +91,19 @@ def test_a_changed_allow_list_and_rate_apply_on_every_gateway_within_the_cache_t
     assert _get(admin, f"/admin/keys/{info['id']}")["models"] == ["fake", "fake-b"]
 
 
+def test_a_revoked_key_is_refused_by_every_gateway_within_the_cache_ttl(
+    gateways: tuple[Proc, Proc], keys: KeyStore, admin: openai.OpenAI
+) -> None:
+    """README "Keys": revoking applies at once on the gateway that took it, on the others
+    within their key cache's 5 s."""
+    secret, info = keys.create("lab", rpm=0)
+    on_a, on_b = _sdk(gateways[0], secret), _sdk(gateways[1], secret)
+    assert _status(on_a) == _status(on_b) == 200  # cached as valid by both
+    admin.delete(f"/admin/keys/{info['id']}", cast_to=object)
+    assert _status(on_a) == 401  # the gateway that took the change: at once
+    assert _until(lambda: _status(on_b) == 401, 5.5, "the other gateway") <= 5.5
+
+
 def test_an_expired_key_is_refused_saying_so_even_while_cached(
     gateways: tuple[Proc, Proc], keys: KeyStore, admin: openai.OpenAI
 ) -> None:
