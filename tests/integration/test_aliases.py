@@ -252,6 +252,7 @@ def test_two_gateway_processes_route_an_alias_alike_through_its_revisions(
     with gateway(var, [lifecycle.fake.url], lifecycle.gateway_redis, **settings) as second:
         other = openai.OpenAI(base_url=f"{second.url}/v1", api_key=lifecycle.key, max_retries=0)
         name = new_alias(client, {"fake": 100}, sticky="none")
+        until(lambda: known(client, name) and known(other, name), 5, "the alias on both")
         for target, change in (
             ("fake-b", {"model": "fake-b"}),
             ("fake", None),

@@ -205,17 +205,23 @@ def test_a_client_slower_than_the_engine_holds_the_engine_back_and_loses_nothing
 
 
 def _until_unsent_bytes_on(server: Proc) -> bool:
-    """Wait until a socket of `server` holds over 256 KiB its peer has not taken (/proc/net/tcp's
-    tx_queue; a stream the peer keeps reading holds a few KiB at most): here, the engine's
-    socket to a gateway that stopped reading from it."""
+    """Wait until a connection of `server` holds over 256 KiB its peer's process has not read
+    (a stream the peer keeps reading holds a few KiB at most): here, the engine's connection to
+    a gateway that stopped reading from it. The bytes wait in the engine's send queue or, once
+    the kernel has grown the gateway's receive buffer (autotuning, up to tcp_rmem's 32 MiB on
+    this host; counting only the send queue failed once in a full run), in the gateway's
+    receive queue: /proc/net/tcp's tx_queue of the engine's side, rx_queue of the other.
+    Either way the gateway's process stopped reading: it does not hold the stream itself."""
     port = server.port
     # Generous: on a loaded two-core host the fake can take over 30 s to write that far (seen
     # in full runs of the suite on a slow day; the same test alone passes in ~4 s).
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-            local, queues = line.split()[1], line.split()[4]
-            if int(local.split(":")[1], 16) == port and int(queues.split(":")[0], 16) > 256 << 10:
+            fields = line.split()
+            local, remote = (int(a.split(":")[1], 16) for a in fields[1:3])
+            tx, rx = (int(q, 16) for q in fields[4].split(":"))
+            if (local == port and tx > 256 << 10) or (remote == port and rx > 256 << 10):
                 return True
         time.sleep(0.05)
     return False
