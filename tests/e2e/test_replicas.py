@@ -18,10 +18,11 @@ import pytest
 from services.finetune.jobs import JobStore
 from services.gateway.keys import KeyStore
 from services.stack import Ports, Stack, StackConfig
-from tests.conftest import DENSE, MODELS, ROOT
+from tests.conftest import DENSE, MODELS
+from tests.finetuning import create_job, wait_job
+from tests.metrics import counted
 from tests.processes import postgres_database
 
-DATA = ROOT / "tests" / "data" / "codewords.jsonl"
 PARTS = [
     "redis",
     "inference",
@@ -99,19 +100,16 @@ def client(replicated: Stack, database: str) -> Iterator[openai.OpenAI]:
 
 
 def _served(port: int) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vllm:request_success_total")
-    )
+    """Requests the vLLM server on `port` has finished."""
+    return counted(f"http://127.0.0.1:{port}", "vllm:request_success")
 
 
 async def _streams(
     url: str, key: str, seconds: float, kill: Any, errors: list[str]
 ) -> list[tuple[bool, bool]]:
-    """Eight clients streaming one after another for `seconds`; `kill` runs after 2 s. Each
-    result: (it succeeded, its response had begun: the engine had taken it)."""
+    """Eight clients streaming one after another for `seconds`, and `kill` (which waits for its
+    moment) beside them. Each result: (it succeeded, its response had begun: the engine had
+    taken it)."""
     aclient = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
     results: list[tuple[bool, bool]] = []
     end = time.monotonic() + seconds
@@ -136,7 +134,6 @@ async def _streams(
                 errors.append(f"{type(exc).__name__}: {exc}"[:300])
 
     async def killer() -> None:
-        await asyncio.sleep(2)
         await asyncio.to_thread(kill)
 
     await asyncio.gather(*(one(i) for i in range(8)), killer())
@@ -150,10 +147,12 @@ def test_killing_one_engine_under_load_fails_no_request_that_had_not_started(
     ports = replicated.config.ports
     before = [_served(ports.inference), _served(ports.inference_2)]
 
-    at_kill: list[float] = []
-
     def kill() -> None:
-        at_kill.append(_served(ports.inference_2))
+        """Once both engines have finished requests of this load, SIGKILL the second."""
+        deadline = time.monotonic() + 20
+        while not (_served(ports.inference) > before[0] and _served(ports.inference_2) > before[1]):
+            assert time.monotonic() < deadline, "the load never reached both engines"
+            time.sleep(0.1)
         pgid = replicated.pid("inference-2")
         assert pgid is not None
         os.killpg(pgid, signal.SIGKILL)
@@ -165,38 +164,6 @@ def test_killing_one_engine_under_load_fails_no_request_that_had_not_started(
     # gateway sends those to the other engine.
     assert [r for r in results if not r[0] and not r[1]] == [], errors[:3]
     assert sum(ok for ok, _ in results) >= len(results) - 8
-    # Both engines had taken requests: the load was spread, not one engine's alone.
-    assert _served(ports.inference) > before[0] and at_kill[0] > before[1]
-
-
-def _create(client: openai.OpenAI, epochs: int, checkpoint_every: int) -> Any:
-    upload = client.files.create(file=DATA.open("rb"), purpose="fine-tune")
-    return client.fine_tuning.jobs.create(
-        model=DENSE,
-        training_file=upload.id,
-        seed=1,
-        method={
-            "type": "supervised",
-            "supervised": {
-                "hyperparameters": {
-                    "n_epochs": epochs,
-                    "batch_size": 8,
-                    "learning_rate_multiplier": 5,
-                }
-            },
-        },
-        extra_body={"crucible": {"checkpoint_every": checkpoint_every}},
-    )
-
-
-def _wait(client: openai.OpenAI, job_id: str, until: Any, timeout: float = 400) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if until(job):
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id}: not reached in {timeout}s (status {job.status})")
 
 
 def _worker_of(jobs: JobStore, stack: Stack, job_id: str) -> str | None:
@@ -231,22 +198,22 @@ def test_two_jobs_train_at_once_and_what_a_lost_worker_or_engine_had_is_taken_up
     # The second engine is down (the stack was restarting it after the test above) before any
     # model is registered.
     replicated.down_one("inference-2")
-    a, b = _create(client, 24, 12), _create(client, 24, 12)
+    a, b = create_job(client, 24, 12), create_job(client, 24, 12)
     both: dict[str, str | None] = {}
 
     def running_apart(_: Any) -> bool:
         both.update({j: _worker_of(jobs, replicated, j) for j in (a.id, b.id)})
         return sorted(filter(None, both.values())) == ["finetune-worker", "finetune-worker-2"]
 
-    _wait(client, a.id, running_apart)
+    wait_job(client, a.id, running_apart)
     lost = next(j for j, w in both.items() if w == "finetune-worker-2")
-    _wait(client, lost, lambda j: bool(list(client.fine_tuning.jobs.checkpoints.list(j.id))))
+    wait_job(client, lost, lambda j: bool(list(client.fine_tuning.jobs.checkpoints.list(j.id))))
     # The second worker dies.
     pgid = replicated.pid("finetune-worker-2")
     assert pgid is not None
     os.killpg(pgid, signal.SIGKILL)
     replicated.down_one("finetune-worker-2")  # and stays down: only the first can resume it
-    resumed = _wait(
+    resumed = wait_job(
         client,
         lost,
         lambda j: any(
@@ -255,7 +222,9 @@ def test_two_jobs_train_at_once_and_what_a_lost_worker_or_engine_had_is_taken_up
         ),
     )
     assert _worker_of(jobs, replicated, resumed.id) in (None, "finetune-worker")
-    done = [_wait(client, j, lambda x: x.status in ("succeeded", "failed")) for j in (a.id, b.id)]
+    done = [
+        wait_job(client, j, lambda x: x.status in ("succeeded", "failed")) for j in (a.id, b.id)
+    ]
     assert [d.status for d in done] == ["succeeded", "succeeded"], [d.error for d in done]
     models = {d.fine_tuned_model for d in done}
     assert models <= _engine_models(ports.inference)

@@ -18,6 +18,7 @@ import pytest
 
 from services.gateway.keys import KeyStore
 from services.stackconfig import StackConfig, _free_port, _http_ok, balancer_config
+from tests.metrics import counted
 from tests.processes import Proc, _spawn, _wait, replicas
 
 HI = [{"role": "user", "content": "hi"}]
@@ -59,13 +60,7 @@ def keys(var: Path, gateways: tuple[Proc, Proc]) -> Iterator[KeyStore]:
 
 
 def _served(gateway: Proc) -> float:
-    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("crucible_gateway_requests_total{")
-        and 'route="/v1/chat/completions"' in line
-    )
+    return counted(gateway.url, "crucible_gateway_requests", route="/v1/chat/completions")
 
 
 def test_the_balancers_configuration_is_valid_haproxy(tmp_path: Path) -> None:

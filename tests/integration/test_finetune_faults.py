@@ -14,39 +14,7 @@ import openai
 import pytest
 
 from services.stack import Stack
-from tests.conftest import DENSE, ROOT
-
-DATA = ROOT / "tests" / "data" / "codewords.jsonl"
-
-
-def create(client: openai.OpenAI, epochs: int, checkpoint_every: int = 50) -> Any:
-    upload = client.files.create(file=DATA.open("rb"), purpose="fine-tune")
-    return client.fine_tuning.jobs.create(
-        model=DENSE,
-        training_file=upload.id,
-        seed=1,
-        method={
-            "type": "supervised",
-            "supervised": {
-                "hyperparameters": {
-                    "n_epochs": epochs,
-                    "batch_size": 8,
-                    "learning_rate_multiplier": 5,
-                }
-            },
-        },
-        extra_body={"crucible": {"checkpoint_every": checkpoint_every}},
-    )
-
-
-def wait(client: openai.OpenAI, job_id: str, until: Any, timeout: float = 300) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if until(job):
-            return job
-        time.sleep(0.25)
-    raise AssertionError(f"job {job_id}: condition not met in {timeout}s (status {job.status})")
+from tests.finetuning import create_job, wait_job
 
 
 def steps_seen(client: openai.OpenAI, job_id: str) -> list[int]:
@@ -64,8 +32,8 @@ def worker(stack: Stack, gateway_url: str) -> Stack:
 def test_a_killed_worker_resumes_from_its_last_checkpoint(
     client: openai.OpenAI, worker: Stack
 ) -> None:
-    job = create(client, epochs=120, checkpoint_every=40)  # 360 steps
-    wait(client, job.id, lambda j: bool(list(client.fine_tuning.jobs.checkpoints.list(j.id))))
+    job = create_job(client, epochs=120, checkpoint_every=40)  # 360 steps
+    wait_job(client, job.id, lambda j: bool(list(client.fine_tuning.jobs.checkpoints.list(j.id))))
     before = max(steps_seen(client, job.id))
     pgid = worker.pid("finetune-worker")
     assert pgid is not None
@@ -74,7 +42,7 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(
     reached = max(steps_seen(client, job.id))
     worker.up(["finetune-worker"], echo=lambda _: None)
     back = time.monotonic()
-    resumed = wait(
+    resumed = wait_job(
         client,
         job.id,
         lambda j: any(
@@ -91,7 +59,7 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(
     from_step = event.data["resumed_from_step"]  # type: ignore[index]
     assert from_step % 40 == 0 and reached - from_step <= 40 + 10  # redone: one interval
     assert before <= reached
-    done = wait(client, job.id, lambda j: j.status in ("succeeded", "failed"))
+    done = wait_job(client, job.id, lambda j: j.status in ("succeeded", "failed"))
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model
 
@@ -99,14 +67,14 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(
 def test_cancel_stops_training_within_seconds_and_the_worker_moves_on(
     client: openai.OpenAI, worker: Stack
 ) -> None:
-    long = create(client, epochs=400)
-    wait(client, long.id, lambda j: j.status == "running" and steps_seen(client, j.id))
+    long = create_job(client, epochs=400)
+    wait_job(client, long.id, lambda j: j.status == "running" and steps_seen(client, j.id))
     asked = time.monotonic()
     client.fine_tuning.jobs.cancel(long.id)
-    wait(client, long.id, lambda j: j.status == "cancelled", timeout=10)
+    wait_job(client, long.id, lambda j: j.status == "cancelled", timeout=10)
     assert time.monotonic() - asked < 10
-    short = create(client, epochs=2)
-    done = wait(client, short.id, lambda j: j.status in ("succeeded", "failed"))
+    short = create_job(client, epochs=2)
+    done = wait_job(client, short.id, lambda j: j.status in ("succeeded", "failed"))
     assert done.status == "succeeded", done.error
 
 
@@ -115,8 +83,8 @@ def test_cancelling_a_job_whose_worker_is_gone_ends_cancelled(
 ) -> None:
     """#22: the worker dies mid-job and the researcher cancels. The job must end `cancelled`
     (it used to be re-queued as "worker lost" and wait for a worker, re-sent every round)."""
-    long = create(client, epochs=400)
-    wait(client, long.id, lambda j: j.status == "running" and steps_seen(client, j.id))
+    long = create_job(client, epochs=400)
+    wait_job(client, long.id, lambda j: j.status == "running" and steps_seen(client, j.id))
     pgid = worker.pid("finetune-worker")
     assert pgid is not None
     os.killpg(pgid, signal.SIGKILL)  # the worker dies mid-job...
@@ -124,7 +92,7 @@ def test_cancelling_a_job_whose_worker_is_gone_ends_cancelled(
     try:
         client.fine_tuning.jobs.cancel(long.id)
         # Its heartbeat stops; within the stale limit (15 s) and a reconcile round it ends.
-        done = wait(client, long.id, lambda j: j.status != "running", timeout=40)
+        done = wait_job(client, long.id, lambda j: j.status != "running", timeout=40)
         assert done.status == "cancelled"
         messages = [e.message for e in client.fine_tuning.jobs.list_events(long.id, limit=20)]
         assert not any("resuming" in m for m in messages), messages
@@ -136,12 +104,12 @@ def test_a_job_waiting_in_redis_survives_a_redis_restart(
     client: openai.OpenAI, worker: Stack
 ) -> None:
     worker.down_one("finetune-worker")  # nobody takes the job: it waits in the queue
-    job = create(client, epochs=2)
-    wait(client, job.id, lambda j: j.status == "queued")
+    job = create_job(client, epochs=2)
+    wait_job(client, job.id, lambda j: j.status == "queued")
     worker.down_one("redis")
     worker.up(["redis"], echo=lambda _: None)
     worker.up(["finetune-worker"], echo=lambda _: None)
-    done = wait(client, job.id, lambda j: j.status in ("succeeded", "failed"))
+    done = wait_job(client, job.id, lambda j: j.status in ("succeeded", "failed"))
     assert done.status == "succeeded", done.error
 
 

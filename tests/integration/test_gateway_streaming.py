@@ -16,8 +16,8 @@ import httpx
 import openai
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests import metrics
 from tests.processes import Proc, fake_upstream, gateway, make_key
 
 RELAYS = ["direct", "asgi"]
@@ -69,13 +69,7 @@ def events(raw: bytes) -> list[bytes]:
 
 def counted(gw: Proc, family_name: str, **labels: str) -> float:
     """The sum of a counter family's samples with these labels, read from the gateway."""
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(httpx.get(f"{gw.url}/metrics").text)
-        if family.name == family_name
-        for s in family.samples
-        if s.name.endswith("_total") and labels.items() <= s.labels.items()
-    )
+    return metrics.counted(gw.url, family_name, **labels)
 
 
 def completion_tokens(gw: Proc, model: str = "fake-paced") -> float:

@@ -20,7 +20,7 @@ import pytest
 from services.stack import Ports, Service, Stack, StackConfig, StackError, dev_key
 from services.supervise import Policy
 from tests.conftest import DENSE, MODELS, ROOT
-from tests.integration.test_finetune_faults import create, wait
+from tests.finetuning import create_job, wait_job
 
 # Fast liveness for the test: a process that stops answering is restarted after ~3-9 s.
 POLICY = Policy(health_interval_s=1, health_timeout_s=2, health_failures=3)
@@ -146,9 +146,9 @@ def test_a_job_submitted_while_the_worker_is_dead_completes(
     pid = own.pid("finetune-worker")
     assert pid is not None
     os.killpg(pid, signal.SIGKILL)
-    job = create(client, epochs=2)
+    job = create_job(client, epochs=2)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
-    done = wait(client, job.id, lambda j: j.status in ("succeeded", "failed"), timeout=300)
+    done = wait_job(client, job.id, lambda j: j.status in ("succeeded", "failed"), timeout=300)
     assert done.status == "succeeded", done.error
     assert own.pid("finetune-worker") not in (None, pid)
 
