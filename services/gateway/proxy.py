@@ -100,6 +100,10 @@ def _charged(out: Outcome) -> tuple[int, int] | None:
     return None if out.forwarded and out.status == 200 else (0, 0)
 
 
+class EmptyStream(UpstreamError):
+    """A stream the engine closed before its first event: nothing was sent to the client."""
+
+
 class Proxy:
     def __init__(
         self,
@@ -407,11 +411,18 @@ class Proxy:
         watcher = asyncio.create_task(watch_disconnect())
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._open(scope["path"].encode(), body, backends, rid, out)
-                try:
-                    await self._relay(resp, send, stream, rid, out, start)
-                finally:
-                    resp.release()
+                tried: list[Backend] = []
+                while True:
+                    resp = await self._open(scope["path"].encode(), body, backends, rid, out, tried)
+                    try:
+                        await self._relay(resp, send, stream, rid, out, start)
+                        break
+                    except EmptyStream:
+                        # The engine took the request and closed before its first event (it
+                        # died): nothing reached the client yet, so another engine takes it.
+                        tried[-1].mark_down()
+                    finally:
+                        resp.release()
         except asyncio.CancelledError:
             if not state["disconnected"]:
                 raise
@@ -433,16 +444,22 @@ class Proxy:
             watcher.cancel()
 
     async def _open(
-        self, path: bytes, body: bytes, backends: list[Backend], rid: str, out: Outcome
+        self,
+        path: bytes,
+        body: bytes,
+        backends: list[Backend],
+        rid: str,
+        out: Outcome,
+        tried: list[Backend],
     ) -> Response:
-        """Send to the best backend; on a connect failure, mark it down and try the next."""
+        """Send to the best backend not in `tried`; on a connect failure, mark it down and try
+        the next. The backend that answers is added to `tried`."""
         headers = [
             (b"content-type", b"application/json"),
             (b"x-request-id", rid.encode()),
             (tracing.TRACEPARENT, out.traceparent),
             *self.inference_headers,
         ]
-        tried: list[Backend] = []
         busy = probed = False
         while (backend := choose(backends, tried)) is not None or not probed:
             if backend is None:
@@ -486,6 +503,7 @@ class Proxy:
                 out.engine_s = backend.shared_s - mark  # its share of the engine's time
 
             resp.on_release = released
+            tried.append(backend)
             return resp
         if busy:
             full = Unavailable("every inference backend for this model is busy; try again shortly")
@@ -532,7 +550,7 @@ class Proxy:
             first = await anext(chunks)
         except (StopAsyncIteration, UpstreamProtocolError):
             self.metrics.upstream_errors.labels("protocol").inc()
-            raise UpstreamError("the inference backend closed the stream before sending") from None
+            raise EmptyStream("the inference backend closed the stream before sending") from None
         out.ttft = time.perf_counter() - start
         out.status = 200
         await send(
