@@ -41,7 +41,7 @@ from services.common.upstream import (
     UpstreamConnectError,
     UpstreamProtocolError,
 )
-from services.gateway import roles
+from services.gateway import replies, roles
 from services.gateway.aliases import Alias, AliasRouter
 from services.gateway.bodies import ClientGone, parse_object, read_body
 from services.gateway.budgets import Budgets, Prices
@@ -52,7 +52,6 @@ from services.gateway.limits import BodyBytes, Concurrency, RateLimiter, RedisUn
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.owners import ModelOwners
 from services.gateway.quotas import StoredQuotas
-from services.gateway.replies import JSON_HEADERS, send_error, upstream_error
 from services.gateway.routing import Backend, Router, choose
 from services.gateway.spans import RequestTrace, ids
 from services.gateway.usage import UsageRecorder, UsageSniffer, ask_for_usage, count
@@ -65,8 +64,6 @@ CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"
 STORED = (CHAT, RESPONSES)  # the routes whose exchanges may be stored
 log = logging.getLogger("crucible.gateway")
-
-SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
 @dataclass
@@ -98,10 +95,6 @@ def _charged(out: Outcome) -> tuple[int, int] | None:
     if out.prompt_tokens or out.completion_tokens:
         return out.prompt_tokens, out.completion_tokens
     return None if out.forwarded and out.status == 200 else (0, 0)
-
-
-class EmptyStream(UpstreamError):
-    """A stream the engine closed before its first event: nothing was sent to the client."""
 
 
 class Proxy:
@@ -149,7 +142,7 @@ class Proxy:
             await self._handle(scope, receive, send, rid, out, start)
         except CrucibleError as exc:
             out.status = exc.status
-            await send_error(send, exc, rid)
+            await replies.send_error(send, exc, rid)
         except ClientGone:
             out.status = 499
         finally:
@@ -417,7 +410,7 @@ class Proxy:
                     try:
                         await self._relay(resp, send, stream, rid, out, start)
                         break
-                    except EmptyStream:
+                    except replies.EmptyStream:
                         # The engine took the request and closed before its first event (it
                         # died): nothing reached the client yet, so another engine takes it.
                         tried[-1].mark_down()
@@ -434,7 +427,9 @@ class Proxy:
         except TimeoutError:
             self.metrics.upstream_errors.labels("timeout").inc()
             if out.status == 200:  # mid-stream: the status is already sent
-                await _stream_error(send, UpstreamTimeout("upstream timed out mid-stream"), out)
+                await replies.stream_error(
+                    send, UpstreamTimeout("upstream timed out mid-stream"), out
+                )
             else:
                 raise UpstreamTimeout(
                     f"upstream did not answer within {self.s.request_timeout_s:g}s"
@@ -463,11 +458,8 @@ class Proxy:
         busy = probed = False
         while (backend := choose(backends, tried)) is not None or not probed:
             if backend is None:
-                # Every backend not tried is marked down. One a request marked down since the
-                # last probe may have come back before the next (every 5 s): probe now, once,
-                # and send to any found up. One already tried is not tried again: it may have
-                # taken the request. (Marks only come from requests to a backend thought up,
-                # so a fleet that is down does not probe on every request.)
+                # All left are marked down; one a request marked since the last probe (every 5 s)
+                # may be back: probe now, once. (A fleet that is down makes no new marks.)
                 probed = True
                 since = self.router.last_refresh
                 if any(b.down_since > since for b in backends if b not in tried):
@@ -517,7 +509,7 @@ class Proxy:
         if resp.status != 200:
             raw = await resp.read()
             self.metrics.upstream_errors.labels(f"status_{resp.status // 100}xx").inc()
-            raise upstream_error(resp.status, raw)
+            raise replies.upstream_error(resp.status, raw)
         ctype = next((v for k, v in resp.headers if k == b"content-type"), b"")
         if stream and ctype.startswith(b"text/event-stream"):
             await self._relay_stream(resp, send, rid, out, start)
@@ -536,7 +528,7 @@ class Proxy:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [*JSON_HEADERS, *ids(rid), *out.served],
+                "headers": [*replies.JSON_HEADERS, *ids(rid), *out.served],
             }
         )
         await send({"type": "http.response.body", "body": raw, "more_body": False})
@@ -550,14 +542,14 @@ class Proxy:
             first = await anext(chunks)
         except (StopAsyncIteration, UpstreamProtocolError):
             self.metrics.upstream_errors.labels("protocol").inc()
-            raise EmptyStream("the inference backend closed the stream before sending") from None
+            raise replies.EmptyStream() from None
         out.ttft = time.perf_counter() - start
         out.status = 200
         await send(
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [*SSE_HEADERS, *ids(rid), *out.served],
+                "headers": [*replies.SSE_HEADERS, *ids(rid), *out.served],
             }
         )
         usage = UsageSniffer(out, strip=out.strip_usage, keep=out.capture is not None)
@@ -578,7 +570,8 @@ class Proxy:
                 )
         except UpstreamProtocolError:
             self.metrics.upstream_errors.labels("stream_broken").inc()
-            await _stream_error(send, UpstreamError("the inference backend broke the stream"), out)
+            broke = UpstreamError("the inference backend broke the stream")
+            await replies.stream_error(send, broke, out)
             return
         # The engine's answer is whole: kept before the final send, which a client that closes
         # on `[DONE]` may cut short (the exchange must not be lost with it).
@@ -604,10 +597,3 @@ class Proxy:
             "trace_id": out.traceparent[3:35].decode(),
         }
         self.outbox.put(meta, out.capture, response)
-
-
-async def _stream_error(send: Send, exc: CrucibleError, out: Outcome) -> None:
-    """After the first byte the status is fixed: end the stream with an error event instead."""
-    out.failed_midstream = True
-    event = b"data: " + orjson.dumps(exc.body()) + b"\n\n"
-    await send({"type": "http.response.body", "body": event, "more_body": False})

@@ -3,13 +3,23 @@ an upstream's error turned into one."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from starlette.types import Send
 
-from services.common.errors import CrucibleError, error_for_status
+from services.common.errors import CrucibleError, UpstreamError, error_for_status
 from services.gateway.spans import ids
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+class EmptyStream(UpstreamError):
+    """A stream the engine closed before its first event: nothing was sent to the client."""
+
+    def __init__(self) -> None:
+        super().__init__("the inference backend closed the stream before sending")
 
 
 def upstream_error(status: int, raw: bytes) -> CrucibleError:
@@ -39,3 +49,11 @@ async def send_error(send: Send, exc: CrucibleError, rid: str) -> None:
         await send({"type": "http.response.body", "body": body})
     except RuntimeError:
         pass  # the response had already started; nothing honest left to send
+
+
+async def stream_error(send: Send, exc: CrucibleError, out: Any) -> None:
+    """After the first byte the status is fixed: end the stream with an error event instead
+    (and mark the request's outcome failed mid-stream)."""
+    out.failed_midstream = True
+    event = b"data: " + orjson.dumps(exc.body()) + b"\n\n"
+    await send({"type": "http.response.body", "body": event, "more_body": False})
